@@ -1,0 +1,14 @@
+"""Pseudo-labels from image-level tags: CLIPer + Felzenszwalb, at dataset scale.
+
+The stages, in the order an image meets them (one module each):
+
+    config.py        frozen settings, named presets (cliper-method.md section 5)
+    models.py        load CLIP (open_clip) and SD (diffusers); model fingerprint
+    cliper.py        CLIPer coarse map: early-layer fusion inside the ViT
+    compensation.py  SD self-attention capture and the right-to-left fusion chain
+    refine.py        Felzenszwalb superpixels and score pooling
+    labels.py        scores -> label map (background threshold, argmax, ignore)
+    labeler.py       holds the models and runs the stages above on a batch
+
+Beside them: prompts.py (prompt data), architectures.py (model shapes for tests/benchmarks).
+"""

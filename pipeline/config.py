@@ -1,0 +1,247 @@
+"""Configuration: frozen dataclasses, named presets, and conversion from dicts/files at the edge.
+
+Defaults live here and nowhere else. The published settings (``cliper-method.md`` section 5) are
+named presets; ``build_config(preset, overrides)`` layers a preset and user overrides over the
+defaults and validates every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.prompts import BACKGROUND_SETS
+
+SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
+# The published SD layers "-4 and -6", in the order their maps enter the fusion chain.
+SD_ATTENTION_LAYERS = (
+    "up_blocks.3.attentions.1.transformer_blocks.0.attn1",
+    "up_blocks.3.attentions.0.transformer_blocks.0.attn1",
+)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    """Which CLIP to load: an open_clip model name (or the path of a model config JSON) and either
+    a pretrained tag or a local open_clip state-dict file (``checkpoint`` wins when both are set;
+    the tag then still selects tag-specific settings such as QuickGELU)."""
+
+    model: str = "ViT-B-16"
+    pretrained: str | None = "openai"
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class SDConfig:
+    """Which Stable Diffusion to load: a hub id, or a local diffusers-format directory."""
+
+    model: str = SD21_BASE
+    checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    clip: ClipConfig = field(default_factory=ClipConfig)
+    sd: SDConfig = field(default_factory=SDConfig)
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class CLIPerConfig:
+    """CLIPer settings (``cliper-method.md`` sections 1-5). Defaults are VOC ViT-B/16."""
+
+    short_side: int = 336
+    logit_scale: float = 100.0
+    select_layer: int = -1
+    attention_thr: float = 0.1
+    score_threshold: float = 0.7  # used in open-vocabulary mode only
+    bkg_thre: float = 0.6
+    is_normalize: bool = True
+    templates: str = "car"
+    prompt_set: str = "voc"
+    background: tuple[str, ...] = BACKGROUND_SETS["voc"]
+    window: int | None = None  # sliding-window crop (224 or 336); None = whole image only
+    window_stride: int = 112
+    compensation: bool = True
+    sd_layers: tuple[str, ...] = SD_ATTENTION_LAYERS
+    sd_timestep_index: int = 45
+    sd_num_inference_steps: int = 50
+    open_vocab: bool = False
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Felzenszwalb superpixel refinement. ``scale`` and ``min_size`` are given for an image of
+    ``reference_pixels`` pixels (500 x 375) and grow linearly with the image's pixel count, so a
+    superpixel covers the same fraction of any image; ``sigma`` is in pixels of the original."""
+
+    enabled: bool = True
+    scale: float = 100.0
+    sigma: float = 0.8
+    min_size: int = 50
+    reference_pixels: int = 500 * 375
+    pooling: str = "mean"  # "mean" or "median" of each class score inside a superpixel
+
+
+@dataclass(frozen=True)
+class LabelConfig:
+    """Label-map assembly. ``ignore_margin``: when set, a pixel whose best and second-best
+    scores (background counting as ``bkg_thre``) differ by less than this becomes 255, the
+    ignore index WSSS trainers skip. None (default) marks nothing."""
+
+    ignore_margin: float | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "voc-vit-b16"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cliper: CLIPerConfig = field(default_factory=CLIPerConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    batch_size: int = 8
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON of everything that can change a label."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# Published settings (cliper-method.md section 5) as overrides of the defaults above.
+PRESETS: dict[str, dict[str, Any]] = {
+    "voc-vit-b16": {
+        "model": {"clip": {"model": "ViT-B-16"}},
+        "cliper": {"logit_scale": 100.0, "select_layer": -1, "attention_thr": 0.1,
+                   "score_threshold": 0.7, "bkg_thre": 0.6, "is_normalize": True,
+                   "templates": "car", "prompt_set": "voc", "background": BACKGROUND_SETS["voc"],
+                   "window": None},
+    },
+    "voc-vit-l14": {
+        "model": {"clip": {"model": "ViT-L-14"}},
+        "cliper": {"logit_scale": 50.0, "select_layer": -2, "attention_thr": 0.1,
+                   "score_threshold": 0.5, "bkg_thre": 0.4, "is_normalize": True,
+                   "templates": "car", "prompt_set": "voc", "background": BACKGROUND_SETS["voc"],
+                   "window": None},
+    },
+    "coco-vit-b16": {
+        "model": {"clip": {"model": "ViT-B-16"}},
+        "cliper": {"logit_scale": 50.0, "select_layer": -1, "attention_thr": 0.2,
+                   "score_threshold": 0.3, "bkg_thre": 0.3, "is_normalize": False,
+                   "templates": "imagenet80", "prompt_set": "coco",
+                   "background": BACKGROUND_SETS["coco"], "window": 224},
+    },
+    "coco-vit-l14": {
+        "model": {"clip": {"model": "ViT-L-14"}},
+        "cliper": {"logit_scale": 50.0, "select_layer": -2, "attention_thr": 0.1,
+                   "score_threshold": 0.5, "bkg_thre": 0.5, "is_normalize": False,
+                   "templates": "imagenet80", "prompt_set": "coco",
+                   "background": BACKGROUND_SETS["coco"], "window": None},
+    },
+}  # fmt: skip
+DEFAULT_PRESET = "voc-vit-b16"
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _check_value(value: Any, annotation: Any, where: str) -> Any:
+    """Coerce JSON/YAML values to the annotated type (lists to tuples, ints to floats) or raise."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        annotation = next(a for a in options if a is not type(None))
+        origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"config {where}: expected a list of strings, got {value!r}")
+        return tuple(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (str, int, float, bool) and type(value) is not annotation:
+        raise ValueError(f"config {where}: expected {annotation.__name__}, got {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"config {where or 'root'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"config {where or 'root'}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _from_dict(hint, value, path)  # type: ignore[arg-type]
+        else:
+            kwargs[key] = _check_value(value, hint, path)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> Config:
+    c, r = cfg.cliper, cfg.refine
+    if c.window is not None and c.window <= 0:
+        raise ValueError(f"config cliper.window must be positive or null, got {c.window}")
+    if r.pooling not in ("mean", "median"):
+        raise ValueError(f"config refine.pooling must be 'mean' or 'median', got {r.pooling!r}")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"config model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"config batch_size must be at least 1, got {cfg.batch_size}")
+    if cfg.labels.ignore_margin is not None and not 0 <= cfg.labels.ignore_margin <= 1:
+        raise ValueError(f"config labels.ignore_margin must be in [0, 1], got {cfg.labels.ignore_margin}")
+    return cfg
+
+
+def build_config(preset: str | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Defaults, then the named preset, then ``overrides`` (a nested dict as in a config file)."""
+    overrides = dict(overrides or {})
+    name = preset or overrides.pop("preset", None) or DEFAULT_PRESET
+    overrides.pop("preset", None)
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    data = _merge(_merge(Config().to_dict(), PRESETS[name]), overrides)
+    data["preset"] = name
+    return _validate(_from_dict(Config, data, ""))
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or YAML config file into a nested dict of overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"config file {path}: use a .json, .yaml or .yml file")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: the top level must be a mapping")
+    return data

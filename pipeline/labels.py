@@ -1,0 +1,86 @@
+"""From per-class score maps to a label map (cliper-method.md section 4). Pure functions.
+
+Conventions: label maps are [H, W] uint8 with 0 background, dataset class ids 1..254, and
+``IGNORE`` (255) for uncertain pixels when that option is on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import LabelConfig, RefineConfig
+from pipeline.refine import pool_scores
+
+IGNORE = 255
+MAX_CLASS_ID = 254
+
+
+def full_resolution_scores(refined: torch.Tensor, final_scores: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """[C, s, s] refined map -> [C, H, W] float32: bilinear upsampling to ``size`` (H, W), each
+    class divided by its maximum and multiplied by its final class score."""
+    up = F.interpolate(refined[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    peak = up.flatten(1).amax(dim=1).clamp_min(1e-12)
+    up = up / peak[:, None, None] * final_scores.float()[:, None, None]
+    return up.cpu().numpy().astype(np.float32)
+
+
+def kept_classes(n_fg: int, scores: np.ndarray, open_vocab: bool, score_threshold: float) -> np.ndarray:
+    """Indices of the candidate classes that may appear: every tag, or in open-vocabulary mode
+    the classes whose final score exceeds ``score_threshold``."""
+    if not open_vocab:
+        return np.arange(n_fg)
+    return np.flatnonzero(np.asarray(scores) > score_threshold)
+
+
+def minmax_normalize(scores: np.ndarray) -> np.ndarray:
+    """Per-class min-max normalisation of [K, H, W] scores to [0, 1]."""
+    lo = scores.reshape(len(scores), -1).min(axis=1)[:, None, None]
+    hi = scores.reshape(len(scores), -1).max(axis=1)[:, None, None]
+    return ((scores - lo) / np.maximum(hi - lo, 1e-12)).astype(np.float32)
+
+
+def decision_scores(
+    scores: np.ndarray,
+    *,
+    is_normalize: bool,
+    segments: np.ndarray | None,
+    refine: RefineConfig,
+) -> np.ndarray:
+    """[K, H, W] kept-class scores -> the scores the threshold and argmax see: min-max normalised
+    if ``is_normalize``, then pooled inside superpixels when ``segments`` is given."""
+    if is_normalize:
+        scores = minmax_normalize(scores)
+    if segments is not None:
+        scores = pool_scores(scores, segments, refine.pooling)
+    return scores
+
+
+def assemble_label_map(
+    scores: np.ndarray, class_ids: Sequence[int], bkg_thre: float, labels: LabelConfig
+) -> np.ndarray:
+    """[K, H, W] decision scores of the kept classes -> [H, W] uint8 label map.
+
+    Scores below ``bkg_thre`` become 0; each pixel takes the id of its best class, or background
+    (0) where every kept class is 0. With ``labels.ignore_margin`` set, pixels whose two best
+    candidates (background counting as ``bkg_thre``) are closer than the margin become 255.
+    """
+    ids = np.asarray(class_ids, dtype=np.int64)
+    if len(ids) != len(scores):
+        raise ValueError(f"{len(ids)} class ids for {len(scores)} score maps")
+    if ids.size and (ids.min() < 1 or ids.max() > MAX_CLASS_ID):
+        raise ValueError(f"class ids must lie in 1..{MAX_CLASS_ID} to fit a uint8 label map, got {ids.tolist()}")
+    h, w = scores.shape[1:]
+    if not len(ids):
+        return np.zeros((h, w), dtype=np.uint8)
+    kept = np.where(scores < bkg_thre, 0.0, scores)
+    best = kept.argmax(axis=0)
+    label = np.where(kept.max(axis=0) > 0, ids[best], 0).astype(np.uint8)
+    if labels.ignore_margin is not None:
+        with_bg = np.concatenate([np.full((1, h, w), bkg_thre, dtype=scores.dtype), scores])
+        top2 = np.sort(with_bg, axis=0)[-2:]
+        label[(top2[1] - top2[0]) < labels.ignore_margin] = IGNORE
+    return label

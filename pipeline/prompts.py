@@ -1,0 +1,99 @@
+"""Prompt data used by the published CLIPer settings (data, not code).
+
+Source: ``shared/docs/cliper-method.md`` section 5. Templates are format strings with one ``{}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+# The "car" template list, verbatim (no final period where the source shows none).
+CAR_TEMPLATES: tuple[str, ...] = (
+    "a clean origami {}.",
+    "a photo of a {}.",
+    "This is a photo of a {}",
+    "There is a {} in the scene",
+    "There is the {} in the scene",
+    "a photo of a {} in the scene",
+    "a photo of a small {}.",
+    "a photo of a medium {}.",
+    "a photo of a large {}.",
+    "This is a photo of a small {}.",
+    "This is a photo of a medium {}.",
+    "This is a photo of a large {}.",
+    "There is a small {} in the scene.",
+    "There is a medium {} in the scene.",
+    "There is a large {} in the scene.",
+)
+
+
+def _as_format_string(template: Callable[[str], str] | str) -> str:
+    # open_clip ships its templates as lambdas; evaluating one on "{}" gives the format string.
+    return template if isinstance(template, str) else template("{}")
+
+
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "car": CAR_TEMPLATES,
+    "imagenet80": tuple(_as_format_string(t) for t in OPENAI_IMAGENET_TEMPLATES),
+}
+
+_VOC_BACKGROUND = (
+    "ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea",
+    "railway", "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road",
+    "rock", "street", "valley", "bridge", "sign",
+)  # fmt: skip
+
+BACKGROUND_SETS: dict[str, tuple[str, ...]] = {
+    "voc": _VOC_BACKGROUND,
+    "coco": tuple(w for w in _VOC_BACKGROUND if w not in ("keyboard", "sign")),
+}
+
+# Dataset class name -> the prompt string the published settings use for it.
+CLASS_PROMPTS: dict[str, dict[str, str]] = {
+    "voc": {
+        "bird": "bird avian",
+        "chair": "chair seat",
+        "person": "person with clothes, people, human",
+    },
+    "coco": {
+        "person": "person with cloth people human",
+        "chair": "chair seat",
+        "couch": "sofa",
+        "potted plant": "pottedplant",
+        "dining table": "diningtable",
+        "tv": "tvmonitor",
+        "airplane": "aeroplane",
+        "motorcycle": "motorbike",
+    },
+}
+
+VOC_CLASSES: tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)  # fmt: skip
+
+
+def templates(name: str) -> tuple[str, ...]:
+    """The template list registered under ``name`` (``car`` or ``imagenet80``)."""
+    if name not in TEMPLATE_SETS:
+        raise ValueError(f"unknown template set {name!r}; choose one of {sorted(TEMPLATE_SETS)}")
+    return TEMPLATE_SETS[name]
+
+
+def background_classes(lines: Sequence[str]) -> tuple[str, ...]:
+    """Background classes from config lines: a line listing words with commas gives one class
+    per word (foreground lines with commas, by contrast, stay one prompt string)."""
+    out: list[str] = []
+    for line in lines:
+        out.extend(word.strip() for word in line.split(",") if word.strip())
+    return tuple(out)
+
+
+def class_prompt(name: str, prompt_set: str) -> str:
+    """The prompt string for a foreground class name under a dataset's prompt set."""
+    if prompt_set not in CLASS_PROMPTS:
+        raise ValueError(f"unknown prompt set {prompt_set!r}; choose one of {sorted(CLASS_PROMPTS)}")
+    return CLASS_PROMPTS[prompt_set].get(name, name)
