@@ -141,7 +141,7 @@ def compensate(chain: Sequence[torch.Tensor], coarse: torch.Tensor) -> torch.Ten
     """R = M_0 @ (M_1 @ (... (M_last @ S))) for a [C, h, w] coarse map; returns [C, side, side]
     with side**2 = n. Right to left, the n x n product is never formed."""
     side = int(round(chain[0].shape[-1] ** 0.5))
-    s = F.interpolate(coarse[None].float(), size=(side, side), mode="bilinear", align_corners=False)
+    s = F.interpolate(coarse[None].to(chain[0].dtype), size=(side, side), mode="bilinear", align_corners=False)
     r = s[0].flatten(1).T  # [n, C]
     for m in reversed(chain):
         r = m @ r

@@ -152,11 +152,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 DEFAULT_PRESET = "voc-vit-b16"
 
 
-def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+def merge_overrides(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """Nested dict ``base`` with ``over`` laid on top, key by key."""
     out = dict(base)
     for key, value in over.items():
         if isinstance(value, Mapping) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge_overrides(out[key], value)
         else:
             out[key] = value
     return out
@@ -223,7 +224,7 @@ def build_config(preset: str | None = None, overrides: Mapping[str, Any] | None 
     overrides.pop("preset", None)
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    data = _merge(_merge(Config().to_dict(), PRESETS[name]), overrides)
+    data = merge_overrides(merge_overrides(Config().to_dict(), PRESETS[name]), overrides)
     data["preset"] = name
     return _validate(_from_dict(Config, data, ""))
 

@@ -183,12 +183,12 @@ def build_sd(path: Path, device: torch.device, dtype: torch.dtype) -> SDModels:
     with torch.no_grad():
         empty = text_encoder(ids)[0].to(device=device, dtype=dtype)
     del text_encoder
-    vae = diffusers.AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)
+    vae = diffusers.AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True, torch_dtype=dtype)
     vae.decoder = None  # compensation only encodes
     vae.post_quant_conv = None
-    unet = diffusers.UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True)
-    vae = vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    unet = unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True, torch_dtype=dtype)
+    vae = vae.to(device).eval().requires_grad_(False)
+    unet = unet.to(device).eval().requires_grad_(False)
     return SDModels(vae=vae, unet=unet, scheduler=scheduler, empty_embedding=empty)
 
 

@@ -1,0 +1,124 @@
+"""Show what the labeler sees for one image and its tags.
+
+    python jobs/explain.py --image cat.jpg --tags cat,dog --out explain/ [--dump explain/maps.npz]
+
+Writes coarse.png and refined.png (per-class heatmaps over the image), overlay.png (the label map
+over the image) and, with --dump, the raw arrays as .npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
+
+from pipeline.cli import add_model_arguments, config_from_args  # noqa: E402
+from pipeline.decode import ImageDecodeError, read_image  # noqa: E402
+from pipeline.labeler import Category, Labeler, LabelRequest, LabelResult  # noqa: E402
+from pipeline.labels import IGNORE  # noqa: E402
+from pipeline.models import WeightsUnavailableError  # noqa: E402
+from pipeline.prompts import class_prompt  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--image", required=True, help="image path (local or fsspec URL)")
+    p.add_argument("--tags", required=True, help="comma-separated class names present in the image")
+    p.add_argument("--image-id", help="id that seeds the diffusion noise (default: file name without extension)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--dump", metavar="FILE.npz", help="also save the raw arrays here")
+    add_model_arguments(p)
+    return p.parse_args(argv)
+
+
+def _heatmaps(image: np.ndarray, maps: np.ndarray, names: list[str], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    fig, axes = plt.subplots(1, len(names) + 1, figsize=(4 * (len(names) + 1), 4), squeeze=False)
+    axes[0, 0].imshow(image)
+    axes[0, 0].set_title("image")
+    h, w = image.shape[:2]
+    for ax, m, name in zip(axes[0, 1:], maps, names, strict=True):
+        up = np.asarray(Image.fromarray(m.astype(np.float32)).resize((w, h), Image.Resampling.BILINEAR))
+        ax.imshow(image)
+        im = ax.imshow(up, cmap="jet", alpha=0.5)
+        ax.set_title(f"{title}: {name}")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    for ax in axes[0]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _overlay(image: np.ndarray, result: LabelResult, names: dict[int, str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    cmap = plt.get_cmap("tab10")
+    colors = {cid: np.array(cmap(i % 10)[:3]) for i, cid in enumerate(result.class_ids)}
+    colors[IGNORE] = np.ones(3)
+    out = image.astype(np.float32) / 255.0
+    for cid, color in colors.items():
+        mask = result.label_map == cid
+        out[mask] = 0.45 * out[mask] + 0.55 * color
+    fig, ax = plt.subplots(figsize=(8, 8 * image.shape[0] / image.shape[1]))
+    ax.imshow(out)
+    ax.axis("off")
+    handles = [Patch(color=colors[c], label=f"{c}: {names[c]}") for c in result.class_ids]
+    if (result.label_map == IGNORE).any():
+        handles.append(Patch(color=colors[IGNORE], label="255: ignore"))
+    ax.legend(handles=handles, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    tags = [t.strip() for t in args.tags.split(",") if t.strip()]
+    if not tags:
+        raise SystemExit("--tags needs at least one class name")
+    try:
+        config = config_from_args(args)
+        image = read_image(args.image)
+        categories = [Category(i + 1, t, class_prompt(t, config.cliper.prompt_set)) for i, t in enumerate(tags)]
+        labeler = Labeler.from_config(config, categories)
+    except (WeightsUnavailableError, ImageDecodeError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    image_id = args.image_id or Path(args.image).stem
+    result = labeler.label([LabelRequest(image_id, image, tuple(c.id for c in categories))])[0]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {c.id: c.name for c in categories}
+    _heatmaps(image, result.coarse, tags, "coarse", out / "coarse.png")
+    _heatmaps(image, result.refined, tags, "refined", out / "refined.png")
+    _overlay(image, result, names, out / "overlay.png")
+    if args.dump:
+        Path(args.dump).parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(
+            args.dump, coarse=result.coarse, refined=result.refined, coarse_scores=result.coarse_scores,
+            final_scores=result.final_scores, label_map=result.label_map,
+            class_ids=np.array(result.class_ids), class_names=np.array(tags),
+        )  # fmt: skip
+    for cid in result.class_ids:
+        share = float((result.label_map == cid).mean())
+        print(f"{cid:>3} {names[cid]:<20} final score {result.final_scores[result.class_ids.index(cid)]:.3f}  area {share:.1%}")
+    print(f"wrote {out}/coarse.png, refined.png, overlay.png" + (f" and {args.dump}" if args.dump else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Command-line options every job shares, turned into a ``Config`` at the boundary.
+
+Options default to None and are dropped before the config is built, so defaults live only in
+``pipeline.config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from pipeline.config import PRESETS, Config, build_config, load_config_file, merge_overrides
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("models and settings")
+    g.add_argument("--clip-model", help="open_clip model name, or path of an open_clip model config JSON")
+    g.add_argument("--clip-pretrained", metavar="TAG", help="open_clip pretrained tag (default: openai)")
+    g.add_argument("--clip-checkpoint", metavar="FILE", help="local open_clip state dict (.pt/.safetensors)")
+    g.add_argument("--sd-model", metavar="ID", help="diffusers hub id (default: SD 2.1 base)")
+    g.add_argument("--sd-checkpoint", metavar="DIR", help="local diffusers-format directory")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="published settings (default: voc-vit-b16)")
+    g.add_argument("--config", metavar="FILE", help="JSON/YAML file of setting overrides")
+    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+
+
+def _nested(pairs: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for dotted, value in pairs.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Config = defaults <- preset <- --config file <- explicit model options."""
+    overrides = load_config_file(args.config) if args.config else {}
+    flags = _nested({
+        "model.clip.model": args.clip_model,
+        "model.clip.pretrained": args.clip_pretrained,
+        "model.clip.checkpoint": args.clip_checkpoint,
+        "model.sd.model": args.sd_model,
+        "model.sd.checkpoint": args.sd_checkpoint,
+        "model.device": args.device,
+    })  # fmt: skip
+    if args.clip_checkpoint and args.clip_pretrained is None and args.clip_model and args.clip_model.endswith(".json"):
+        # A custom architecture has no open_clip tag: its checkpoint stands alone.
+        flags["model"]["clip"]["pretrained"] = None
+    overrides = merge_overrides(overrides, flags)
+    preset = args.preset or overrides.pop("preset", None)
+    return build_config(preset, overrides)
+

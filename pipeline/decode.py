@@ -1,0 +1,57 @@
+"""Image decoding: bytes -> upright HWC uint8 RGB. Pure; raises ``ImageDecodeError`` on bad data."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps
+
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb limit
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image this labeler can use; the message says why."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> [H, W, 3] uint8 RGB, rotated upright per its EXIF orientation.
+
+    Palette, grayscale, alpha, 16-bit and CMYK inputs are converted; images over ``max_pixels``
+    pixels are refused before their pixels are decoded.
+    """
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            if im.width * im.height > max_pixels:
+                raise ImageDecodeError(f"{im.width}x{im.height} exceeds the pixel limit of {max_pixels}")
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            return _to_rgb(im)
+    except ImageDecodeError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageDecodeError(f"cannot decode image: {err}") from None
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping.
+        arr = np.asarray(im, dtype=np.float64)
+        peak = 65535.0 if im.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        gray = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, im)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+
+
+def read_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a local or fsspec path (``s3://...``) to [H, W, 3] uint8 RGB."""
+    import fsspec
+
+    with fsspec.open(path, "rb") as f:
+        return decode_image(f.read(), max_pixels)

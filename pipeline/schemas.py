@@ -1,0 +1,141 @@
+"""Versioned data schemas: JSON Schema for JSON documents, Arrow schemas for the Parquet tables.
+
+The JSON Schema files live in ``schemas/`` at the repository root (one file per document kind,
+the version in the file name and in each schema's ``$id``). Arrow schemas are defined here, with
+their version in the schema metadata, so the Parquet files say which layout they follow.
+
+    manifest_record.v1   one JSONL manifest line: id, uri, tags, optional width/height/ground_truth
+    config.v1            Config.to_dict()
+    run.v1               <prefix>/run.json: fingerprint, config, model fingerprint
+    commit_marker.v1     <prefix>/shards/<shard>/_COMMITTED.json
+    STATS_IMAGES, STATS_CLASSES, TIMINGS   the Parquet tables (see pipeline/stats.py)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pyarrow as pa
+from referencing import Registry, Resource
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+JSON_SCHEMAS = {
+    "manifest_record": "manifest_record.v1.schema.json",
+    "config": "config.v1.schema.json",
+    "run": "run.v1.schema.json",
+    "commit_marker": "commit_marker.v1.schema.json",
+}
+MARKER_SCHEMA_ID = "tag2mask/commit-marker/v1"
+RUN_SCHEMA_ID = "tag2mask/run/v1"
+
+
+@functools.cache
+def _registry() -> Registry:
+    resources = []
+    for file in JSON_SCHEMAS.values():
+        doc = json.loads((SCHEMA_DIR / file).read_text())
+        resources.append((doc["$id"], Resource.from_contents(doc)))
+    return Registry().with_resources(resources)
+
+
+@functools.cache
+def _validator(kind: str) -> jsonschema.Draft202012Validator:
+    if kind not in JSON_SCHEMAS:
+        raise ValueError(f"unknown schema {kind!r}; choose one of {sorted(JSON_SCHEMAS)}")
+    doc = json.loads((SCHEMA_DIR / JSON_SCHEMAS[kind]).read_text())
+    return jsonschema.Draft202012Validator(doc, registry=_registry())
+
+
+def _field(error: jsonschema.ValidationError) -> str:
+    """The offending field as a JSON path ("tags/1"); for a missing field, that field's name."""
+    path = "/".join(str(p) for p in error.absolute_path)
+    if error.validator == "required" and isinstance(error.instance, Mapping):
+        missing = [k for k in error.validator_value if k not in error.instance]
+        path = "/".join([path, missing[0]]) if path else missing[0]
+    return path or "(whole document)"
+
+
+def errors(kind: str, doc: Any) -> list[str]:
+    """Every violation of schema ``kind`` in ``doc``, as "field 'x': message" strings, sorted."""
+    found = sorted(_validator(kind).iter_errors(doc), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    return [f"field {_field(e)!r}: {e.message}" for e in found]
+
+
+def validate(kind: str, doc: Any, where: str) -> None:
+    """Raise ValueError naming ``where`` (e.g. the file) and the first offending field."""
+    problems = errors(kind, doc)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"{where} does not match schema {JSON_SCHEMAS[kind]}: {problems[0]}{more}")
+
+
+def validate_manifest(records: Iterable[Any]) -> None:
+    """Check every manifest record and that ids are unique.
+
+    Raises ValueError naming the record (0-based line number and id) and the field.
+    """
+    seen: dict[str, int] = {}
+    for i, record in enumerate(records):
+        rid = record.get("id") if isinstance(record, Mapping) else None
+        validate("manifest_record", record, f"manifest record {i} (id {rid!r})")
+        if rid in seen:
+            raise ValueError(
+                f"manifest record {i} (id {rid!r}): field 'id' repeats record {seen[rid]}; ids must be unique"
+            )
+        seen[rid] = i
+
+
+def _arrow(name: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={"tag2mask.schema": f"tag2mask/{name}/v1"})
+
+
+STATS_IMAGES = _arrow("stats-images", [
+    pa.field("shard_id", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),  # "ok", or the failure kind
+    pa.field("error", pa.string()),  # message of a failed image
+    pa.field("label_file", pa.string()),  # PNG path relative to the output prefix
+    pa.field("height", pa.int32()),
+    pa.field("width", pa.int32()),
+    pa.field("n_candidates", pa.int32()),
+    pa.field("n_kept", pa.int32()),
+    pa.field("background_fraction", pa.float64()),
+    pa.field("ignore_fraction", pa.float64()),
+    pa.field("coarse_refined_agreement", pa.float64()),
+    pa.field("superpixel_purity", pa.float64()),
+    pa.field("n_superpixels", pa.int32()),
+])  # fmt: skip
+
+STATS_CLASSES = _arrow("stats-classes", [
+    pa.field("shard_id", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("category_id", pa.int32(), nullable=False),
+    pa.field("kept", pa.bool_(), nullable=False),
+    pa.field("pixel_area", pa.int64(), nullable=False),
+    pa.field("pixel_fraction", pa.float64(), nullable=False),
+    pa.field("coarse_score", pa.float64(), nullable=False),
+    pa.field("class_score", pa.float64(), nullable=False),
+    pa.field("win_score_mean", pa.float64()),  # decision score inside the class's mask
+    pa.field("win_score_std", pa.float64()),
+])  # fmt: skip
+
+TIMINGS = _arrow("timings", [
+    pa.field("shard_id", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("stage", pa.string(), nullable=False),
+    pa.field("seconds", pa.float64(), nullable=False),
+])  # fmt: skip
+
+ARROW_SCHEMAS = {"stats_images": STATS_IMAGES, "stats_classes": STATS_CLASSES, "timings": TIMINGS}
+
+
+def check_table(name: str, table: pa.Table) -> None:
+    """Raise ValueError unless ``table`` has exactly the Arrow schema ``name`` (fields and types)."""
+    expected = ARROW_SCHEMAS[name]
+    if not table.schema.remove_metadata().equals(expected.remove_metadata()):
+        raise ValueError(f"table {name} does not match its schema:\nexpected {expected}\ngot {table.schema}")

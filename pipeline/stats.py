@@ -1,0 +1,146 @@
+"""Quality statistics of label maps, as rows of the Parquet tables in ``pipeline/schemas.py``.
+
+Pure functions of a ``LabelResult``. Three tables, one file each per shard:
+
+    stats_images   one row per image: size, background/ignore fractions, coarse-vs-refined
+                   agreement, superpixel purity; failed images have ``status`` and ``error``
+    stats_classes  one row per (image, candidate class): pixel area and fraction, coarse and
+                   final class scores, mean and spread of the decision score inside its mask
+    timings        one row per (image, stage): wall-clock seconds. Not deterministic, so kept
+                   apart from the two tables above, which are byte-identical across runs.
+
+Agreement: the coarse map [C, h, w] is bilinearly resized to the refined grid [C, s, s]; the
+value is the fraction of grid cells where both argmaxes over the candidate classes agree.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from pipeline.labels import IGNORE
+from pipeline.refine import superpixel_purity
+from pipeline.schemas import ARROW_SCHEMAS
+
+if TYPE_CHECKING:  # the labeler imports the model stack; these functions only read its results
+    from pipeline.labeler import LabelResult
+
+OK = "ok"
+ROW_GROUP_ROWS = 128 * 1024  # rows per Parquet row group: large enough for fast scans of big datasets
+STAT_DIGITS = 9  # statistics are rounded: shorter files, and no digits below float32 precision
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An image that produced no label map: ``status`` names the failure kind (not "ok")."""
+
+    image_id: str
+    status: str
+    error: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.image_id, str) or not self.image_id:
+            raise ValueError(f"a failure needs a non-empty string image id, got {self.image_id!r}")
+        if not isinstance(self.status, str) or not self.status or self.status == OK:
+            raise ValueError(f"image {self.image_id}: a failure's status must be a non-empty kind other than 'ok'")
+
+
+def _round(x: float) -> float:
+    return round(float(x), STAT_DIGITS)
+
+
+def coarse_refined_agreement(coarse: np.ndarray, refined: np.ndarray) -> float | None:
+    """[C, h, w] coarse and [C, s, s] refined maps -> fraction of refined-grid cells where the
+    argmax class agrees (None when there are no candidate classes)."""
+    if coarse.ndim != 3 or refined.ndim != 3 or len(coarse) != len(refined):
+        raise ValueError(f"coarse {coarse.shape} and refined {refined.shape} must be [C, h, w] with the same C")
+    if len(coarse) == 0:
+        return None
+    up = torch.from_numpy(np.ascontiguousarray(coarse, dtype=np.float32))[None]
+    up = F.interpolate(up, size=refined.shape[1:], mode="bilinear", align_corners=False)[0].numpy()
+    return _round(np.mean(up.argmax(axis=0) == refined.argmax(axis=0)))
+
+
+def _check(result: LabelResult) -> None:
+    lm = result.label_map
+    if not isinstance(lm, np.ndarray) or lm.ndim != 2 or lm.dtype != np.uint8:
+        raise ValueError(f"image {result.image_id}: label_map must be [H, W] uint8")
+    if result.decision.shape != (len(result.kept_ids), *lm.shape):
+        raise ValueError(
+            f"image {result.image_id}: decision {result.decision.shape} must be [K, H, W] = "
+            f"[{len(result.kept_ids)}, {lm.shape[0]}, {lm.shape[1]}] (one map per kept id)"
+        )
+    if len(result.final_scores) != len(result.class_ids) or len(result.coarse_scores) != len(result.class_ids):
+        raise ValueError(f"image {result.image_id}: coarse_scores and final_scores need one value per class id")
+
+
+def image_row(result: LabelResult, shard_id: str, label_file: str | None) -> dict[str, Any]:
+    """One ``stats_images`` row for a labelled image."""
+    _check(result)
+    lm, seg = result.label_map, result.segments
+    return {
+        "shard_id": shard_id, "image_id": result.image_id, "status": OK, "error": None, "label_file": label_file,
+        "height": int(lm.shape[0]), "width": int(lm.shape[1]),
+        "n_candidates": len(result.class_ids), "n_kept": len(result.kept_ids),
+        "background_fraction": _round(np.mean(lm == 0)), "ignore_fraction": _round(np.mean(lm == IGNORE)),
+        "coarse_refined_agreement": coarse_refined_agreement(result.coarse, result.refined),
+        "superpixel_purity": None if seg is None else _round(superpixel_purity(lm, seg)),
+        "n_superpixels": None if seg is None else int(np.unique(seg).size),
+    }  # fmt: skip
+
+
+def failed_row(failure: Failure, shard_id: str) -> dict[str, Any]:
+    """One ``stats_images`` row for an image that failed: status and error, the rest null."""
+    row = dict.fromkeys(ARROW_SCHEMAS["stats_images"].names)
+    row.update(shard_id=shard_id, image_id=failure.image_id, status=failure.status, error=failure.error)
+    return row
+
+
+def class_rows(result: LabelResult, shard_id: str) -> list[dict[str, Any]]:
+    """``stats_classes`` rows, one per candidate class in ``result.class_ids`` order."""
+    _check(result)
+    lm, kept = result.label_map, {cid: k for k, cid in enumerate(result.kept_ids)}
+    rows = []
+    for c, cid in enumerate(result.class_ids):
+        mask = lm == cid
+        area = int(mask.sum())
+        mean = std = None
+        if cid in kept and area:
+            inside = result.decision[kept[cid]][mask].astype(np.float64)
+            mean, std = _round(inside.mean()), _round(inside.std())
+        rows.append({
+            "shard_id": shard_id, "image_id": result.image_id, "category_id": int(cid), "kept": cid in kept,
+            "pixel_area": area, "pixel_fraction": _round(area / lm.size),
+            "coarse_score": _round(result.coarse_scores[c]), "class_score": _round(result.final_scores[c]),
+            "win_score_mean": mean, "win_score_std": std,
+        })  # fmt: skip
+    return rows
+
+
+def timing_rows(result: LabelResult, shard_id: str) -> list[dict[str, Any]]:
+    """``timings`` rows: one per stage in ``result.timings``, stages sorted by name."""
+    return [
+        {"shard_id": shard_id, "image_id": result.image_id, "stage": stage, "seconds": float(sec)}
+        for stage, sec in sorted(result.timings.items())
+    ]
+
+
+def to_table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows -> an Arrow table with the schema ``name`` of ``pipeline.schemas.ARROW_SCHEMAS``."""
+    return pa.Table.from_pylist(rows, schema=ARROW_SCHEMAS[name])
+
+
+def parquet_bytes(table: pa.Table, row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
+    """Serialise a table to Parquet bytes, deterministically (same table -> same bytes: no
+    timestamps; pinned compression and page settings)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=row_group_rows, compression="zstd", compression_level=3,
+                   write_statistics=True, use_dictionary=True, store_schema=True)  # fmt: skip
+    return buf.getvalue()

@@ -1,0 +1,378 @@
+"""Storage: the one module that knows paths under the output prefix. Writes through fsspec, so the
+prefix is a local path or any fsspec URL (``s3://``, ``gs://``, ``memory://``).
+
+Layout under the prefix::
+
+    run.json                              fingerprint + config + model fingerprint (schemas/run.v1)
+    labels/<name>.png                     indexed PNG label map of each image (pipeline/pngs.py)
+    shards/<shard_id>/annotations.json    COCO annotations of the shard's images (pipeline/coco.py)
+    shards/<shard_id>/stats_images.parquet, stats_classes.parquet   quality statistics (deterministic)
+    shards/<shard_id>/timings.parquet     wall-clock seconds per stage (the only non-deterministic file)
+    shards/<shard_id>/_COMMITTED.json     commit marker, written last (schemas/commit_marker.v1)
+    merged/annotations.json               every committed shard's COCO annotations in one file
+    merged/stats_images/part-00000.parquet, merged/stats_classes/..., merged/timings/...   datasets
+    merged/_MERGED.json                   written last by ``merge``
+
+Commit protocol: object stores have no atomic rename, so only the marker counts. It holds the
+shard's counts, the sha256 and size of every deterministic file it wrote (label PNGs included)
+and the run's fingerprint. A shard without a marker, or with another run's fingerprint, is not
+done: ``write_shard`` deletes its marker and stale files first and rewrites it from scratch.
+
+Names: ``<name>`` is ``safe_name(image_id)``: the id itself when it is a plain file name, else a
+sanitised stem plus 12 hex digits of the id's sha256, so no image id ("../x", "/abs", NUL, ...)
+can name a path outside the prefix. (Ids differing only in case collide on case-insensitive disks.)
+Storage options (credentials) are handed to fsspec and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from pipeline import coco, pngs, schemas, stats
+from pipeline.stats import Failure
+
+if TYPE_CHECKING:  # the labeler imports the model stack; storage only reads its results
+    from pipeline.labeler import LabelResult
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+MARKER = "_COMMITTED.json"
+MERGED_MARKER = "merged/_MERGED.json"
+TABLES = ("stats_images", "stats_classes")  # deterministic Parquet tables
+VOLATILE_TABLES = ("timings",)
+FILE_ROWS = 8 * stats.ROW_GROUP_ROWS  # rows per file of a merged Parquet dataset
+
+_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,127}")
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,99}")
+_ESCAPED = re.compile(r".*-[0-9a-f]{12}")  # what an escaped name ends with; plain ids never look like it
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _canonical(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def safe_name(image_id: str) -> str:
+    """A file stem for ``image_id`` that cannot leave its directory: the id when it is a plain
+    name (letters, digits, ``._=-``, not starting with ``.``), else a sanitised stem plus 12 hex
+    digits of the id's sha256. Injective up to sha256 collisions."""
+    if not isinstance(image_id, str) or not image_id:
+        raise ValueError(f"image ids must be non-empty strings, got {image_id!r}")
+    if _PLAIN_ID.fullmatch(image_id) and not _ESCAPED.fullmatch(image_id):
+        return image_id
+    stem = re.sub(r"[^A-Za-z0-9._=-]", "_", image_id)[:64].lstrip(".=-") or "id"
+    digest = _sha256(image_id.encode("utf-8", "surrogatepass"))[:12]
+    return f"{stem}-{digest}"
+
+
+def label_path(image_id: str) -> str:
+    """Path of an image's label PNG, relative to the output prefix."""
+    return f"labels/{safe_name(image_id)}.png"
+
+
+def shard_id_for(index: int, image_ids: Sequence[str]) -> str:
+    """Shard id from the manifest's content: the shard's position and a hash of its image ids, so
+    a changed manifest never reuses a committed shard's name."""
+    digest = _sha256("\n".join(image_ids).encode("utf-8", "surrogatepass"))[:12]
+    return f"{index:05d}-{digest}"
+
+
+def manifest_fingerprint(records: Iterable[Mapping[str, Any]]) -> str:
+    """sha256 of the manifest records (canonical JSON, one per line, in order)."""
+    h = hashlib.sha256()
+    for record in records:
+        h.update(_canonical(record) + b"\n")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class RunFingerprint:
+    """What identifies a run's outputs: sha256 digests of the config, the model weights and the manifest."""
+
+    config: str
+    model: str
+    manifest: str
+
+    @property
+    def digest(self) -> str:
+        return _sha256(f"{self.config}:{self.model}:{self.manifest}".encode())
+
+
+def run_fingerprint(config_fingerprint: str, model_fingerprint: Mapping[str, Any], manifest: str) -> RunFingerprint:
+    """From ``Config.fingerprint()``, ``models.model_fingerprint(cfg.model)`` and ``manifest_fingerprint``."""
+    return RunFingerprint(config_fingerprint, _sha256(_canonical(model_fingerprint)), manifest)
+
+
+class Store:
+    """An output prefix on an fsspec filesystem. Every path is relative to the prefix and checked."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+        self.fs, self.root = fs, root.rstrip("/")
+        self._local = isinstance(fs, LocalFileSystem)
+
+    @classmethod
+    def open(cls, url: str, **storage_options: Any) -> Store:
+        """``url``: local path or fsspec URL; ``storage_options`` go to fsspec (endpoint, credentials)."""
+        fs, root = fsspec.core.url_to_fs(url, **storage_options)
+        return cls(fs, root)
+
+    def path(self, rel: str) -> str:
+        """Absolute path on ``fs`` of ``rel`` ("a/b/c"); raises ValueError for unsafe parts."""
+        parts = rel.split("/")
+        bad = [p for p in parts if not _PART.fullmatch(p)]
+        if bad:
+            raise ValueError(f"unsafe path {rel!r} under the output prefix: part {bad[0]!r}")
+        return "/".join([self.root, *parts])
+
+    def write_many(self, files: Mapping[str, bytes]) -> None:
+        paths = {self.path(rel): data for rel, data in files.items()}
+        if self._local:
+            for parent in sorted({p.rsplit("/", 1)[0] for p in paths}):
+                self.fs.makedirs(parent, exist_ok=True)
+        if paths:
+            self.fs.pipe(paths)
+
+    def read(self, rel: str) -> bytes | None:
+        """The file's bytes, or None when it does not exist."""
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError:
+            return None
+
+    def remove_tree(self, rel: str) -> None:
+        """Delete every file under ``rel`` (a file or a folder); nothing there is fine."""
+        found = self.fs.find(self.path(rel))
+        if found:
+            self.fs.rm(found)
+
+    def remove_files(self, rels: Iterable[str]) -> None:
+        """Delete the given files where they exist."""
+        found = [p for p in (self.path(r) for r in rels) if self.fs.exists(p)]
+        if found:
+            self.fs.rm(found)
+
+
+def shard_dir(shard_id: str) -> str:
+    if not isinstance(shard_id, str) or not _PART.fullmatch(shard_id):
+        raise ValueError(f"shard id {shard_id!r} must match {_PART.pattern} (letters, digits, ._=-)")
+    return f"shards/{shard_id}"
+
+
+def write_run(store: Store, run: RunFingerprint, config: Mapping[str, Any], model: Mapping[str, Any],
+              overwrite: bool = False) -> dict[str, Any]:  # fmt: skip
+    """Write ``run.json`` (config = ``Config.to_dict()``, model = ``model_fingerprint``). An existing
+    record with another fingerprint raises ValueError unless ``overwrite``; its shards then redo."""
+    doc = {"schema": schemas.RUN_SCHEMA_ID, "fingerprint": run.digest,
+           "parts": {"config": run.config, "model": run.model, "manifest": run.manifest},
+           "config": dict(config), "model": dict(model)}  # fmt: skip
+    schemas.validate("run", doc, "run record")
+    old = read_run(store)
+    if old is not None and old["fingerprint"] != run.digest and not overwrite:
+        raise ValueError(
+            f"{store.path(RUN_FILE)} belongs to another run (fingerprint {old['fingerprint'][:12]}, this run "
+            f"{run.digest[:12]}): use a new output prefix, or overwrite to redo every shard"
+        )
+    store.write_many({RUN_FILE: json.dumps(doc, indent=1, sort_keys=True).encode()})
+    return doc
+
+
+def read_run(store: Store) -> dict[str, Any] | None:
+    data = store.read(RUN_FILE)
+    if data is None:
+        return None
+    doc = json.loads(data)
+    schemas.validate("run", doc, store.path(RUN_FILE))
+    return doc
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """A shard's files before writing: deterministic ones (checksummed in the marker) and volatile ones."""
+
+    files: dict[str, bytes]
+    volatile: dict[str, bytes]
+    counts: dict[str, int]
+
+
+def _ordered(
+    results: Sequence[LabelResult], failures: Sequence[Failure | tuple[str, str, str]]
+) -> tuple[list[LabelResult], list[Failure]]:
+    fails = [f if isinstance(f, Failure) else Failure(*f) for f in failures]
+    ids = [r.image_id for r in results] + [f.image_id for f in fails]
+    names = [safe_name(i) for i in ids]
+    if len(set(ids)) != len(ids) or len(set(names)) != len(names):
+        dup = sorted({i for i in ids if ids.count(i) > 1}) or ids
+        raise ValueError(f"image ids must be unique within a shard (results and failures together): {dup[:5]}")
+    # Sorted by id: the files do not depend on the order in which batches finished.
+    return sorted(results, key=lambda r: r.image_id), sorted(fails, key=lambda f: f.image_id)
+
+
+def build_shard(shard_id: str, results: Sequence[LabelResult], failures: Sequence[Failure | tuple[str, str, str]],
+                categories: Sequence[Any], fingerprint: str) -> ShardFiles:  # fmt: skip
+    """The shard's files as bytes, by path relative to the prefix (pure; no I/O)."""
+    folder = shard_dir(shard_id)
+    results, fails = _ordered(results, failures)
+    items = [(r.image_id, r.label_map, dict(zip(r.class_ids, map(float, r.final_scores), strict=True)),
+              label_path(r.image_id)) for r in results]  # fmt: skip
+    doc = coco.build_coco(items, categories, {"description": "tag2mask pseudo-labels", "fingerprint": fingerprint})
+    image_rows = [stats.image_row(r, shard_id, label_path(r.image_id)) for r in results]
+    image_rows += [stats.failed_row(f, shard_id) for f in fails]
+    class_rows = [row for r in results for row in stats.class_rows(r, shard_id)]
+    timing_rows = [row for r in results for row in stats.timing_rows(r, shard_id)]
+    files = {label_path(r.image_id): pngs.encode_png(r.label_map) for r in results}
+    files[f"{folder}/annotations.json"] = json.dumps(doc, separators=(",", ":")).encode()
+    files[f"{folder}/stats_images.parquet"] = stats.parquet_bytes(stats.to_table("stats_images", image_rows))
+    files[f"{folder}/stats_classes.parquet"] = stats.parquet_bytes(stats.to_table("stats_classes", class_rows))
+    volatile = {f"{folder}/timings.parquet": stats.parquet_bytes(stats.to_table("timings", timing_rows))}
+    counts = {"images": len(image_rows), "ok": len(results), "failed": len(fails),
+              "annotations": len(doc["annotations"]), "class_rows": len(class_rows),
+              "label_maps": len(results)}  # fmt: skip
+    return ShardFiles(files, volatile, counts)
+
+
+def marker_doc(shard_id: str, built: ShardFiles, fingerprint: str) -> dict[str, Any]:
+    """The commit marker of a built shard (no wall-clock values, so it is deterministic too)."""
+    doc = {
+        "schema": schemas.MARKER_SCHEMA_ID, "shard_id": shard_id, "fingerprint": fingerprint,
+        "counts": built.counts,
+        "files": {rel: {"sha256": _sha256(data), "bytes": len(data)} for rel, data in sorted(built.files.items())},
+        "volatile_files": sorted(built.volatile),
+    }  # fmt: skip
+    schemas.validate("commit_marker", doc, f"commit marker of shard {shard_id}")
+    return doc
+
+
+def write_shard(store: Store, shard_id: str, results: Sequence[LabelResult],
+                failures: Sequence[Failure | tuple[str, str, str]], categories: Sequence[Any],
+                fingerprint: str) -> dict[str, Any]:  # fmt: skip
+    """Write one shard from scratch and commit it; returns the marker.
+
+    results: labelled images; failures: ``Failure`` or ``(image_id, status, error)`` for images
+    that produced no label map; categories: ``labeler.Category`` objects or COCO category dicts;
+    fingerprint: ``RunFingerprint.digest``. Order: old marker and stale files deleted, files
+    written, marker written last.
+    """
+    built = build_shard(shard_id, results, failures, categories, fingerprint)
+    marker = marker_doc(shard_id, built, fingerprint)
+    folder = shard_dir(shard_id)
+    store.remove_files([f"{folder}/{MARKER}"])
+    store.remove_tree(folder)
+    store.remove_files(label_path(f[0] if isinstance(f, tuple) else f.image_id) for f in failures)
+    store.write_many({**built.files, **built.volatile})
+    store.write_many({f"{folder}/{MARKER}": json.dumps(marker, indent=1).encode()})
+    log.info("shard %s committed: %s", shard_id, built.counts)
+    return marker
+
+
+def read_marker(store: Store, shard_id: str) -> dict[str, Any] | None:
+    """The shard's commit marker, or None when there is none or it is unreadable (not committed)."""
+    data = store.read(f"{shard_dir(shard_id)}/{MARKER}")
+    if data is None:
+        return None
+    try:
+        doc = json.loads(data)
+        schemas.validate("commit_marker", doc, f"commit marker of shard {shard_id}")
+    except ValueError as err:  # json.JSONDecodeError is a ValueError
+        log.warning("shard %s: ignoring a broken commit marker (%s)", shard_id, err)
+        return None
+    return doc
+
+
+def is_committed(store: Store, shard_id: str, fingerprint: str) -> bool:
+    """True when the shard has a valid marker written by a run with this fingerprint."""
+    marker = read_marker(store, shard_id)
+    return marker is not None and marker["fingerprint"] == fingerprint and marker["shard_id"] == shard_id
+
+
+def _read_checked(store: Store, rel: str, marker: Mapping[str, Any]) -> bytes:
+    data = store.read(rel)
+    expected = marker["files"].get(rel)
+    if data is None or expected is None or _sha256(data) != expected["sha256"]:
+        raise ValueError(f"{store.path(rel)} is missing or does not match the sha256 in its shard's commit marker; "
+                         f"delete the shard's {MARKER} to redo it")  # fmt: skip
+    return data
+
+
+def _committed_markers(store: Store, shard_ids: Sequence[str], fingerprint: str) -> list[dict[str, Any]]:
+    markers = []
+    for shard_id in sorted(shard_ids):
+        marker = read_marker(store, shard_id)
+        if marker is None or marker["fingerprint"] != fingerprint:
+            raise ValueError(f"shard {shard_id} is not committed by this run (fingerprint {fingerprint[:12]}); "
+                             "run it before merging")  # fmt: skip
+        markers.append(marker)
+    return markers
+
+
+def _parquet_parts(tables: Iterable[pa.Table], file_rows: int) -> Iterator[pa.Table]:
+    """Regroup a stream of tables into tables of ``file_rows`` rows (the last one shorter)."""
+    buffer: list[pa.Table] = []
+    rows = 0
+    for table in tables:
+        buffer.append(table)
+        rows += table.num_rows
+        while rows >= file_rows:
+            whole = pa.concat_tables(buffer)
+            yield whole.slice(0, file_rows)
+            buffer, rows = [whole.slice(file_rows)], rows - file_rows
+    if rows:
+        yield pa.concat_tables(buffer)
+
+
+def _merge_table(store: Store, name: str, markers: Sequence[Mapping[str, Any]], file_rows: int) -> dict[str, int]:
+    """Write ``merged/<name>/part-NNNNN.parquet`` from every shard's table, in shard order."""
+
+    def tables() -> Iterator[pa.Table]:
+        for marker in markers:
+            rel = f"{shard_dir(marker['shard_id'])}/{name}.parquet"
+            data = store.read(rel) if name in VOLATILE_TABLES else _read_checked(store, rel, marker)
+            if data is None:
+                raise ValueError(f"{store.path(rel)} is missing although its shard is committed")
+            table = pq.read_table(io.BytesIO(data))
+            schemas.check_table(name, table)
+            yield table
+
+    store.remove_tree(f"merged/{name}")
+    parts, rows = 0, 0
+    for part in _parquet_parts(tables(), file_rows):
+        store.write_many({f"merged/{name}/part-{parts:05d}.parquet": stats.parquet_bytes(part)})
+        parts, rows = parts + 1, rows + part.num_rows
+    if not parts:  # an empty table still tells readers the schema
+        store.write_many({f"merged/{name}/part-00000.parquet": stats.parquet_bytes(stats.to_table(name, []))})
+        parts = 1
+    return {"files": parts, "rows": rows}
+
+
+def merge(store: Store, shard_ids: Sequence[str], fingerprint: str, file_rows: int = FILE_ROWS) -> dict[str, Any]:
+    """Merge committed shards (in sorted shard-id order) into ``merged/``; returns the summary also
+    written to ``merged/_MERGED.json`` (last). Raises ValueError if a shard is not committed by
+    this run or a file does not match its marker's checksum."""
+    if not shard_ids:
+        raise ValueError("merge needs at least one shard id")
+    markers = _committed_markers(store, shard_ids, fingerprint)
+    store.remove_files([MERGED_MARKER])
+    docs = [json.loads(_read_checked(store, f"{shard_dir(m['shard_id'])}/annotations.json", m)) for m in markers]
+    merged = coco.merge_coco(docs, {"description": "tag2mask pseudo-labels", "fingerprint": fingerprint})
+    store.write_many({"merged/annotations.json": json.dumps(merged, separators=(",", ":")).encode()})
+    tables = {name: _merge_table(store, name, markers, file_rows) for name in TABLES + VOLATILE_TABLES}
+    counts = {key: sum(m["counts"][key] for m in markers) for key in markers[0]["counts"]}
+    summary = {"fingerprint": fingerprint, "shards": [m["shard_id"] for m in markers], "counts": counts,
+               "tables": tables}  # fmt: skip
+    store.write_many({MERGED_MARKER: json.dumps(summary, indent=1).encode()})
+    return summary

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny models built from configs, saved with the real save code, and loaded back
+through the loaders production uses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.architectures import save_models
+from pipeline.config import Config, build_config
+from pipeline.labeler import Category, Labeler
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return save_models(tmp_path_factory.mktemp("tiny"))
+
+
+def tiny_overrides(paths: dict, **cliper: object) -> dict:
+    return {
+        "model": {
+            "clip": {"model": str(paths["clip_config"]), "pretrained": None, "checkpoint": str(paths["clip_checkpoint"])},
+            "sd": {"checkpoint": str(paths["sd_dir"])},
+            "device": "cpu",
+        },
+        "cliper": dict(cliper),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_paths: dict) -> Config:
+    return build_config("voc-vit-b16", tiny_overrides(tiny_paths))
+
+
+CATEGORIES = [Category(1, "cat", "cat"), Category(7, "dog", "dog"), Category(15, "person", "person")]
+
+
+@pytest.fixture(scope="session")
+def labeler(tiny_config: Config) -> Labeler:
+    return Labeler.from_config(tiny_config, CATEGORIES)
+
+
+def blob_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """HWC uint8 RGB: a textured background with two flat coloured rectangles."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(60, 120, (h, w, 3), dtype=np.uint8)
+    img[h // 5 : h // 2, w // 6 : w // 2] = (220, 40, 40)
+    img[h // 2 : 4 * h // 5, w // 2 : 5 * w // 6] = (30, 40, 210)
+    return img

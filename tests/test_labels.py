@@ -1,0 +1,63 @@
+"""Label-map assembly: only kept classes, background and (optionally) 255 appear."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from pipeline import labels
+from pipeline.config import LabelConfig
+
+
+def test_assemble_thresholds_and_takes_the_argmax():
+    scores = np.array([[[0.9, 0.2, 0.7]], [[0.8, 0.5, 0.75]]], dtype=np.float32)
+    out = labels.assemble_label_map(scores, [3, 9], bkg_thre=0.6, labels=LabelConfig())
+    assert out.tolist() == [[3, 0, 9]]
+
+
+def test_ignore_margin_marks_close_calls_including_background():
+    scores = np.array([[[0.9, 0.62, 0.7, 0.1]], [[0.8, 0.1, 0.72, 0.1]]], dtype=np.float32)
+    out = labels.assemble_label_map(scores, [3, 9], bkg_thre=0.6, labels=LabelConfig(ignore_margin=0.05))
+    # 0.9 vs 0.8: clear; 0.62 vs background 0.6: close; 0.7 vs 0.72: close; 0.1s vs bg 0.6: clear.
+    assert out.tolist() == [[3, 255, 255, 0]]
+
+
+def test_class_ids_outside_uint8_range_are_refused():
+    with pytest.raises(ValueError, match="1..254"):
+        labels.assemble_label_map(np.zeros((1, 2, 2), np.float32), [300], 0.5, LabelConfig())
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.integers(1, 4).flatmap(
+        lambda k: st.tuples(
+            arrays(np.float32, st.tuples(st.just(k), st.integers(1, 12), st.integers(1, 12)), elements=st.floats(0, 1, width=32)),
+            st.lists(st.integers(1, 254), min_size=k, max_size=k, unique=True),
+        )
+    ),
+    st.floats(0, 1),
+    st.one_of(st.none(), st.floats(0, 0.5)),
+)
+def test_label_map_holds_only_kept_ids_background_and_ignore(scores_ids, bkg, margin):
+    scores, ids = scores_ids
+    out = labels.assemble_label_map(scores, ids, bkg, LabelConfig(ignore_margin=margin))
+    allowed = set(ids) | {0} | ({255} if margin is not None else set())
+    assert set(np.unique(out).tolist()) <= allowed
+    assert out.dtype == np.uint8 and out.shape == scores.shape[1:]
+
+
+def test_full_resolution_scores_peak_at_the_final_score():
+    import torch
+
+    refined = torch.rand(2, 8, 8)
+    out = labels.full_resolution_scores(refined, torch.tensor([0.3, 0.8]), (37, 51))
+    assert out.shape == (2, 37, 51)
+    np.testing.assert_allclose(out.reshape(2, -1).max(axis=1), [0.3, 0.8], rtol=1e-5)
+
+
+def test_open_vocabulary_keeps_classes_above_the_score_threshold():
+    assert labels.kept_classes(3, np.array([0.2, 0.9, 0.5]), open_vocab=True, score_threshold=0.4).tolist() == [1, 2]
+    assert labels.kept_classes(3, np.array([0.2, 0.9, 0.5]), open_vocab=False, score_threshold=0.4).tolist() == [0, 1, 2]
