@@ -36,14 +36,14 @@ def categories_json(categories: Sequence[HasIdName | Mapping[str, Any]]) -> list
 
     Accepts ``pipeline.labeler.Category`` objects or mappings with ``id``/``name`` (as in a COCO file).
     """
-    out = []
+    out: list[dict[str, Any]] = []
     for c in categories:
         cid, name = (c["id"], c["name"]) if isinstance(c, Mapping) else (c.id, c.name)
         sup = c.get("supercategory", "") if isinstance(c, Mapping) else ""
         if not isinstance(cid, int | np.integer) or not 1 <= int(cid) <= MAX_CLASS_ID:
             raise ValueError(f"category {name!r}: id {cid!r} must be an integer in 1..{MAX_CLASS_ID}")
         out.append({"id": int(cid), "name": str(name), "supercategory": str(sup)})
-    ids = [c["id"] for c in out]
+    ids: list[int] = [c["id"] for c in out]
     if len(set(ids)) != len(ids):
         raise ValueError(f"category ids must be unique, got {sorted(ids)}")
     return sorted(out, key=lambda c: c["id"])
@@ -120,7 +120,8 @@ def build_coco(
     items, in the given order."""
     cats = categories_json(categories)
     known = {c["id"] for c in cats}
-    images, anns = [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
     for coco_id, (source_id, label_map, scores, file_name) in zip(
         coco_image_ids([it[0] for it in items]), items, strict=True
     ):
@@ -149,7 +150,7 @@ def merge_coco(docs: Sequence[Mapping[str, Any]], info: Mapping[str, Any] | None
     new_ids = coco_image_ids([img["source_id"] for img in images])
     remap = {(d, img["id"]): new for (d, img), new in zip(_doc_images(docs), new_ids, strict=True)}
     out_images = [{**img, "id": new} for img, new in zip(images, new_ids, strict=True)]
-    out_anns = []
+    out_anns: list[dict[str, Any]] = []
     for d, doc in enumerate(docs):
         for ann in doc["annotations"]:
             out_anns.append({**ann, "id": len(out_anns) + 1, "image_id": remap[(d, ann["image_id"])]})

@@ -8,9 +8,12 @@ looked for and how to provide it, and leaves nothing half-loaded. Checkpoints lo
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +62,18 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Silence huggingface_hub's per-retry warnings; a failure is reported once, by us."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _hub_cache() -> str:
     from huggingface_hub import constants
 
@@ -94,7 +109,8 @@ def _resolve_clip(cfg: ClipConfig) -> _ClipWeights:
     if not tag_cfg:
         raise ValueError(f"CLIP {name}: give a pretrained tag (--clip-pretrained) or a checkpoint (--clip-checkpoint)")
     try:
-        path = open_clip.download_pretrained(tag_cfg)
+        with _quiet_hub():
+            path = open_clip.download_pretrained(tag_cfg)
     except Exception as err:  # any download failure becomes one actionable message
         raise WeightsUnavailableError(
             f"CLIP weights {name} / {cfg.pretrained} (hub: {tag_cfg.get('hf_hub') or tag_cfg.get('url')}) "
@@ -119,7 +135,8 @@ def _resolve_sd(cfg: SDConfig) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(cfg.model, allow_patterns=list(SD_FILES)))
+        with _quiet_hub():
+            return Path(snapshot_download(cfg.model, allow_patterns=list(SD_FILES)))
     except Exception as err:  # any download failure becomes one actionable message
         raise WeightsUnavailableError(
             f"Stable Diffusion weights {cfg.model} (safetensors of unet, vae, text_encoder, plus "

@@ -79,7 +79,7 @@ def validate_manifest(records: Iterable[Any]) -> None:
 
     Raises ValueError naming the record (0-based line number and id) and the field.
     """
-    seen: dict[str, int] = {}
+    seen: dict[Any, int] = {}
     for i, record in enumerate(records):
         rid = record.get("id") if isinstance(record, Mapping) else None
         validate("manifest_record", record, f"manifest record {i} (id {rid!r})")
