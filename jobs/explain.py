@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
             final_scores=result.final_scores, label_map=result.label_map,
             class_ids=np.array(result.class_ids), class_names=np.array(tags),
         )  # fmt: skip
-    for cid in result.class_ids:
+    for k, cid in enumerate(result.class_ids):
         share = float((result.label_map == cid).mean())
-        print(f"{cid:>3} {names[cid]:<20} final score {result.final_scores[result.class_ids.index(cid)]:.3f}  area {share:.1%}")
+        print(f"{cid:>3} {names[cid]:<20} final score {result.final_scores[k]:.3f}  area {share:.1%}")
     print(f"wrote {out}/coarse.png, refined.png, overlay.png" + (f" and {args.dump}" if args.dump else ""))
     return 0
 

@@ -103,7 +103,8 @@ def _tokenizer_files(directory: Path) -> None:
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
     from transformers import CLIPTokenizer
 
-    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    with gzip.open(default_bpe()) as f:
+        merges = f.read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
     pairs = [tuple(m.split()) for m in merges]
     vocab = list(bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(p) for p in pairs]
@@ -111,7 +112,9 @@ def _tokenizer_files(directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(p) for p in pairs) + "\n")
-    tok = CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77)
+    tok = CLIPTokenizer(
+        str(directory / "vocab.json"), str(directory / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    )
     tok.save_pretrained(directory)
 
 
@@ -138,3 +141,36 @@ def save_models(out: str | Path, clip: str = "tiny", sd: str = "tiny", seed: int
     _tokenizer_files(sd_dir / "tokenizer")
     (sd_dir / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     return {"clip_config": clip_cfg, "clip_checkpoint": out / "clip.pt", "sd_dir": sd_dir}
+
+
+def sd_models(shape: str = "tiny", seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """In-memory ``SDModels`` of the named shape (for benchmarks: no files written)."""
+    from pipeline.compensation import SDModels
+
+    parts = build_sd(shape, seed)
+    ids = torch.tensor([[49406] + [49407] * 76])  # "" as CLIP's tokenizer pads it
+    with torch.no_grad():
+        empty = parts["text_encoder"](ids)[0]
+    parts["vae"].decoder = None
+    return SDModels(
+        vae=parts["vae"].to(device, dtype),
+        unet=parts["unet"].to(device, dtype),
+        scheduler=parts["scheduler"],
+        empty_embedding=empty.to(device, dtype),
+    )
+
+
+def clip_models(model: str = "tiny", seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """In-memory ``ClipModels`` of an open_clip architecture name or ``tiny``."""
+    import open_clip
+
+    from pipeline.models import ClipModels
+
+    clip = build_clip(model, seed).to(device, dtype).requires_grad_(False)
+    return ClipModels(
+        model=clip,
+        tokenizer=open_clip.get_tokenizer("ViT-B-16" if model == "tiny" else model),
+        patch_size=int(clip.visual.conv1.stride[0]),
+        mean=open_clip.OPENAI_DATASET_MEAN,
+        std=open_clip.OPENAI_DATASET_STD,
+    )

@@ -54,4 +54,3 @@ def config_from_args(args: argparse.Namespace) -> Config:
     overrides = merge_overrides(overrides, flags)
     preset = args.preset or overrides.pop("preset", None)
     return build_config(preset, overrides)
-

@@ -54,10 +54,7 @@ class _CaptureProcessor:
         if encoder_hidden_states is not None or hidden_states.ndim != 3:
             raise ValueError(f"{self.name}: only 3-D self-attention (attn1) can be captured")
         b, n, _ = hidden_states.shape
-        q, k, v = (
-            attn.head_to_batch_dim(proj(hidden_states))
-            for proj in (attn.to_q, attn.to_k, attn.to_v)
-        )
+        q, k, v = (attn.head_to_batch_dim(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
         probs = torch.softmax(torch.bmm(q.float(), k.float().transpose(1, 2)) * attn.scale, dim=-1)
         self.store[self.name] = probs.reshape(b, attn.heads, n, n)
         if len(self.store) == self.wanted:
@@ -126,9 +123,9 @@ def capture_attention(
 def normalize_attention(m: torch.Tensor, thr: float) -> torch.Tensor:
     """Section 3 step 3 on [..., n, n]: divide by column maxima (+1e-5), zero entries below
     ``thr``, divide by row sums (+1e-5)."""
-    m = m / (m.amax(dim=-2, keepdim=True) + _EPS)
-    m = torch.where(m < thr, torch.zeros_like(m), m)
-    return m / (m.sum(dim=-1, keepdim=True) + _EPS)
+    m = m / (m.amax(dim=-2, keepdim=True) + _EPS)  # the one copy; the rest works in place
+    m.masked_fill_(m < thr, 0.0)
+    return m.div_(m.sum(dim=-1, keepdim=True) + _EPS)
 
 
 def attention_chain(maps: torch.Tensor, thr: float) -> list[torch.Tensor]:

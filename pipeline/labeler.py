@@ -206,7 +206,9 @@ class Labeler:
                 chain = compensation.attention_chain(per_image, c.attention_thr)
                 assert w.coarse is not None and w.coarse_scores is not None  # set by _coarse
                 w.refined = compensation.compensate(chain, w.coarse.to(per_image.device))
-                w.final_scores = 0.5 * cliper.class_scores(w.refined[None])[0] + 0.5 * w.coarse_scores.to(w.refined.device)
+                w.final_scores = 0.5 * cliper.class_scores(w.refined[None])[0] + 0.5 * w.coarse_scores.to(
+                    w.refined.device
+                )
                 w.timings["sd_attention"] = (t1 - t0) / len(chunk)
                 w.timings["compensation"] = time.perf_counter() - t2
             del maps

@@ -90,7 +90,9 @@ def _clip_name(model: str) -> str:
         open_clip.add_model_config(path)
         return path.stem
     if model not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model!r}: give a name from open_clip.list_models() or a config .json path")
+        raise ValueError(
+            f"unknown open_clip model {model!r}: give a name from open_clip.list_models() or a config .json path"
+        )
     return model
 
 
@@ -196,7 +198,9 @@ def build_sd(path: Path, device: torch.device, dtype: torch.dtype) -> SDModels:
     scheduler = scheduler_cls.from_config(sched_cfg)
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True)
-    ids = tokenizer("", padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(
+        "", padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         empty = text_encoder(ids)[0].to(device=device, dtype=dtype)
     del text_encoder

@@ -38,18 +38,17 @@ def pool_scores(scores: np.ndarray, segments: np.ndarray, pooling: str = "mean")
     elif pooling == "median":
         order = np.argsort(flat, kind="stable")
         bounds = np.flatnonzero(np.diff(flat[order])) + 1
-        pooled = np.stack(
-            [[np.median(g) for g in np.split(s.ravel()[order], bounds)] for s in scores]
-        )
+        pooled = np.stack([[np.median(g) for g in np.split(s.ravel()[order], bounds)] for s in scores])
     else:
         raise ValueError(f"unknown pooling {pooling!r}; use 'mean' or 'median'")
     return pooled[:, flat].reshape(scores.shape).astype(scores.dtype)
 
 
 def superpixel_purity(labels: np.ndarray, segments: np.ndarray) -> float:
-    """Pixel-weighted fraction of each superpixel taken by its majority label, in [0, 1]."""
+    """Pixel-weighted fraction of each superpixel taken by its majority label, in [0, 1].
+
+    labels: [H, W] uint8 label map; segments: [H, W] non-negative int superpixel ids.
+    """
     pairs = segments.astype(np.int64).ravel() * 256 + labels.astype(np.int64).ravel()
-    keys, counts = np.unique(pairs, return_counts=True)
-    majority = np.zeros(int(segments.max()) + 1, dtype=np.int64)
-    np.maximum.at(majority, keys // 256, counts)
-    return float(majority.sum() / labels.size)
+    counts = np.bincount(pairs, minlength=(int(segments.max()) + 1) * 256).reshape(-1, 256)
+    return float(counts.max(axis=1).sum() / labels.size)

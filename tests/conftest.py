@@ -19,7 +19,11 @@ def tiny_paths(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def tiny_overrides(paths: dict, **cliper: object) -> dict:
     return {
         "model": {
-            "clip": {"model": str(paths["clip_config"]), "pretrained": None, "checkpoint": str(paths["clip_checkpoint"])},
+            "clip": {
+                "model": str(paths["clip_config"]),
+                "pretrained": None,
+                "checkpoint": str(paths["clip_checkpoint"]),
+            },
             "sd": {"checkpoint": str(paths["sd_dir"])},
             "device": "cpu",
         },

@@ -154,6 +154,9 @@ def test_coarse_map_keeps_only_foreground_channels_and_thresholds_the_selected_l
     assert torch.allclose(out[0].reshape(c, hw), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize(("size", "crop", "stride", "expected"), [(336, 224, 112, [0, 112]), (448, 224, 112, [0, 112, 224]), (400, 224, 112, [0, 112, 176]), (100, 224, 112, [0])])
+@pytest.mark.parametrize(
+    ("size", "crop", "stride", "expected"),
+    [(336, 224, 112, [0, 112]), (448, 224, 112, [0, 112, 224]), (400, 224, 112, [0, 112, 176]), (100, 224, 112, [0])],
+)
 def test_window_origins_cover_the_axis(size, crop, stride, expected):
     assert cliper.window_origins(size, crop, stride) == expected

@@ -34,7 +34,11 @@ def test_class_ids_outside_uint8_range_are_refused():
 @given(
     st.integers(1, 4).flatmap(
         lambda k: st.tuples(
-            arrays(np.float32, st.tuples(st.just(k), st.integers(1, 12), st.integers(1, 12)), elements=st.floats(0, 1, width=32)),
+            arrays(
+                np.float32,
+                st.tuples(st.just(k), st.integers(1, 12), st.integers(1, 12)),
+                elements=st.floats(0, 1, width=32),
+            ),
             st.lists(st.integers(1, 254), min_size=k, max_size=k, unique=True),
         )
     ),
@@ -60,4 +64,8 @@ def test_full_resolution_scores_peak_at_the_final_score():
 
 def test_open_vocabulary_keeps_classes_above_the_score_threshold():
     assert labels.kept_classes(3, np.array([0.2, 0.9, 0.5]), open_vocab=True, score_threshold=0.4).tolist() == [1, 2]
-    assert labels.kept_classes(3, np.array([0.2, 0.9, 0.5]), open_vocab=False, score_threshold=0.4).tolist() == [0, 1, 2]
+    assert labels.kept_classes(3, np.array([0.2, 0.9, 0.5]), open_vocab=False, score_threshold=0.4).tolist() == [
+        0,
+        1,
+        2,
+    ]

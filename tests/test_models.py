@@ -20,7 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_tiny_models_load_back_through_the_real_loaders(tiny_paths):
     cfg = ModelConfig(
-        clip=ClipConfig(model=str(tiny_paths["clip_config"]), pretrained=None, checkpoint=str(tiny_paths["clip_checkpoint"])),
+        clip=ClipConfig(
+            model=str(tiny_paths["clip_config"]), pretrained=None, checkpoint=str(tiny_paths["clip_checkpoint"])
+        ),
         sd=SDConfig(checkpoint=str(tiny_paths["sd_dir"])),
         device="cpu",
     )
@@ -48,7 +50,8 @@ def test_missing_weights_stop_cleanly_with_one_actionable_message(tmp_path):
 
     Image.new("RGB", (40, 30), (10, 200, 30)).save(image)
     proc = subprocess.run(
-        [sys.executable, "jobs/explain.py", "--image", str(image), "--tags", "cat", "--out", str(tmp_path / "o"), "--device", "cpu"],
+        [sys.executable, "jobs/explain.py", "--image", str(image), "--tags", "cat",
+         "--out", str(tmp_path / "o"), "--device", "cpu"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
@@ -69,7 +72,9 @@ def test_unknown_names_are_refused_with_the_options():
 
 def test_fingerprint_follows_file_content(tiny_paths, tmp_path):
     cfg = ModelConfig(
-        clip=ClipConfig(model=str(tiny_paths["clip_config"]), pretrained=None, checkpoint=str(tiny_paths["clip_checkpoint"])),
+        clip=ClipConfig(
+            model=str(tiny_paths["clip_config"]), pretrained=None, checkpoint=str(tiny_paths["clip_checkpoint"])
+        ),
         sd=SDConfig(checkpoint=str(tiny_paths["sd_dir"])),
     )
     first = models.model_fingerprint(cfg)
@@ -87,7 +92,9 @@ def test_fingerprint_follows_file_content(tiny_paths, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "patch", "width"), [("ViT-B-16", 16, 768), ("ViT-L-14", 14, 1024), ("ViT-H-14", 14, 1280)])
+@pytest.mark.parametrize(
+    ("name", "patch", "width"), [("ViT-B-16", 16, 768), ("ViT-L-14", 14, 1024), ("ViT-H-14", 14, 1280)]
+)
 def test_real_vit_shapes_run_the_fusion(name, patch, width):
     """The published architectures with their real widths, heads and patch sizes (2 blocks, to
     stay small on CPU): the fused map comes out on the right grid."""

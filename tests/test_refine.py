@@ -59,7 +59,9 @@ def test_pool_scores_gives_each_superpixel_its_mean():
     scores = np.array([[[1.0, 3.0, 5.0], [0.0, 4.0, 7.0]]], dtype=np.float32)
     out = refine.pool_scores(scores, segments, "mean")
     np.testing.assert_allclose(out[0], [[2.0, 2.0, 6.0], [2.0, 2.0, 6.0]])
-    med = refine.pool_scores(np.array([[[1.0, 9.0, 5.0], [0.0, 4.0, 7.0]]], np.float32), np.array([[0, 0, 0], [0, 1, 1]]), "median")
+    med = refine.pool_scores(
+        np.array([[[1.0, 9.0, 5.0], [0.0, 4.0, 7.0]]], np.float32), np.array([[0, 0, 0], [0, 1, 1]]), "median"
+    )
     np.testing.assert_allclose(med[0], [[3.0, 3.0, 3.0], [3.0, 5.5, 5.5]])  # median of 1, 9, 5, 0 is 3
 
 

@@ -110,3 +110,10 @@ def test_row_groups_follow_the_requested_size():
     rows = [stats.failed_row(stats.Failure(f"i{i}", "decode_error", "x"), "s") for i in range(10)]
     meta = pq.ParquetFile(io.BytesIO(stats.parquet_bytes(stats.to_table("stats_images", rows), 4))).metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4, 2]
+
+
+def test_bad_segments_are_rejected():
+    r = hand_made_result()
+    r.segments = r.segments - 1
+    with pytest.raises(ValueError, match="non-negative"):
+        stats.image_row(r, "s1", None)

@@ -1,0 +1,290 @@
+import hashlib
+import json
+import os
+import socket
+import uuid
+
+import numpy as np
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pycocotools.coco import COCO
+
+from pipeline import coco, pngs, storage
+from pipeline.labeler import LabelResult
+from pipeline.stats import Failure
+
+CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 90, "name": "toothbrush"}]
+FP = "f" * 64
+SECRET = "dummy-secret-Zq81"
+
+
+def synthetic_result(image_id: str, seed: int, h: int = 24, w: int = 32) -> LabelResult:
+    """Blobs of two tagged classes on background, a band of 255, random scores; no model needed."""
+    rng = np.random.default_rng(seed)
+    ids = (3, 90) if seed % 2 else (7, 3)
+    lm = np.zeros((h, w), np.uint8)
+    lm[rng.integers(0, h // 2) :, : rng.integers(4, w)] = ids[0]
+    lm[: rng.integers(2, h), rng.integers(w // 2, w) :] = ids[1]
+    lm[h // 2 : h // 2 + 2] = 255
+    return LabelResult(
+        image_id=image_id, label_map=lm, class_ids=ids,
+        coarse=rng.random((2, 3, 4), dtype=np.float32), refined=rng.random((2, 8, 8), dtype=np.float32),
+        coarse_scores=rng.random(2, dtype=np.float32), final_scores=rng.random(2, dtype=np.float32),
+        kept_ids=ids, decision=rng.random((2, h, w), dtype=np.float32),
+        segments=(np.arange(h * w).reshape(h, w) // 37).astype(np.int32), timings={"clip_coarse": rng.random()},
+    )  # fmt: skip
+
+
+def shard_inputs(n: int, offset: int = 0) -> list[LabelResult]:
+    return [synthetic_result(f"img-{offset + i:03d}", offset + i) for i in range(n)]
+
+
+# --- a real S3 API: moto's server on 127.0.0.1, used through s3fs (as s3fs's own tests do) ---
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_store(s3_endpoint, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "dummy-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    bucket = f"t-{uuid.uuid4().hex[:12]}"
+    opts = {"client_kwargs": {"endpoint_url": s3_endpoint}, "skip_instance_cache": True}
+    store = storage.Store.open(f"s3://{bucket}/run1", **opts)
+    store.fs.mkdir(bucket)
+    return store
+
+
+def all_files(store: storage.Store) -> dict[str, bytes]:
+    store.fs.invalidate_cache()
+    return {p[len(store.root) + 1 :]: store.fs.cat_file(p) for p in store.fs.find(store.root)}
+
+
+def decode_from_coco_file(path) -> dict[str, np.ndarray]:
+    api = COCO(str(path))
+    maps = {}
+    for img_id, image in api.imgs.items():
+        out = np.zeros((image["height"], image["width"]), np.uint8)
+        for ann in api.loadAnns(api.getAnnIds(imgIds=[img_id])):
+            out[api.annToMask(ann) == 1] = ann["category_id"]
+        out[coco.decode_rle(image["ignore_segmentation"]) == 1] = 255
+        maps[image["source_id"]] = out
+    return maps
+
+
+def test_three_shards_on_s3_merge_and_reload(s3_store, tmp_path):
+    shards = {}
+    for k in range(3):
+        results = shard_inputs(3, offset=10 * k)
+        failures = [(f"bad-{k}", "decode_error", "cannot identify image file")] if k == 1 else []
+        shard_id = storage.shard_id_for(k, [r.image_id for r in results] + [f[0] for f in failures])
+        storage.write_shard(s3_store, shard_id, results, failures, CATEGORIES, FP)
+        shards[shard_id] = results
+    assert all(storage.is_committed(s3_store, s, FP) for s in shards)
+    summary = storage.merge(s3_store, list(shards), FP)
+    assert summary["counts"] == {"images": 10, "ok": 9, "failed": 1, "annotations": 18, "class_rows": 18,
+                                 "label_maps": 9}  # fmt: skip
+
+    local = tmp_path / "annotations.json"
+    s3_store.fs.get(s3_store.path("merged/annotations.json"), str(local))
+    decoded = decode_from_coco_file(local)
+    expected = {r.image_id: r.label_map for results in shards.values() for r in results}
+    assert decoded.keys() == expected.keys()
+    for image_id, label_map in expected.items():
+        assert np.array_equal(decoded[image_id], label_map), image_id
+        png = s3_store.fs.cat_file(s3_store.path(storage.label_path(image_id)))
+        assert np.array_equal(pngs.decode_png(png), label_map)
+
+    images = pq.read_table(s3_store.path("merged/stats_images"), filesystem=s3_store.fs)
+    assert images.num_rows == 10
+    failed = [r for r in images.to_pylist() if r["status"] != "ok"]
+    assert failed == [{**dict.fromkeys(images.column_names), "shard_id": failed[0]["shard_id"], "image_id": "bad-1",
+                       "status": "decode_error", "error": "cannot identify image file"}]  # fmt: skip
+    classes = ds.dataset(s3_store.path("merged/stats_classes"), filesystem=s3_store.fs, format="parquet").to_table()
+    assert classes.num_rows == 18
+    assert all(SECRET.encode() not in data for data in all_files(s3_store).values())
+
+
+def test_memory_and_local_prefixes_give_identical_bytes(tmp_path):
+    results = shard_inputs(4)
+    mem = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    loc = storage.Store.open(str(tmp_path / "out"))
+    for store in (mem, loc):
+        storage.write_shard(store, "00000-a", results, [Failure("gone", "download_error", "404")], CATEGORIES, FP)
+        storage.merge(store, ["00000-a"], FP)
+    mem_files, loc_files = all_files(mem), all_files(loc)
+    assert mem_files.keys() == loc_files.keys()
+    volatile = {k for k in mem_files if "timings" in k}
+    assert {k: v for k, v in mem_files.items() if k not in volatile} == {
+        k: v for k, v in loc_files.items() if k not in volatile
+    }
+    assert "shards/00000-a/_COMMITTED.json" in loc_files and "labels/img-003.png" in loc_files
+
+
+def test_rewrite_is_byte_identical_whatever_the_order_and_timings():
+    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    results = shard_inputs(5)
+    storage.write_shard(store, "s", results, [], CATEGORIES, FP)
+    first = all_files(store)
+    shuffled = list(reversed(shard_inputs(5)))
+    for r in shuffled:
+        r.timings = {"clip_coarse": 99.0}
+    storage.write_shard(store, "s", shuffled, [], CATEGORIES, FP)
+    second = all_files(store)
+    assert first.keys() == second.keys()
+    assert first["shards/s/timings.parquet"] != second["shards/s/timings.parquet"]
+    assert {k: v for k, v in first.items() if "timings" not in k} == {
+        k: v for k, v in second.items() if "timings" not in k
+    }
+
+
+def test_marker_holds_counts_and_checksums_of_what_was_written():
+    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    marker = storage.write_shard(store, "s", shard_inputs(2), [("x", "decode_error", "bad")], CATEGORIES, FP)
+    assert marker["counts"] == {"images": 3, "ok": 2, "failed": 1, "annotations": 4, "class_rows": 4,
+                                "label_maps": 2}  # fmt: skip
+    files = all_files(store)
+    assert sorted(marker["files"]) == sorted(k for k in files if k.endswith((".png", ".json", ".parquet"))
+                                             and "timings" not in k and not k.endswith("_COMMITTED.json"))  # fmt: skip
+    for rel, entry in marker["files"].items():
+        assert entry == {"sha256": hashlib.sha256(files[rel]).hexdigest(), "bytes": len(files[rel])}
+    assert marker["volatile_files"] == ["shards/s/timings.parquet"]
+    assert json.loads(files["shards/s/_COMMITTED.json"]) == marker
+
+
+def test_marker_is_written_last(monkeypatch):
+    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    calls = []
+    real = storage.Store.write_many
+    monkeypatch.setattr(
+        storage.Store, "write_many", lambda self, files: calls.append(sorted(files)) or real(self, files)
+    )
+    storage.write_shard(store, "s", shard_inputs(2), [], CATEGORIES, FP)
+    assert calls[-1] == ["shards/s/_COMMITTED.json"]
+    assert all("_COMMITTED" not in rel for call in calls[:-1] for rel in call)
+
+
+def test_uncommitted_or_foreign_shards_are_not_done():
+    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    assert not storage.is_committed(store, "s", FP)
+    storage.write_shard(store, "s", shard_inputs(1), [], CATEGORIES, FP)
+    assert storage.is_committed(store, "s", FP)
+    assert not storage.is_committed(store, "s", "0" * 64)
+    store.write_many({"shards/s/_COMMITTED.json": b'{"schema": "tag2mask/commit-ma'})  # torn write
+    assert not storage.is_committed(store, "s", FP)
+    with pytest.raises(ValueError, match="shard s is not committed"):
+        storage.merge(store, ["s"], FP)
+
+
+def test_redo_deletes_stale_files():
+    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    results = shard_inputs(2)
+    storage.write_shard(store, "s", results, [], CATEGORIES, FP)
+    store.write_many({"shards/s/leftover.parquet": b"junk"})
+    storage.write_shard(store, "s", results[:1], [(results[1].image_id, "decode_error", "now broken")], CATEGORIES, FP)
+    files = all_files(store)
+    assert "shards/s/leftover.parquet" not in files
+    assert storage.label_path(results[1].image_id) not in files
+    assert storage.label_path(results[0].image_id) in files
+
+
+def test_merge_detects_a_tampered_file():
+    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    storage.write_shard(store, "s", shard_inputs(1), [], CATEGORIES, FP)
+    store.write_many({"shards/s/stats_classes.parquet": b"tampered"})
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        storage.merge(store, ["s"], FP)
+
+
+def test_merged_parquet_is_split_into_parts_in_shard_order():
+    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    for k in range(3):
+        storage.write_shard(store, f"s{k}", shard_inputs(2, offset=10 * k), [], CATEGORIES, FP)
+    summary = storage.merge(store, ["s2", "s0", "s1"], FP, file_rows=4)
+    assert summary["tables"]["stats_images"] == {"files": 2, "rows": 6}
+    table = pq.read_table(store.path("merged/stats_images"), filesystem=store.fs)
+    assert table.column("image_id").to_pylist() == ["img-000", "img-001", "img-010", "img-011", "img-020", "img-021"]
+
+
+UNSAFE_IDS = ["../../x", "/abs/path", "a\x00b", "..", ".", "a/b", "x" * 300, "ok-0123456789ab", "C:\\win", ".hidden"]
+
+
+@pytest.mark.parametrize("image_id", UNSAFE_IDS)
+def test_unsafe_ids_become_plain_names(image_id):
+    name = storage.safe_name(image_id)
+    assert "/" not in name and "\\" not in name and "\x00" not in name and not name.startswith(".")
+    assert len(name) <= 100 and name != image_id
+    assert storage.Store.open("memory://p").path(storage.label_path(image_id)).startswith("/p/labels/")
+
+
+def test_plain_ids_are_kept():
+    assert storage.safe_name("2008_000123") == "2008_000123"
+    assert storage.safe_name("000000397133") == "000000397133"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sets(st.text(min_size=1, max_size=30), min_size=2, max_size=20))
+def test_safe_names_are_distinct_and_safe(ids):
+    names = [storage.safe_name(i) for i in ids]
+    assert len(set(names)) == len(names)
+    assert all(storage._PART.fullmatch(n) for n in names)
+
+
+def test_unsafe_ids_do_not_escape_a_local_prefix(tmp_path):
+    prefix = tmp_path / "deep" / "out"
+    results = [synthetic_result(i, n) for n, i in enumerate(UNSAFE_IDS[:4])]
+    storage.write_shard(storage.Store.open(str(prefix)), "s", results, [], CATEGORIES, FP)
+    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
+    assert len(written) == 4 + 5
+    assert all(os.path.realpath(p).startswith(str(prefix) + os.sep) for p in written)
+
+
+@pytest.mark.parametrize("bad", ["../s", "a/b", "", ".", "s\x00"])
+def test_unsafe_shard_ids_are_rejected(bad):
+    with pytest.raises(ValueError, match="shard id"):
+        storage.write_shard(storage.Store.open("memory://p"), bad, [], [], CATEGORIES, FP)
+
+
+def test_unsafe_relative_paths_are_rejected():
+    with pytest.raises(ValueError, match="unsafe path"):
+        storage.Store.open("memory://p").path("shards/../../etc")
+
+
+def test_duplicate_image_ids_are_rejected():
+    with pytest.raises(ValueError, match="unique within a shard"):
+        storage.write_shard(storage.Store.open("memory://p"), "s", shard_inputs(1), [("img-000", "x", "y")],
+                            CATEGORIES, FP)  # fmt: skip
+
+
+def test_run_record_and_fingerprint():
+    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    from pipeline.config import Config
+
+    manifest = [{"id": "a", "uri": "a.jpg", "tags": [3]}]
+    run = storage.run_fingerprint(
+        Config().fingerprint(), {"clip": {"sha256": "ab"}}, storage.manifest_fingerprint(manifest)
+    )
+    other = storage.run_fingerprint(Config().fingerprint(), {"clip": {"sha256": "ac"}}, run.manifest)
+    assert run.digest != other.digest and len(run.digest) == 64
+    assert storage.manifest_fingerprint(manifest) != storage.manifest_fingerprint([{**manifest[0], "tags": [7]}])
+    storage.write_run(store, run, Config().to_dict(), {"clip": {"sha256": "ab"}})
+    assert storage.read_run(store)["fingerprint"] == run.digest
+    with pytest.raises(ValueError, match="belongs to another run"):
+        storage.write_run(store, other, Config().to_dict(), {"clip": {"sha256": "ac"}})
+    storage.write_run(store, other, Config().to_dict(), {"clip": {"sha256": "ac"}}, overwrite=True)
+    assert storage.read_run(store)["parts"]["model"] == other.model
