@@ -3,12 +3,17 @@
 The stages, in the order an image meets them (one module each):
 
     config.py        frozen settings, named presets (cliper-method.md section 5)
+    schemas.py       JSON Schemas (schemas/) and Arrow schemas: manifest, config, stats, marker
+    decode.py        bytes -> upright HWC uint8 RGB, bad images -> ImageDecodeError
     models.py        load CLIP (open_clip) and SD (diffusers); model fingerprint
     cliper.py        CLIPer coarse map: early-layer fusion inside the ViT
     compensation.py  SD self-attention capture and the right-to-left fusion chain
     refine.py        Felzenszwalb superpixels and score pooling
     labels.py        scores -> label map (background threshold, argmax, ignore)
     labeler.py       holds the models and runs the stages above on a batch
+    coco.py, pngs.py, stats.py   label map -> COCO RLE, indexed PNG, Parquet quality rows
+    storage.py       the only module that knows paths: shard files, commit marker, merge
 
-Beside them: prompts.py (prompt data), architectures.py (model shapes for tests/benchmarks).
+Beside them: prompts.py (prompt data), cli.py (options every job shares), architectures.py
+(model shapes for tests and benchmarks).
 """
