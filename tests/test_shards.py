@@ -1,0 +1,83 @@
+"""Manifests and one shard end to end (no Ray): bad images become rows, the shard still commits."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline import manifest, storage
+from pipeline.shards import label_shard
+from tests.conftest import blob_image
+
+
+def _jpeg(h: int, w: int, seed: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(blob_image(h, w, seed)).save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def coco_files():
+    fs = fsspec.filesystem("memory")
+    root = "memory://coco-test"
+    fs.pipe({f"{root}/img/a.jpg": _jpeg(60, 80, 1), f"{root}/img/b.jpg": _jpeg(50, 50, 2),
+             f"{root}/img/text.jpg": b"this is not an image"})  # fmt: skip
+    doc = {
+        "images": [{"id": 3, "file_name": "b.jpg", "width": 50, "height": 50},
+                   {"id": 1, "file_name": "a.jpg", "width": 80, "height": 60},
+                   {"id": 9, "file_name": "text.jpg"}, {"id": 12, "file_name": "gone.jpg"}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 7}, {"id": 2, "image_id": 1, "category_id": 1},
+                        {"id": 3, "image_id": 1, "category_id": 7}, {"id": 4, "image_id": 3, "category_id": 15},
+                        {"id": 5, "image_id": 9, "category_id": 1}],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 15, "name": "person"}],
+    }  # fmt: skip
+    fs.pipe(f"{root}/instances.json", json.dumps(doc).encode())
+    yield root
+    fs.rm(root, recursive=True)
+
+
+def test_coco_tags_come_from_annotation_categories(coco_files):
+    cats, records = manifest.read_coco(f"{coco_files}/instances.json", f"{coco_files}/img")
+    assert [(c.id, c.prompt) for c in cats] == [(1, "cat"), (7, "dog"), (15, "person with cloth people human")]
+    assert [(r["id"], r["tags"]) for r in records] == [("1", [1, 7]), ("3", [15]), ("9", [1]), ("12", [])]
+    assert records[0]["uri"] == f"{coco_files}/img/a.jpg" and records[0]["width"] == 80
+
+
+def test_shards_are_deterministic_and_content_named():
+    recs = [{"id": str(i), "uri": f"x/{i}.jpg", "tags": [1]} for i in range(7)]
+    first = list(manifest.shards(iter(recs), 3))
+    assert [len(s.records) for s in first] == [3, 3, 1]
+    assert [s.shard_id for s in first] == [s.shard_id for s in manifest.shards(iter(recs), 3)]
+    changed = [dict(r) for r in recs]
+    changed[4]["id"] = "40"
+    ids = [s.shard_id for s in manifest.shards(iter(changed), 3)]
+    assert ids[0] == first[0].shard_id and ids[1] != first[1].shard_id
+
+
+def test_malformed_jsonl_names_the_line_and_field(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"id": "a", "uri": "a.jpg", "tags": [1]}\n{"id": "b", "uri": "b.jpg", "tags": ["cat"]}\n')
+    with pytest.raises(ValueError, match=r"line 2 \(id 'b'\).*tags/0"):
+        list(manifest.read_jsonl(str(path)))
+    path.write_text('{"id": "a", "uri": "a.jpg", "tags": [1]}\n{"id": "a", "uri": "b.jpg", "tags": [2]}\n')
+    with pytest.raises(ValueError, match="line 2.*repeats"):
+        list(manifest.read_jsonl(str(path)))
+
+
+def test_a_shard_with_bad_images_commits_and_counts_them(labeler, coco_files):
+    _, records = manifest.read_coco(f"{coco_files}/instances.json", f"{coco_files}/img")
+    shard = next(manifest.shards(records, 10))
+    store = storage.Store.open("memory://out-shards")
+    marker = label_shard(labeler, store, shard, "f" * 64)
+    assert marker["counts"]["ok"] == 2 and marker["counts"]["failed"] == 2 and marker["counts"]["images"] == 4
+    assert storage.is_committed(store, shard.shard_id, "f" * 64)
+    rows = pq.read_table(io.BytesIO(store.read(f"shards/{shard.shard_id}/stats_images.parquet"))).to_pylist()
+    status = {r["image_id"]: r["status"] for r in rows}
+    assert status == {"1": "ok", "3": "ok", "9": "decode_error", "12": "missing"}
+    errors = {r["image_id"]: r["error"] for r in rows}
+    assert "gone.jpg" in errors["12"] and "cannot decode" in errors["9"]
