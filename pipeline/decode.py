@@ -31,6 +31,9 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             return _to_rgb(im)
     except ImageDecodeError:
         raise
+    except Image.UnidentifiedImageError:
+        # PIL's own message names a memory address: a stable message keeps stats deterministic.
+        raise ImageDecodeError("cannot decode image: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"cannot decode image: {err}") from None
 

@@ -184,9 +184,11 @@ def write_run(store: Store, run: RunFingerprint, config: Mapping[str, Any], mode
     schemas.validate("run", doc, "run record")
     old = read_run(store)
     if old is not None and old["fingerprint"] != run.digest and not overwrite:
+        changed = [name for name, digest in doc["parts"].items() if old["parts"].get(name) != digest]
         raise ValueError(
-            f"{store.path(RUN_FILE)} belongs to another run (fingerprint {old['fingerprint'][:12]}, this run "
-            f"{run.digest[:12]}): use a new output prefix, or overwrite to redo every shard"
+            f"{store.path(RUN_FILE)} belongs to another run: the {' and the '.join(changed)} changed "
+            f"(fingerprint {old['fingerprint'][:12]}, this run {run.digest[:12]}). Use a new output "
+            f"prefix, or --overwrite to redo every shard"
         )
     store.write_many({RUN_FILE: json.dumps(doc, indent=1, sort_keys=True).encode()})
     return doc

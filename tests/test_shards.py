@@ -81,3 +81,14 @@ def test_a_shard_with_bad_images_commits_and_counts_them(labeler, coco_files):
     assert status == {"1": "ok", "3": "ok", "9": "decode_error", "12": "missing"}
     errors = {r["image_id"]: r["error"] for r in rows}
     assert "gone.jpg" in errors["12"] and "cannot decode" in errors["9"]
+
+
+def test_decode_errors_have_stable_messages():
+    from pipeline.decode import ImageDecodeError, decode_image
+
+    messages = set()
+    for _ in range(2):
+        with pytest.raises(ImageDecodeError) as err:
+            decode_image(b"not an image at all")
+        messages.add(str(err.value))
+    assert messages == {"cannot decode image: not a recognised image format"}

@@ -1,0 +1,130 @@
+"""Label a dataset on a Ray cluster (or a local Ray) and write COCO annotations, PNG label maps and
+Parquet statistics under --output. Rerun the same command to finish an interrupted run.
+
+    ray job submit --working-dir . -- python jobs/label_coco.py \\
+        --annotations s3://bucket/coco/instances_train2017.json \\
+        --images s3://bucket/coco/train2017/ --output s3://bucket/pseudo/run1
+
+    python jobs/label_coco.py --manifest images.jsonl --categories categories.json --output out/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline import manifest, storage  # noqa: E402
+from pipeline.cli import add_model_arguments, config_from_args  # noqa: E402
+from pipeline.labeler import Category  # noqa: E402
+from pipeline.models import WeightsUnavailableError, model_fingerprint  # noqa: E402
+from pipeline.prompts import class_prompt  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group("input")
+    src.add_argument("--annotations", help="COCO instances JSON: tags are each image's annotated categories")
+    src.add_argument("--images", help="folder of the COCO images (with --annotations)")
+    src.add_argument("--manifest", help="JSONL manifest (schemas/manifest_record.v1.schema.json)")
+    src.add_argument("--categories", help="with --manifest: JSON list of {id, name} categories")
+    run = p.add_argument_group("run")
+    run.add_argument("--output", required=True, help="output prefix: local path, s3://, gs://, memory://")
+    run.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    run.add_argument("--num-actors", type=int, help="labeling actors (default: one per GPU, else one)")
+    run.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is reported failed")
+    run.add_argument("--max-failure-rate", type=float, default=0.9, help="stop early above this failed-image share")
+    run.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    run.add_argument("--overwrite", action="store_true", help="accept a changed config/weights/manifest")
+    run.add_argument("--no-merge", action="store_true", help="skip the final merge (very large datasets)")
+    add_model_arguments(p)
+    args = p.parse_args(argv)
+    if bool(args.annotations) == bool(args.manifest):
+        p.error("give either --annotations with --images, or --manifest with --categories")
+    if args.annotations and not args.images:
+        p.error("--annotations needs --images (the folder holding the files it names)")
+    if args.manifest and not args.categories:
+        p.error("--manifest needs --categories (a JSON list of {id, name})")
+    return args
+
+
+def _inputs(args: argparse.Namespace, prompt_set: str):  # -> (categories, records factory)
+    if args.annotations:
+        cats, records = manifest.read_coco(args.annotations, args.images, prompt_set)
+        return cats, lambda: iter(records)
+    import fsspec
+
+    with fsspec.open(args.categories, "rt") as f:
+        cats = [Category(int(c["id"]), c["name"], class_prompt(c["name"], prompt_set)) for c in json.load(f)]
+    return cats, lambda: manifest.read_jsonl(args.manifest)
+
+
+def _progress(total_images: int | None):
+    last = [0.0]
+
+    def show(s) -> None:
+        now = time.perf_counter()
+        if now - last[0] < 5 and s.shards_failed == {}:
+            return
+        last[0] = now
+        rate = s.images / s.seconds if s.seconds else 0.0
+        eta = f", ETA {(total_images - s.images) / rate:.0f} s" if total_images and rate else ""
+        print(f"[progress] shards done {s.shards_done} skipped {s.shards_skipped} failed {len(s.shards_failed)} | "
+              f"images {s.images} ({s.images_failed} failed) | {rate:.2f} img/s{eta}", flush=True)  # fmt: skip
+
+    return show
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_args(args)
+        cats, records = _inputs(args, config.cliper.prompt_set)
+        manifest_fp = manifest.fingerprint(records(), cats)
+        models_fp = model_fingerprint(config.model)
+        run_fp = storage.run_fingerprint(config.fingerprint(), models_fp, manifest_fp)
+        store = storage.Store.open(args.output)
+        shard_ids = [s.shard_id for s in manifest.shards(records(), args.shard_size)]
+        committed = sum(storage.is_committed(store, sid, run_fp.digest) for sid in shard_ids)
+        old = storage.read_run(store)
+        if args.dry_run:
+            same = not old or old["fingerprint"] == run_fp.digest
+            print(f"plan: {len(shard_ids)} shards, {committed} committed, {len(shard_ids) - committed} remaining, "
+                  f"about {(len(shard_ids) - committed) * args.shard_size} images; "
+                  f"{'same run' if same else 'A DIFFERENT RUN is stored'}")  # fmt: skip
+            return 0
+        storage.write_run(store, run_fp, config.to_dict(), models_fp, overwrite=args.overwrite)
+    except (WeightsUnavailableError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from pipeline import runner  # imports Ray only once the inputs are known to be good
+
+    options = runner.RunOptions(num_actors=args.num_actors, max_attempts=args.max_attempts,
+                                max_failure_rate=args.max_failure_rate)  # fmt: skip
+    total = sum(len(s.records) for s in manifest.shards(records(), args.shard_size))
+    summary = runner.run(config, cats, manifest.shards(records(), args.shard_size), args.output, run_fp.digest,
+                         options, _progress(total))  # fmt: skip
+    print(f"summary: shards done {summary.shards_done}, skipped (already committed) {summary.shards_skipped}, "
+          f"failed {len(summary.shards_failed)}; images {summary.images}, failed images {summary.images_failed}; "
+          f"actor restarts {summary.actor_restarts}; {summary.seconds:.1f} s")  # fmt: skip
+    for sid, err in summary.shards_failed.items():
+        print(f"  failed shard {sid}: {err}")
+    if summary.stopped_early:
+        print(f"stopped early: {summary.stopped_early}", file=sys.stderr)
+        return 3
+    if summary.shards_failed:
+        return 1
+    if not args.no_merge and summary.committed:
+        merged = storage.merge(store, sorted(summary.committed), run_fp.digest)
+        print(f"merged {len(merged['shards'])} shards into {args.output}/merged/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

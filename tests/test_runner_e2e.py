@@ -1,0 +1,140 @@
+"""The runner through the real CLIs: `ray start` on 127.0.0.1, `ray job submit`, interruption and
+resume, refusal of a changed config."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import blob_image
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ray")
+    # Ray's job API runs any code it is sent: token authentication on, and 127.0.0.1 only.
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+    }
+    port, dash = _free_port(), _free_port()
+    start = [*RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
+             "--temp-dir", str(tmp), "--disable-usage-stats"]  # fmt: skip
+    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        deadline = time.time() + 60
+        while subprocess.run([*RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
+            if time.time() > deadline:
+                raise RuntimeError("Ray's job server did not come up")
+            time.sleep(1)
+        yield address, env
+    finally:
+        subprocess.run([*RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco")
+    (root / "img").mkdir()
+    images, anns = [], []
+    for i in range(1, 9):
+        Image.fromarray(blob_image(50 + 4 * i, 70, seed=i)).save(root / "img" / f"{i:012d}.jpg")
+        images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": 70, "height": 50 + 4 * i})
+        anns += [
+            {"id": 2 * i, "image_id": i, "category_id": 1 + i % 2},
+            {"id": 2 * i + 1, "image_id": i, "category_id": 3},
+        ]
+    (root / "img" / f"{9:012d}.jpg").write_bytes(b"not a jpeg")  # a bad image: a row, not a crash
+    images.append({"id": 9, "file_name": f"{9:012d}.jpg"})
+    anns.append({"id": 99, "image_id": 9, "category_id": 1})
+    cats = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "person"}]
+    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return root
+
+
+def _job_args(dataset: Path, tiny: dict, out: Path, *extra: str) -> list[str]:
+    return ["python", "jobs/label_coco.py", "--annotations", str(dataset / "instances.json"),
+            "--images", str(dataset / "img"), "--output", str(out), "--shard-size", "2",
+            "--clip-model", str(tiny["clip_config"]), "--clip-checkpoint", str(tiny["clip_checkpoint"]),
+            "--sd-checkpoint", str(tiny["sd_dir"]), "--device", "cpu", *extra]  # fmt: skip
+
+
+def _submit(address: str, env: dict, args: list[str], wait: bool = True) -> subprocess.CompletedProcess | str:
+    cmd = [*RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT)]
+    if not wait:
+        job = f"label-{secrets.token_hex(4)}"
+        out = subprocess.run([*cmd, "--no-wait", "--submission-id", job, "--", *args], env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        return job
+    return subprocess.run([*cmd, "--", *args], env=env, capture_output=True, text=True, timeout=900)
+
+
+def _digests(out: Path) -> dict[str, str]:
+    """sha256 of every output file except the wall-clock timings."""
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and "timings" not in p.name and "timings" not in p.parent.name
+    }
+
+
+def test_submit_interrupt_resume_and_refuse(ray_cluster, dataset, tiny_paths, tmp_path):
+    address, env = ray_cluster
+    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
+
+    proc = _submit(address, env, _job_args(dataset, tiny_paths, clean))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "summary: shards done 5" in proc.stdout and "failed images 1" in proc.stdout
+    merged = json.loads((clean / "merged" / "annotations.json").read_text())
+    assert len(merged["images"]) == 8 and {a["category_id"] for a in merged["annotations"]} <= {1, 2, 3}
+    assert len(list((clean / "labels").glob("*.png"))) == 8
+
+    # Interrupt after the first shard commits, then resubmit the same command.
+    job = _submit(address, env, _job_args(dataset, tiny_paths, resumed), wait=False)
+    deadline = time.time() + 300
+    while not list((resumed / "shards").glob("*/_COMMITTED.json")):
+        assert time.time() < deadline, "no shard committed in time"
+        time.sleep(0.5)
+    # `ray job stop` waits until the job has stopped: nothing commits after it returns.
+    stop = subprocess.run([*RAY, "job", "stop", "--address", address, job], env=env, capture_output=True, timeout=120)
+    assert stop.returncode == 0, stop.stderr
+    done_before = len(list((resumed / "shards").glob("*/_COMMITTED.json")))
+    assert done_before < 5
+    proc = _submit(address, env, _job_args(dataset, tiny_paths, resumed))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"skipped (already committed) {done_before}" in proc.stdout
+    assert _digests(resumed) == _digests(clean)
+
+    # A changed config on rerun is refused, naming what changed; nothing is rewritten.
+    before = _digests(clean)
+    proc = _submit(address, env, _job_args(dataset, tiny_paths, clean, "--preset", "voc-vit-l14"))
+    assert proc.returncode != 0
+    assert "belongs to another run: the config changed" in proc.stdout + proc.stderr
+    assert _digests(clean) == before
+    shutil.rmtree(resumed)
