@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import secrets
-import shutil
 import socket
 import subprocess
 import sys
@@ -84,6 +83,10 @@ def _job_args(dataset: Path, tiny: dict, out: Path, *extra: str) -> list[str]:
             "--sd-checkpoint", str(tiny["sd_dir"]), "--device", "cpu", *extra]  # fmt: skip
 
 
+def _submit_cmd(address: str, args: list[str]) -> list[str]:
+    return [*RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--", *args]
+
+
 def _submit(address: str, env: dict, args: list[str], wait: bool = True) -> subprocess.CompletedProcess | str:
     cmd = [*RAY, "job", "submit", "--address", address, "--working-dir", str(ROOT)]
     if not wait:
@@ -92,7 +95,7 @@ def _submit(address: str, env: dict, args: list[str], wait: bool = True) -> subp
                              text=True, timeout=300)  # fmt: skip
         assert out.returncode == 0, out.stderr
         return job
-    return subprocess.run([*cmd, "--", *args], env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(_submit_cmd(address, args), env=env, capture_output=True, text=True, timeout=900)
 
 
 def _digests(out: Path) -> dict[str, str]:
@@ -104,23 +107,35 @@ def _digests(out: Path) -> dict[str, str]:
     }
 
 
-def test_submit_interrupt_resume_and_refuse(ray_cluster, dataset, tiny_paths, tmp_path):
+@pytest.fixture(scope="module")
+def clean_run(ray_cluster, dataset, tiny_paths, tmp_path_factory):
     address, env = ray_cluster
-    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
-
+    clean = tmp_path_factory.mktemp("clean") / "out"
     proc = _submit(address, env, _job_args(dataset, tiny_paths, clean))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "summary: shards done 5" in proc.stdout and "failed images 1" in proc.stdout
+    return clean, proc.stdout
+
+
+def _wait_for_commit(out: Path) -> None:
+    deadline = time.time() + 300
+    while not list((out / "shards").glob("*/_COMMITTED.json")):
+        assert time.time() < deadline, "no shard committed in time"
+        time.sleep(0.3)
+
+
+def test_a_clean_run_labels_everything_and_records_the_bad_image(clean_run):
+    clean, stdout = clean_run
+    assert "summary: shards done 5" in stdout and "failed images 1" in stdout
     merged = json.loads((clean / "merged" / "annotations.json").read_text())
     assert len(merged["images"]) == 8 and {a["category_id"] for a in merged["annotations"]} <= {1, 2, 3}
     assert len(list((clean / "labels").glob("*.png"))) == 8
 
-    # Interrupt after the first shard commits, then resubmit the same command.
+
+def test_interrupted_job_resumes_to_identical_outputs(ray_cluster, dataset, tiny_paths, clean_run, tmp_path):
+    address, env = ray_cluster
+    resumed = tmp_path / "resumed"
     job = _submit(address, env, _job_args(dataset, tiny_paths, resumed), wait=False)
-    deadline = time.time() + 300
-    while not list((resumed / "shards").glob("*/_COMMITTED.json")):
-        assert time.time() < deadline, "no shard committed in time"
-        time.sleep(0.5)
+    _wait_for_commit(resumed)
     # `ray job stop` waits until the job has stopped: nothing commits after it returns.
     stop = subprocess.run([*RAY, "job", "stop", "--address", address, job], env=env, capture_output=True, timeout=120)
     assert stop.returncode == 0, stop.stderr
@@ -129,12 +144,33 @@ def test_submit_interrupt_resume_and_refuse(ray_cluster, dataset, tiny_paths, tm
     proc = _submit(address, env, _job_args(dataset, tiny_paths, resumed))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"skipped (already committed) {done_before}" in proc.stdout
-    assert _digests(resumed) == _digests(clean)
+    assert _digests(resumed) == _digests(clean_run[0])
 
-    # A changed config on rerun is refused, naming what changed; nothing is rewritten.
+
+def test_an_actor_killed_mid_shard_is_replaced_and_outputs_are_complete(
+    ray_cluster, dataset, tiny_paths, clean_run, tmp_path
+):
+    import psutil
+
+    address, env = ray_cluster
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(_submit_cmd(address, _job_args(dataset, tiny_paths, out)), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    _wait_for_commit(out)  # the actor is now busy with its next shard
+    victims = [p for p in psutil.process_iter(["cmdline"]) if "_LabelActor" in " ".join(p.info["cmdline"] or [])]
+    assert victims, "no labeling actor process found"
+    victims[0].kill()
+    stdout, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-3000:]
+    assert "actor restarts 1" in stdout and "failed 0;" in stdout
+    assert _digests(out) == _digests(clean_run[0])
+
+
+def test_a_changed_config_is_refused_and_nothing_is_rewritten(ray_cluster, dataset, tiny_paths, clean_run):
+    address, env = ray_cluster
+    clean = clean_run[0]
     before = _digests(clean)
     proc = _submit(address, env, _job_args(dataset, tiny_paths, clean, "--preset", "voc-vit-l14"))
     assert proc.returncode != 0
     assert "belongs to another run: the config changed" in proc.stdout + proc.stderr
     assert _digests(clean) == before
-    shutil.rmtree(resumed)
