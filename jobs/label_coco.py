@@ -90,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         models_fp = model_fingerprint(config.model)
         run_fp = storage.run_fingerprint(config.fingerprint(), models_fp, manifest_fp)
         store = storage.Store.open(args.output)
-        shard_ids = [s.shard_id for s in manifest.shards(records(), args.shard_size)]
-        committed = sum(storage.is_committed(store, sid, run_fp.digest) for sid in shard_ids)
-        old = storage.read_run(store)
         if args.dry_run:
+            shard_ids = [s.shard_id for s in manifest.shards(records(), args.shard_size)]
+            committed = sum(storage.is_committed(store, sid, run_fp.digest) for sid in shard_ids)
+            old = storage.read_run(store)
             same = not old or old["fingerprint"] == run_fp.digest
             print(f"plan: {len(shard_ids)} shards, {committed} committed, {len(shard_ids) - committed} remaining, "
                   f"about {(len(shard_ids) - committed) * args.shard_size} images; "

@@ -83,7 +83,7 @@ def run(config: Config, categories: list[Category], shards: Iterable[Shard], out
     args = (config.to_dict(), categories, output, options.storage_options)
     actors = [cls.remote(*args) for _ in range(n)]
     summary, start = RunSummary(), time.perf_counter()
-    pending: dict[Any, tuple[Shard, int, int]] = {}  # future -> (shard, actor index, attempt)
+    pending: dict[Any, tuple[Shard, int, int, Any]] = {}  # future -> (shard, actor slot, attempt, actor)
     queue = iter(shards)
     retry: list[tuple[Shard, int]] = []
 
@@ -100,7 +100,7 @@ def run(config: Config, categories: list[Category], shards: Iterable[Shard], out
                     summary.shards_skipped += 1
                     summary.committed.append(shard.shard_id)
                     continue
-            pending[actors[slot].label.remote(shard, fingerprint)] = (shard, slot, attempt)
+            pending[actors[slot].label.remote(shard, fingerprint)] = (shard, slot, attempt, actors[slot])
             return True
 
     for slot in range(n):
@@ -108,13 +108,13 @@ def run(config: Config, categories: list[Category], shards: Iterable[Shard], out
             submit(slot)
     while pending:
         (done,), _ = ray.wait(list(pending), num_returns=1)
-        shard, slot, attempt = pending.pop(done)
+        shard, slot, attempt, actor = pending.pop(done)
         try:
             counts = ray.get(done)
         except (RayActorError, RayTaskError) as err:
-            if isinstance(err, RayActorError):
+            if isinstance(err, RayActorError) and actors[slot] is actor:  # its other shards fail too
                 summary.actor_restarts += 1
-                ray.kill(actors[slot], no_restart=True)
+                ray.kill(actor, no_restart=True)
                 actors[slot] = cls.remote(*args)
             if attempt < options.max_attempts:
                 log.warning("shard %s failed (attempt %d): %s; retrying", shard.shard_id, attempt, err)
