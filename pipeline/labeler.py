@@ -36,6 +36,7 @@ class LabelRequest:
     image_id: str
     image: np.ndarray
     tags: tuple[int, ...]
+    segments: np.ndarray | None = None  # superpixels, when computed ahead (off the GPU's path)
 
 
 @dataclass
@@ -130,11 +131,20 @@ class Labeler:
 
     def label(self, requests: Sequence[LabelRequest]) -> list[LabelResult]:
         """Label a batch; results come back in the order of ``requests``."""
+        return [self.finish(w) for w in self.infer(requests)]
+
+    def infer(self, requests: Sequence[LabelRequest]) -> list[_Work]:
+        """The model stages (CLIP, SD, compensation) of a batch; ``finish`` completes each image
+        on the CPU and may run on another thread while the next batch infers."""
         work = [self._work(r) for r in requests]
         todo = [w for w in work if w.class_ids]
         self._coarse(todo)
         self._compensate(todo)
-        return [self._assemble(w) for w in work]
+        return work
+
+    def finish(self, work: _Work) -> LabelResult:
+        """Full-resolution scores, superpixel pooling and the label map of one inferred image."""
+        return self._assemble(work)
 
     def _coarse(self, work: Sequence[_Work]) -> None:
         c = self.config.cliper
@@ -223,7 +233,9 @@ class Labeler:
                                None, {})  # fmt: skip
         assert w.refined is not None and w.final_scores is not None and w.coarse is not None
         t0 = time.perf_counter()
-        segments = refine.superpixels(req.image, cfg.refine) if cfg.refine.enabled else None
+        segments = None
+        if cfg.refine.enabled:
+            segments = req.segments if req.segments is not None else refine.superpixels(req.image, cfg.refine)
         t1 = time.perf_counter()
         final = w.final_scores.float().cpu()
         full = labels.full_resolution_scores(w.refined.cpu(), final, (h, wd))

@@ -6,20 +6,30 @@ actors call ``label_shard``, and so do tests.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import fsspec
 import numpy as np
 
-from pipeline import storage
+from pipeline import refine, storage
+from pipeline.config import RefineConfig
 from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from pipeline.labeler import Labeler, LabelRequest, LabelResult
 from pipeline.manifest import Shard
 from pipeline.stats import Failure
 
 log = logging.getLogger(__name__)
+
+
+def _request(record: dict[str, Any], refine_cfg: RefineConfig, max_pixels: int,
+             storage_options: dict[str, Any]) -> LabelRequest | Failure:  # fmt: skip
+    """Read, decode and (when refinement is on) segment one image: CPU work done off the GPU's path."""
+    image = _load(record, max_pixels, storage_options)
+    if isinstance(image, Failure):
+        return image
+    segments = refine.superpixels(image, refine_cfg) if refine_cfg.enabled else None
+    return LabelRequest(record["id"], image, tuple(record["tags"]), segments)
 
 
 def _load(record: dict[str, Any], max_pixels: int, storage_options: dict[str, Any]) -> np.ndarray | Failure:
@@ -49,25 +59,27 @@ def label_shard(
 ) -> dict[str, Any]:
     """Label every image of ``shard`` and commit it under ``store``; returns the marker.
 
-    Images are read and decoded on ``io_threads`` threads while the previous batch is labeled.
+    Three things overlap: ``io_threads`` threads read, decode and segment images ahead; the
+    calling thread runs the models on one batch; one more thread finishes (pools scores, builds
+    label maps) the previous batch.
     """
     opts = storage_options or {}
-    results: list[LabelResult] = []
     failures: list[Failure] = []
-    batch_size = labeler.config.batch_size
-    records: Sequence[dict[str, Any]] = shard.records
-    with ThreadPoolExecutor(io_threads) as pool:
-        loaded = pool.map(lambda r: _load(r, max_pixels, opts), records)  # queued at once, used in order
+    finished: list[Future[LabelResult]] = []
+    batch_size, refine_cfg = labeler.config.batch_size, labeler.config.refine
+    with ThreadPoolExecutor(io_threads) as io, ThreadPoolExecutor(1) as post:
+        loaded = io.map(lambda r: _request(r, refine_cfg, max_pixels, opts), shard.records)  # queued at once
         batch: list[LabelRequest] = []
-        for record, image in zip(records, loaded, strict=True):
-            if isinstance(image, Failure):
-                failures.append(image)
+        for item in loaded:
+            if isinstance(item, Failure):
+                failures.append(item)
                 continue
-            batch.append(LabelRequest(record["id"], image, tuple(record["tags"])))
+            batch.append(item)
             if len(batch) == batch_size:
-                results += labeler.label(batch)
+                finished += [post.submit(labeler.finish, w) for w in labeler.infer(batch)]
                 batch = []
         if batch:
-            results += labeler.label(batch)
+            finished += [post.submit(labeler.finish, w) for w in labeler.infer(batch)]
+        results = [f.result() for f in finished]
     categories = list(labeler.categories.values())
     return storage.write_shard(store, shard.shard_id, results, failures, categories, fingerprint)

@@ -92,3 +92,19 @@ def test_decode_errors_have_stable_messages():
             decode_image(b"not an image at all")
         messages.add(str(err.value))
     assert messages == {"cannot decode image: not a recognised image format"}
+
+
+def test_the_overlapped_shard_path_gives_the_labeler_s_own_label_maps(labeler, coco_files):
+    from pipeline import pngs
+    from pipeline.decode import decode_image
+    from pipeline.labeler import LabelRequest
+
+    _, records = manifest.read_coco(f"{coco_files}/instances.json", f"{coco_files}/img")
+    good = [r for r in records if r["id"] in ("1", "3")]
+    store = storage.Store.open("memory://out-overlap")
+    label_shard(labeler, store, next(manifest.shards(good, 10)), "e" * 64)
+    fs = fsspec.filesystem("memory")
+    for r in good:
+        direct = labeler.label([LabelRequest(r["id"], decode_image(fs.cat(r["uri"])), tuple(r["tags"]))])[0]
+        stored = pngs.decode_png(store.read(storage.label_path(r["id"])))
+        assert stored.tobytes() == direct.label_map.tobytes()
