@@ -174,3 +174,20 @@ def test_a_changed_config_is_refused_and_nothing_is_rewritten(ray_cluster, datas
     assert proc.returncode != 0
     assert "belongs to another run: the config changed" in proc.stdout + proc.stderr
     assert _digests(clean) == before
+
+
+def test_a_wrong_image_root_stops_early_instead_of_burning_gpu_hours(ray_cluster, dataset, tiny_paths, tmp_path):
+    address, env = ray_cluster
+    big = json.loads((dataset / "instances.json").read_text())
+    big["images"] = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(1, 41)]
+    big["annotations"] = [{"id": i, "image_id": i, "category_id": 1} for i in range(1, 41)]
+    (tmp_path / "big.json").write_text(json.dumps(big))
+    args = _job_args(dataset, tiny_paths, tmp_path / "out")
+    args[args.index("--annotations") + 1] = str(tmp_path / "big.json")
+    args[args.index("--images") + 1] = str(tmp_path / "no-such-folder")
+    proc = _submit(address, env, args)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "stopped early: 100% of" in text
+    committed = len(list((tmp_path / "out" / "shards").glob("*/_COMMITTED.json")))
+    assert 10 <= committed < 20  # stopped after min_images (20) failed images, not at the end
