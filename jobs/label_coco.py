@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import manifest, storage  # noqa: E402
 from pipeline.cli import add_model_arguments, config_from_args  # noqa: E402
+from pipeline.config import build_config  # noqa: E402
 from pipeline.labeler import Category  # noqa: E402
 from pipeline.models import WeightsUnavailableError, model_fingerprint  # noqa: E402
 from pipeline.prompts import class_prompt  # noqa: E402
@@ -35,7 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     src.add_argument("--categories", help="with --manifest: JSON list of {id, name} categories")
     run = p.add_argument_group("run")
     run.add_argument("--output", required=True, help="output prefix: local path, s3://, gs://, memory://")
-    run.add_argument("--shard-size", type=int, default=256, help="images per shard (default 256)")
+    run.add_argument("--shard-size", type=int, help="images per shard (default: config shard_size, 256)")
     run.add_argument("--num-actors", type=int, help="labeling actors (default: one per GPU, else one)")
     run.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is reported failed")
     run.add_argument("--max-failure-rate", type=float, default=0.9, help="stop early above this failed-image share")
@@ -85,18 +86,27 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        if args.shard_size is not None:
+            config = build_config(config.preset, {**config.to_dict(), "shard_size": args.shard_size})
         cats, records = _inputs(args, config.cliper.prompt_set)
-        manifest_fp = manifest.fingerprint(records(), cats)
+        total = [0]
+
+        def counted():
+            for record in records():
+                total[0] += 1
+                yield record
+
+        manifest_fp = manifest.fingerprint(counted(), cats)
         models_fp = model_fingerprint(config.model)
         run_fp = storage.run_fingerprint(config.fingerprint(), models_fp, manifest_fp)
         store = storage.Store.open(args.output)
         if args.dry_run:
-            shard_ids = [s.shard_id for s in manifest.shards(records(), args.shard_size)]
+            shard_ids = [s.shard_id for s in manifest.shards(records(), config.shard_size)]
             committed = sum(storage.is_committed(store, sid, run_fp.digest) for sid in shard_ids)
             old = storage.read_run(store)
             same = not old or old["fingerprint"] == run_fp.digest
             print(f"plan: {len(shard_ids)} shards, {committed} committed, {len(shard_ids) - committed} remaining, "
-                  f"about {(len(shard_ids) - committed) * args.shard_size} images; "
+                  f"about {(len(shard_ids) - committed) * config.shard_size} images; "
                   f"{'same run' if same else 'A DIFFERENT RUN is stored'}")  # fmt: skip
             return 0
         storage.write_run(store, run_fp, config.to_dict(), models_fp, overwrite=args.overwrite)
@@ -107,9 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     options = runner.RunOptions(num_actors=args.num_actors, max_attempts=args.max_attempts,
                                 max_failure_rate=args.max_failure_rate)  # fmt: skip
-    total = sum(len(s.records) for s in manifest.shards(records(), args.shard_size))
-    summary = runner.run(config, cats, manifest.shards(records(), args.shard_size), args.output, run_fp.digest,
-                         options, _progress(total))  # fmt: skip
+    summary = runner.run(config, cats, manifest.shards(records(), config.shard_size), args.output, run_fp.digest,
+                         options, _progress(total[0]))  # fmt: skip
     print(f"summary: shards done {summary.shards_done}, skipped (already committed) {summary.shards_skipped}, "
           f"failed {len(summary.shards_failed)}; images {summary.images}, failed images {summary.images_failed}; "
           f"actor restarts {summary.actor_restarts}; {summary.seconds:.1f} s")  # fmt: skip

@@ -108,6 +108,7 @@ class Config:
     refine: RefineConfig = field(default_factory=RefineConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
     batch_size: int = 8
+    shard_size: int = 256  # images per shard: the unit of commit, retry and resume
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -210,6 +211,8 @@ def _validate(cfg: Config) -> Config:
         raise ValueError(f"config refine.pooling must be 'mean' or 'median', got {r.pooling!r}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"config model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    if cfg.shard_size < 1:
+        raise ValueError(f"config shard_size must be at least 1, got {cfg.shard_size}")
     if cfg.batch_size < 1:
         raise ValueError(f"config batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.labels.ignore_margin is not None and not 0 <= cfg.labels.ignore_margin <= 1:

@@ -191,3 +191,19 @@ def test_a_wrong_image_root_stops_early_instead_of_burning_gpu_hours(ray_cluster
     assert "stopped early: 100% of" in text
     committed = len(list((tmp_path / "out" / "shards").glob("*/_COMMITTED.json")))
     assert 10 <= committed < 20  # stopped after min_images (20) failed images, not at the end
+
+
+def test_a_shard_that_keeps_failing_is_reported_and_the_others_finish(ray_cluster, dataset, tiny_paths, tmp_path):
+    address, env = ray_cluster
+    lines = [{"id": f"ok{i}", "uri": str(dataset / "img" / f"{i:012d}.jpg"), "tags": [1]} for i in (1, 2, 3, 4)]
+    lines.insert(2, {"id": "poison", "uri": str(dataset / "img" / f"{5:012d}.jpg"), "tags": [99]})  # no category 99
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "cats.json").write_text(json.dumps([{"id": 1, "name": "cat"}, {"id": 3, "name": "person"}]))
+    args = _job_args(dataset, tiny_paths, tmp_path / "out", "--max-attempts", "2")
+    i = args.index("--annotations")
+    args[i : i + 4] = ["--manifest", str(tmp_path / "m.jsonl"), "--categories", str(tmp_path / "cats.json")]
+    proc = _submit(address, env, args)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "shards done 2" in text and "failed 1;" in text and "are not in the category list" in text
+    assert len(list((tmp_path / "out" / "shards").glob("*/_COMMITTED.json"))) == 2
