@@ -13,6 +13,9 @@ The stages, in the order an image meets them (one module each):
     labeler.py       holds the models and runs the stages above on a batch
     coco.py, pngs.py, stats.py   label map -> COCO RLE, indexed PNG, Parquet quality rows
     storage.py       the only module that knows paths: shard files, commit marker, merge
+    manifest.py      JSONL / COCO manifests streamed into content-named shards
+    shards.py        one shard end to end with a labeler in hand (I/O threads overlap the models)
+    runner.py        the only module that talks to Ray: actors, retries, resume, progress
 
 Beside them: prompts.py (prompt data), cli.py (options every job shares), architectures.py
 (model shapes for tests and benchmarks).
