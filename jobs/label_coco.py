@@ -119,9 +119,17 @@ def main(argv: list[str] | None = None) -> int:
                                 max_failure_rate=args.max_failure_rate)  # fmt: skip
     summary = runner.run(config, cats, manifest.shards(records(), config.shard_size), args.output, run_fp.digest,
                          options, _progress(total[0]))  # fmt: skip
+    rate = summary.images / summary.seconds if summary.seconds else 0.0
     print(f"summary: shards done {summary.shards_done}, skipped (already committed) {summary.shards_skipped}, "
           f"failed {len(summary.shards_failed)}; images {summary.images}, failed images {summary.images_failed}; "
           f"actor restarts {summary.actor_restarts}; {summary.seconds:.1f} s")  # fmt: skip
+    rows = [("shards labeled", summary.shards_done), ("shards skipped (committed before)", summary.shards_skipped),
+            ("shards failed", len(summary.shards_failed)), ("images labeled or recorded", summary.images),
+            ("images failed (rows with status/error)", summary.images_failed),
+            ("actor restarts", summary.actor_restarts), ("seconds", f"{summary.seconds:.1f}"),
+            ("images per second", f"{rate:.2f}")]  # fmt: skip
+    for name, value in rows:
+        print(f"  {name:<42}{value:>12}")
     for sid, err in summary.shards_failed.items():
         print(f"  failed shard {sid}: {err}")
     if summary.stopped_early:
