@@ -121,13 +121,11 @@ class Labeler:
         if unknown:
             raise ValueError(f"image {req.image_id}: tags {unknown} are not in the category list")
         ids = tuple(self.categories) if self.config.cliper.open_vocab else tuple(dict.fromkeys(req.tags))
-        fg = [self._embed(self.categories[i].prompt) for i in ids]
-        parts = [torch.stack(fg)] if fg else []
-        if self._background is not None:
-            parts.append(self._background)
-        if fg:
-            parts.append(torch.stack(fg).mean(dim=0, keepdim=True))
-        return _Work(req, ids, torch.cat(parts) if parts else torch.zeros(0))
+        if not ids:
+            return _Work(req, ids, torch.zeros(0))
+        fg = torch.stack([self._embed(self.categories[i].prompt) for i in ids])
+        parts = [fg, self._background, fg.mean(dim=0, keepdim=True)]
+        return _Work(req, ids, torch.cat([p for p in parts if p is not None]))
 
     def label(self, requests: Sequence[LabelRequest]) -> list[LabelResult]:
         """Label a batch; results come back in the order of ``requests``."""
