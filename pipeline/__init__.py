@@ -17,6 +17,11 @@ The stages, in the order an image meets them (one module each):
     shards.py        one shard end to end with a labeler in hand (I/O threads overlap the models)
     runner.py        the only module that talks to Ray: actors, retries, resume, progress
 
+and, beside it, audit: pseudo labels vs ground truth
+
+    audit.py         readers (our outputs, COCO/PNG ground truth), confusion matrix, metrics
+    report.py        the static HTML report with embedded charts
+
 Beside them: prompts.py (prompt data), cli.py (options every job shares), architectures.py
 (model shapes for tests and benchmarks).
 """

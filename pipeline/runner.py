@@ -140,3 +140,13 @@ def run(config: Config, categories: list[Category], shards: Iterable[Shard], out
         submit(slot)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def map_tasks(fn: Callable[..., Any], items: list[tuple[Any, ...]], shared: tuple[Any, ...] = ()) -> list[Any]:
+    """``[fn(*item, *shared) for item in items]`` as one Ray task per item (results in order);
+    ``shared`` arguments go to the object store once. Joins a cluster or starts a local Ray."""
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    task = ray.remote(fn)
+    refs = [ray.put(x) for x in shared]
+    return ray.get([task.remote(*item, *refs) for item in items])
