@@ -19,6 +19,20 @@ from PIL import Image
 _EPS = 1e-12  # guards a division only where a row is entirely zero (undefined otherwise)
 
 
+class UnusableImageError(ValueError):
+    """A decoded image the labeler cannot use (the message says why)."""
+
+
+def check_aspect_ratio(width: int, height: int, max_aspect_ratio: float) -> None:
+    """Raise ``UnusableImageError`` for an image more elongated than ``max_aspect_ratio``."""
+    ratio = max(width, height) / min(width, height)
+    if ratio > max_aspect_ratio:
+        raise UnusableImageError(
+            f"{width}x{height} has aspect ratio {ratio:.1f}, over cliper.max_aspect_ratio {max_aspect_ratio:g}: "
+            f"with its short side at 336 px the ViT input would be too large"
+        )
+
+
 def clip_input_size(width: int, height: int, patch: int, short_side: int = 336) -> tuple[int, int]:
     """(W', H'): short side near ``short_side``, each side a multiple of ``patch`` (section 1)."""
     r = short_side / min(width, height)

@@ -75,6 +75,9 @@ class CLIPerConfig:
     sd_timestep_index: int = 45
     sd_num_inference_steps: int = 50
     open_vocab: bool = False
+    # Input guard, not a published setting: the short side goes to 336 px, so a 1 x 2000 image
+    # would need a 336 x 672000 ViT input. Images more elongated than this are refused.
+    max_aspect_ratio: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,8 @@ def _validate(cfg: Config) -> Config:
     c, r = cfg.cliper, cfg.refine
     if c.window is not None and c.window <= 0:
         raise ValueError(f"config cliper.window must be positive or null, got {c.window}")
+    if c.max_aspect_ratio < 1:
+        raise ValueError(f"config cliper.max_aspect_ratio must be at least 1, got {c.max_aspect_ratio}")
     if r.pooling not in ("mean", "median"):
         raise ValueError(f"config refine.pooling must be 'mean' or 'median', got {r.pooling!r}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):

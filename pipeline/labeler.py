@@ -117,6 +117,7 @@ class Labeler:
     def _work(self, req: LabelRequest) -> _Work:
         if req.image.ndim != 3 or req.image.shape[2] != 3 or req.image.dtype != np.uint8:
             raise ValueError(f"image {req.image_id}: expected HWC uint8 RGB, got {req.image.dtype} {req.image.shape}")
+        cliper.check_aspect_ratio(req.image.shape[1], req.image.shape[0], self.config.cliper.max_aspect_ratio)
         unknown = [t for t in req.tags if t not in self.categories]
         if unknown:
             raise ValueError(f"image {req.image_id}: tags {unknown} are not in the category list")

@@ -12,8 +12,8 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from pipeline import refine, storage
-from pipeline.config import RefineConfig
+from pipeline import cliper, refine, storage
+from pipeline.config import Config
 from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from pipeline.labeler import Labeler, LabelRequest, LabelResult
 from pipeline.manifest import Shard
@@ -22,13 +22,17 @@ from pipeline.stats import Failure
 log = logging.getLogger(__name__)
 
 
-def _request(record: dict[str, Any], refine_cfg: RefineConfig, max_pixels: int,
+def _request(record: dict[str, Any], config: Config, max_pixels: int,
              storage_options: dict[str, Any]) -> LabelRequest | Failure:  # fmt: skip
     """Read, decode and (when refinement is on) segment one image: CPU work done off the GPU's path."""
     image = _load(record, max_pixels, storage_options)
     if isinstance(image, Failure):
         return image
-    segments = refine.superpixels(image, refine_cfg) if refine_cfg.enabled else None
+    try:
+        cliper.check_aspect_ratio(image.shape[1], image.shape[0], config.cliper.max_aspect_ratio)
+    except cliper.UnusableImageError as err:
+        return Failure(record["id"], "unusable", f"{record['uri']}: {err}")
+    segments = refine.superpixels(image, config.refine) if config.refine.enabled else None
     return LabelRequest(record["id"], image, tuple(record["tags"]), segments)
 
 
@@ -66,9 +70,9 @@ def label_shard(
     opts = storage_options or {}
     failures: list[Failure] = []
     finished: list[Future[LabelResult]] = []
-    batch_size, refine_cfg = labeler.config.batch_size, labeler.config.refine
+    batch_size = labeler.config.batch_size
     with ThreadPoolExecutor(io_threads) as io, ThreadPoolExecutor(1) as post:
-        loaded = io.map(lambda r: _request(r, refine_cfg, max_pixels, opts), shard.records)  # queued at once
+        loaded = io.map(lambda r: _request(r, labeler.config, max_pixels, opts), shard.records)  # queued at once
         batch: list[LabelRequest] = []
         for item in loaded:
             if isinstance(item, Failure):

@@ -55,6 +55,8 @@ def test_an_image_without_tags_is_all_background(labeler):
 def test_unknown_tags_and_bad_arrays_are_refused(labeler):
     with pytest.raises(ValueError, match="not in the category list"):
         labeler.label([LabelRequest("x", blob_image(20, 20), (99,))])
+    with pytest.raises(ValueError, match="aspect ratio 200.0, over cliper.max_aspect_ratio"):
+        labeler.label([LabelRequest("x", np.zeros((1, 200, 3), np.uint8), (1,))])
     with pytest.raises(ValueError, match="HWC uint8 RGB"):
         labeler.label([LabelRequest("x", np.zeros((20, 20), np.uint8), (1,))])
 

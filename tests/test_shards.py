@@ -26,11 +26,12 @@ def coco_files():
     fs = fsspec.filesystem("memory")
     root = "memory://coco-test"
     fs.pipe({f"{root}/img/a.jpg": _jpeg(60, 80, 1), f"{root}/img/b.jpg": _jpeg(50, 50, 2),
-             f"{root}/img/text.jpg": b"this is not an image"})  # fmt: skip
+             f"{root}/img/text.jpg": b"this is not an image", f"{root}/img/long.jpg": _jpeg(4, 300, 3)})  # fmt: skip
     doc = {
         "images": [{"id": 3, "file_name": "b.jpg", "width": 50, "height": 50},
                    {"id": 1, "file_name": "a.jpg", "width": 80, "height": 60},
-                   {"id": 9, "file_name": "text.jpg"}, {"id": 12, "file_name": "gone.jpg"}],
+                   {"id": 9, "file_name": "text.jpg"}, {"id": 12, "file_name": "gone.jpg"},
+                   {"id": 20, "file_name": "long.jpg"}],
         "annotations": [{"id": 1, "image_id": 1, "category_id": 7}, {"id": 2, "image_id": 1, "category_id": 1},
                         {"id": 3, "image_id": 1, "category_id": 7}, {"id": 4, "image_id": 3, "category_id": 15},
                         {"id": 5, "image_id": 9, "category_id": 1}],
@@ -44,7 +45,7 @@ def coco_files():
 def test_coco_tags_come_from_annotation_categories(coco_files):
     cats, records = manifest.read_coco(f"{coco_files}/instances.json", f"{coco_files}/img")
     assert [(c.id, c.prompt) for c in cats] == [(1, "cat"), (7, "dog"), (15, "person with cloth people human")]
-    assert [(r["id"], r["tags"]) for r in records] == [("1", [1, 7]), ("3", [15]), ("9", [1]), ("12", [])]
+    assert [(r["id"], r["tags"]) for r in records] == [("1", [1, 7]), ("3", [15]), ("9", [1]), ("12", []), ("20", [])]
     assert records[0]["uri"] == f"{coco_files}/img/a.jpg" and records[0]["width"] == 80
 
 
@@ -74,13 +75,14 @@ def test_a_shard_with_bad_images_commits_and_counts_them(labeler, coco_files):
     shard = next(manifest.shards(records, 10))
     store = storage.Store.open("memory://out-shards")
     marker = label_shard(labeler, store, shard, "f" * 64)
-    assert marker["counts"]["ok"] == 2 and marker["counts"]["failed"] == 2 and marker["counts"]["images"] == 4
+    assert marker["counts"]["ok"] == 2 and marker["counts"]["failed"] == 3 and marker["counts"]["images"] == 5
     assert storage.is_committed(store, shard.shard_id, "f" * 64)
     rows = pq.read_table(io.BytesIO(store.read(f"shards/{shard.shard_id}/stats_images.parquet"))).to_pylist()
     status = {r["image_id"]: r["status"] for r in rows}
-    assert status == {"1": "ok", "3": "ok", "9": "decode_error", "12": "missing"}
+    assert status == {"1": "ok", "3": "ok", "9": "decode_error", "12": "missing", "20": "unusable"}
     errors = {r["image_id"]: r["error"] for r in rows}
     assert "gone.jpg" in errors["12"] and "cannot decode" in errors["9"]
+    assert "300x4 has aspect ratio 75.0, over cliper.max_aspect_ratio 10" in errors["20"]
 
 
 def test_decode_errors_have_stable_messages():
