@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         image = read_image(args.image)
         categories = [Category(i + 1, t, class_prompt(t, config.cliper.prompt_set)) for i, t in enumerate(tags)]
         labeler = Labeler.from_config(config, categories)
+        image_id = args.image_id or Path(args.image).stem
+        result = labeler.label([LabelRequest(image_id, image, tuple(c.id for c in categories))])[0]
     except (WeightsUnavailableError, ImageDecodeError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    image_id = args.image_id or Path(args.image).stem
-    result = labeler.label([LabelRequest(image_id, image, tuple(c.id for c in categories))])[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = {c.id: c.name for c in categories}
