@@ -19,12 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import manifest, storage  # noqa: E402
+from pipeline import manifest, redact, storage  # noqa: E402
 from pipeline.cli import add_model_arguments, config_from_args  # noqa: E402
 from pipeline.config import build_config  # noqa: E402
-from pipeline.labeler import Category  # noqa: E402
 from pipeline.models import WeightsUnavailableError, model_fingerprint  # noqa: E402
-from pipeline.prompts import class_prompt  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     run.add_argument("--overwrite", action="store_true", help="accept a changed config/weights/manifest")
     run.add_argument("--no-merge", action="store_true", help="skip the final merge (very large datasets)")
+    run.add_argument("--storage-options", metavar="JSON|FILE",
+                     help="fsspec options for every URL (endpoint, region, ...): inline JSON, or a JSON file's path "
+                          "(credentials only in a file or the environment)")  # fmt: skip
     add_model_arguments(p)
     args = p.parse_args(argv)
     if bool(args.annotations) == bool(args.manifest):
@@ -54,15 +55,77 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _inputs(args: argparse.Namespace, prompt_set: str):  # -> (categories, records factory)
+MAX_SHOWN = 20  # manifest problems printed before "... and N more"
+
+
+def _storage_options(text: str | None) -> dict:
+    """``--storage-options``: inline JSON, or the path of a JSON file (the place for credentials:
+    a command line is visible in ``ps`` and stored in Ray's job history)."""
+    if not text:
+        return {}
+    inline = text.lstrip().startswith("{")
+    if inline:
+        try:
+            opts = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--storage-options: not valid JSON ({err.msg})") from None
+    else:
+        path = Path(text)
+        if not path.is_file():
+            raise ValueError(f"--storage-options: {text} is neither inline JSON nor an existing file")
+        try:
+            opts = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--storage-options file {text}: not valid JSON ({err.msg})") from None
+    if not isinstance(opts, dict):
+        raise ValueError("--storage-options must be a JSON object of fsspec options")
+    secret = redact.secret_option_keys(opts) if inline else []
+    if secret:
+        raise ValueError(f"--storage-options: {secret} hold credentials; put them in a JSON file and pass its "
+                         "path, or use the environment (AWS_ACCESS_KEY_ID, ...): a command line is stored")  # fmt: skip
+    return opts
+
+
+def _inputs(args: argparse.Namespace, prompt_set: str, opts: dict):  # -> (categories, records factory)
+    """Categories and a factory of record streams, after one full scan that finds every manifest
+    problem (schema, duplicate ids, unknown tags) before any model is loaded."""
+    problems: list[str] = []
     if args.annotations:
-        cats, records = manifest.read_coco(args.annotations, args.images, prompt_set)
-        return cats, lambda: iter(records)
+        cats, records = manifest.read_coco(args.annotations, args.images, prompt_set, problems, **opts)
+        factory = lambda: iter(records)  # noqa: E731
+    else:
+        cats = manifest.read_categories(args.categories, prompt_set, **opts)
+        for _ in manifest.read_jsonl(args.manifest, cats, problems, **opts):
+            pass
+        factory = lambda: manifest.read_jsonl(args.manifest, cats, **opts)  # noqa: E731
+    if problems:
+        shown = "\n  ".join(problems[:MAX_SHOWN])
+        more = f"\n  ... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
+        raise manifest.ManifestError(f"{len(problems)} manifest record(s) cannot be used; nothing was labeled:\n  "
+                                     f"{shown}{more}")  # fmt: skip
+    return cats, factory
+
+
+def _check_image_root(records, opts: dict) -> None:
+    """Stop before any GPU work when the first image's folder (or bucket) does not exist or
+    cannot be read: every image would fail. A single missing image is only a stats row."""
     import fsspec
 
-    with fsspec.open(args.categories, "rt") as f:
-        cats = [Category(int(c["id"]), c["name"], class_prompt(c["name"], prompt_set)) for c in json.load(f)]
-    return cats, lambda: manifest.read_jsonl(args.manifest)
+    first = next(iter(records()), None)
+    if first is None:
+        raise ValueError("the manifest has no records: nothing to label")
+    fs, path = fsspec.core.url_to_fs(first["uri"], **opts)
+    try:
+        fs.info(path)
+    except FileNotFoundError:
+        parent = fs._parent(path)
+        if not fs.exists(parent):
+            raise ValueError(f"image {first['uri']} (id {first['id']!r}) is missing and so is its folder {parent}: "
+                             "check --images or the manifest's uris") from None  # fmt: skip
+    except PermissionError as err:
+        raise ValueError(
+            f"cannot read image {first['uri']}: permission denied ({err}); check the credentials"
+        ) from None
 
 
 def _progress(total_images: int | None):
@@ -85,10 +148,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        opts = _storage_options(args.storage_options)
+        redact.install(redact.secret_values(opts))
         config = config_from_args(args)
         if args.shard_size is not None:
             config = build_config(config.preset, {**config.to_dict(), "shard_size": args.shard_size})
-        cats, records = _inputs(args, config.cliper.prompt_set)
+        cats, records = _inputs(args, config.cliper.prompt_set, opts)
         total = [0]
 
         def counted():
@@ -97,9 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                 yield record
 
         manifest_fp = manifest.fingerprint(counted(), cats)
+        _check_image_root(records, opts)
         models_fp = model_fingerprint(config.model)
         run_fp = storage.run_fingerprint(config.fingerprint(), models_fp, manifest_fp)
-        store = storage.Store.open(args.output)
+        store = storage.Store.open(args.output, **opts)
         if args.dry_run:
             shard_ids = [s.shard_id for s in manifest.shards(records(), config.shard_size)]
             committed = sum(storage.is_committed(store, sid, run_fp.digest) for sid in shard_ids)
@@ -109,14 +175,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"about {(len(shard_ids) - committed) * config.shard_size} images; "
                   f"{'same run' if same else 'A DIFFERENT RUN is stored'}")  # fmt: skip
             return 0
+        storage.check_access(store)
         storage.write_run(store, run_fp, config.to_dict(), models_fp, overwrite=args.overwrite)
-    except (WeightsUnavailableError, ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (WeightsUnavailableError, ValueError, OSError) as err:  # ValueError: ManifestError, StorageAccessError
+        print(f"error: {redact.redact(str(err), redact.secret_values())}", file=sys.stderr)
         return 2
     from pipeline import runner  # imports Ray only once the inputs are known to be good
 
     options = runner.RunOptions(num_actors=args.num_actors, max_attempts=args.max_attempts,
-                                max_failure_rate=args.max_failure_rate)  # fmt: skip
+                                max_failure_rate=args.max_failure_rate, storage_options=opts)  # fmt: skip
     summary = runner.run(config, cats, manifest.shards(records(), config.shard_size), args.output, run_fp.digest,
                          options, _progress(total[0]))  # fmt: skip
     rate = summary.images / summary.seconds if summary.seconds else 0.0

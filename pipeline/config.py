@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.prompts import BACKGROUND_SETS
 
 SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
@@ -112,6 +113,9 @@ class Config:
     labels: LabelConfig = field(default_factory=LabelConfig)
     batch_size: int = 8
     shard_size: int = 256  # images per shard: the unit of commit, retry and resume
+    # Input guard: images with more pixels are refused (status decode_error) before their pixels
+    # are decoded, so a decompression bomb costs a header read, not the actor's memory.
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -218,6 +222,8 @@ def _validate(cfg: Config) -> Config:
         raise ValueError(f"config model.dtype must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if cfg.shard_size < 1:
         raise ValueError(f"config shard_size must be at least 1, got {cfg.shard_size}")
+    if cfg.max_pixels < 1:
+        raise ValueError(f"config max_pixels must be at least 1, got {cfg.max_pixels}")
     if cfg.batch_size < 1:
         raise ValueError(f"config batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.labels.ignore_margin is not None and not 0 <= cfg.labels.ignore_margin <= 1:

@@ -28,9 +28,96 @@ class Shard:
     records: tuple[dict[str, Any], ...]
 
 
-def read_jsonl(uri: str, **storage_options: Any) -> Iterator[dict[str, Any]]:
-    """Stream and validate the records of a JSONL manifest; errors name the line and field."""
-    seen: set[str] = set()
+class ManifestError(ValueError):
+    """A manifest record (or the category list) a run cannot use; the message names the record
+    and the field."""
+
+
+def read_categories(uri: str, prompt_set: str = "voc", **storage_options: Any) -> list[Category]:
+    """A JSON list of ``{"id": int 1..254, "name": str}`` (COCO's ``categories`` list works)."""
+    with fsspec.open(uri, "rt", encoding="utf-8", **storage_options) as f:
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"categories {uri}: not valid JSON ({err.msg}, line {err.lineno})") from None
+    return categories_from(doc, f"categories {uri}", prompt_set)
+
+
+def categories_from(doc: Any, where: str, prompt_set: str) -> list[Category]:
+    """Validated categories: ids 1..254 (0 is background, 255 ignore), unique ids and names."""
+    if not isinstance(doc, list) or not doc:
+        raise ManifestError(f"{where}: expected a non-empty JSON list of {{id, name}}")
+    cats: list[Category] = []
+    for i, c in enumerate(doc):
+        cid, name = (c.get("id"), c.get("name")) if isinstance(c, Mapping) else (None, None)
+        if not isinstance(cid, int) or isinstance(cid, bool) or not 1 <= cid <= 254:
+            raise ManifestError(f"{where} entry {i}: field 'id' must be an integer in 1..254, got {cid!r}")
+        if not isinstance(name, str) or not name.strip():
+            raise ManifestError(f"{where} entry {i} (id {cid}): field 'name' must be a non-empty string")
+        if any(cid == o.id or name == o.name for o in cats):
+            raise ManifestError(f"{where} entry {i} (id {cid}, name {name!r}): repeats an earlier id or name")
+        cats.append(Category(cid, name, class_prompt(name, prompt_set)))
+    return cats
+
+
+class _Checker:
+    """Checks records one by one: schema, unique ids, tags resolved to known category ids.
+    With ``problems`` a bad record is noted there and skipped; without, it raises."""
+
+    def __init__(self, categories: Iterable[Category] | None, problems: list[str] | None) -> None:
+        cats = list(categories) if categories is not None else None
+        self.ids = {c.id for c in cats} if cats is not None else None
+        self.by_name = {c.name: c.id for c in cats or ()}
+        self.problems, self.seen = problems, set[str]()
+
+    def __call__(self, record: Any, where: str) -> dict[str, Any] | None:
+        try:
+            return self._check(record, where)
+        except ManifestError as err:
+            if self.problems is None:
+                raise
+            self.problems.append(str(err))
+            return None
+
+    def _check(self, record: Any, where: str) -> dict[str, Any]:
+        if isinstance(record, _BadJson):
+            raise ManifestError(f"{where}: not valid JSON ({record.msg})")
+        try:
+            schemas.validate("manifest_record", record, where)
+        except ValueError as err:
+            raise ManifestError(str(err)) from None
+        if record["id"] in self.seen:
+            raise ManifestError(f"{where}: field 'id' repeats an earlier record; image ids must be unique")
+        self.seen.add(record["id"])
+        return {**record, "tags": [self._tag(t, j, where) for j, t in enumerate(record["tags"])]}
+
+    def _tag(self, tag: int | str, j: int, where: str) -> int:
+        if isinstance(tag, str):
+            if self.ids is None:
+                raise ManifestError(f"{where}: field 'tags/{j}': tag {tag!r} is a name; names need the category list")
+            if tag not in self.by_name:
+                raise ManifestError(f"{where}: field 'tags/{j}': {tag!r} is not a category name "
+                                    f"(known: {_sample(self.by_name)})")  # fmt: skip
+            return self.by_name[tag]
+        if self.ids is not None and tag not in self.ids:
+            raise ManifestError(f"{where}: field 'tags/{j}': {tag} is not a category id (known: {_sample(self.ids)})")
+        return tag
+
+
+def _sample(values: Iterable[Any], n: int = 10) -> str:
+    items = sorted(values, key=str)
+    return ", ".join(map(repr, items[:n])) + (f", ... ({len(items)} in all)" if len(items) > n else "")
+
+
+def read_jsonl(uri: str, categories: Iterable[Category] | None = None, problems: list[str] | None = None,
+               **storage_options: Any) -> Iterator[dict[str, Any]]:  # fmt: skip
+    """Stream and check the records of a JSONL manifest; errors name the line and field.
+
+    Tags are category ids or names; given ``categories``, names become ids and unknown tags are
+    errors. Without ``problems`` the first bad record raises ``ManifestError``; with a list, each
+    bad record's message is appended there and the record skipped (a full scan before any work).
+    """
+    check = _Checker(categories, problems)
     with fsspec.open(uri, "rt", encoding="utf-8", **storage_options) as f:
         for i, line in enumerate(f):
             if not line.strip():
@@ -38,48 +125,57 @@ def read_jsonl(uri: str, **storage_options: Any) -> Iterator[dict[str, Any]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"manifest {uri} line {i + 1}: not valid JSON ({err.msg})") from None
-            yield _checked(record, f"manifest {uri} line {i + 1} (id {_id_of(record)!r})", seen)
+                record = _BadJson(err.msg)
+            checked = check(record, f"manifest {uri} line {i + 1} (id {_id_of(record)!r})")
+            if checked is not None:
+                yield checked
+
+
+@dataclass(frozen=True)
+class _BadJson:
+    msg: str
 
 
 def _id_of(record: Any) -> Any:
     return record.get("id") if isinstance(record, Mapping) else None
 
 
-def _checked(record: Any, where: str, seen: set[str]) -> dict[str, Any]:
-    schemas.validate("manifest_record", record, where)
-    if record["id"] in seen:
-        raise ValueError(f"{where}: field 'id' repeats an earlier record; image ids must be unique")
-    seen.add(record["id"])
-    return record
-
-
-def read_coco(
-    annotations: str, images: str, prompt_set: str = "coco", **storage_options: Any
-) -> tuple[list[Category], list[dict[str, Any]]]:
+def read_coco(annotations: str, images: str, prompt_set: str = "coco", problems: list[str] | None = None,
+              **storage_options: Any) -> tuple[list[Category], list[dict[str, Any]]]:  # fmt: skip
     """Categories and manifest records from a COCO instances file; ``images`` is the folder
-    (local or fsspec URL) holding the files named in ``images[].file_name``."""
+    (local or fsspec URL) holding the files named in ``images[].file_name``. ``problems`` as in
+    ``read_jsonl``."""
     with fsspec.open(annotations, "rt", encoding="utf-8", **storage_options) as f:
-        doc = json.load(f)
+        try:
+            doc = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"{annotations}: not valid JSON ({err.msg}, line {err.lineno})") from None
     for key in ("images", "annotations", "categories"):
-        if key not in doc:
-            raise ValueError(f"{annotations}: not a COCO instances file (no {key!r} list)")
-    categories = [Category(int(c["id"]), c["name"], class_prompt(c["name"], prompt_set)) for c in doc["categories"]]
-    tags: dict[int, set[int]] = {}
+        if not isinstance(doc, dict) or not isinstance(doc.get(key), list):
+            raise ManifestError(f"{annotations}: not a COCO instances file (no {key!r} list)")
+    categories = categories_from(doc["categories"], f"{annotations} categories", prompt_set)
+    check = _Checker(categories, problems)
+    tags: dict[Any, set[Any]] = {}
     for ann in doc["annotations"]:
-        tags.setdefault(int(ann["image_id"]), set()).add(int(ann["category_id"]))
+        tags.setdefault(ann.get("image_id"), set()).add(ann.get("category_id"))
     prefix = images.rstrip("/")
-    seen: set[str] = set()
     records = []
-    for i, im in enumerate(sorted(doc["images"], key=lambda im: int(im["id"]))):
-        record = {
-            "id": str(im["id"]),
-            "uri": f"{prefix}/{im['file_name']}",
-            "tags": sorted(tags.get(int(im["id"]), ())),
-        }
-        record.update({k: int(im[k]) for k in ("width", "height") if k in im})
-        records.append(_checked(record, f"{annotations} image {i} (id {im['id']!r})", seen))
+    for i, im in enumerate(sorted(doc["images"], key=_coco_order)):
+        name = im.get("file_name") if isinstance(im, Mapping) else None
+        record = {"id": str(im.get("id")), "uri": f"{prefix}/{name}" if isinstance(name, str) and name else None,
+                  "tags": sorted(tags.get(im.get("id"), ()), key=str)}  # fmt: skip
+        record.update({k: im[k] for k in ("width", "height") if k in im})
+        checked = check(record, f"{annotations} images[{i}] (id {im.get('id')!r})")
+        if checked is not None:
+            records.append(checked)
     return categories, records
+
+
+def _coco_order(im: Any) -> tuple[int, int, str]:
+    """Numeric ids in numeric order (COCO's), then any others by their text."""
+    cid = im.get("id") if isinstance(im, Mapping) else None
+    numeric = isinstance(cid, int) and not isinstance(cid, bool)
+    return (0, cid, "") if numeric else (1, 0, str(cid))
 
 
 def shards(records: Iterable[dict[str, Any]], shard_size: int) -> Iterator[Shard]:

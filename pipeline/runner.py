@@ -17,7 +17,7 @@ from typing import Any
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from pipeline import storage
+from pipeline import redact, storage
 from pipeline.config import Config, build_config
 from pipeline.labeler import Category, Labeler
 from pipeline.manifest import Shard
@@ -29,13 +29,17 @@ log = logging.getLogger(__name__)
 class _LabelActor:
     def __init__(self, config: dict[str, Any], categories: list[Category], output: str,
                  storage_options: dict[str, Any]) -> None:  # fmt: skip
+        redact.install(redact.secret_values(storage_options))
         cfg = build_config(config["preset"], config)
         self.labeler = Labeler.from_config(cfg, categories)
         self.store = storage.Store.open(output, **storage_options)
         self.storage_options = storage_options
 
     def label(self, shard: Shard, fingerprint: str) -> dict[str, Any]:
-        marker = label_shard(self.labeler, self.store, shard, fingerprint, storage_options=self.storage_options)
+        # A retried shard may have committed just before its actor died: never commit it twice.
+        marker = storage.read_marker(self.store, shard.shard_id)
+        if marker is None or marker["fingerprint"] != fingerprint:
+            marker = label_shard(self.labeler, self.store, shard, fingerprint, storage_options=self.storage_options)
         return marker["counts"]
 
 
@@ -120,7 +124,8 @@ def run(config: Config, categories: list[Category], shards: Iterable[Shard], out
                 log.warning("shard %s failed (attempt %d): %s; retrying", shard.shard_id, attempt, err)
                 retry.append((shard, attempt + 1))
             else:
-                summary.shards_failed[shard.shard_id] = str(err).strip().splitlines()[-1][:500]
+                message = redact.redact(str(err), redact.secret_values(options.storage_options))
+                summary.shards_failed[shard.shard_id] = message.strip().splitlines()[-1][:500]
         else:
             summary.shards_done += 1
             summary.committed.append(shard.shard_id)

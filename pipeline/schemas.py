@@ -63,7 +63,14 @@ def _field(error: jsonschema.ValidationError) -> str:
 def errors(kind: str, doc: Any) -> list[str]:
     """Every violation of schema ``kind`` in ``doc``, as "field 'x': message" strings, sorted."""
     found = sorted(_validator(kind).iter_errors(doc), key=lambda e: (list(map(str, e.absolute_path)), e.message))
-    return [f"field {_field(e)!r}: {e.message}" for e in found]
+    return [f"field {_field(e)!r}: {_message(e)}" for e in found]
+
+
+def _message(error: jsonschema.ValidationError) -> str:
+    """The error's message; for a failed oneOf/anyOf, what each alternative said."""
+    if error.validator in ("oneOf", "anyOf") and error.context:
+        return f"{error.instance!r} is none of the allowed forms ({'; '.join(e.message for e in error.context)})"
+    return error.message
 
 
 def validate(kind: str, doc: Any, where: str) -> None:

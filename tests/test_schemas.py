@@ -18,7 +18,8 @@ def test_good_manifest_passes():
 @pytest.mark.parametrize(
     "record, field, words",
     [
-        ({"id": "x7", "uri": "a.jpg", "tags": ["cat"]}, "tags/0", "not of type 'integer'"),
+        ({"id": "x7", "uri": "a.jpg", "tags": [1.5]}, "tags/0", "not of type 'integer'"),
+        ({"id": "x7", "uri": "a.jpg", "tags": [""]}, "tags/0", "should be non-empty"),
         ({"id": "x7", "tags": [1]}, "uri", "required"),
         ({"id": "x7", "uri": "a.jpg", "tags": [255]}, "tags/0", "maximum"),
         ({"id": "x7", "uri": "a.jpg", "tags": [1], "width": 0}, "width", "minimum"),
