@@ -5,55 +5,35 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from pipeline.storage import MARKER
 from tests.conftest import blob_image
+from tests.ray_local import RAY, LocalCluster
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-RAY = [sys.executable, "-m", "ray.scripts.scripts"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ray")
-    # Ray's job API runs any code it is sent: token authentication on, and 127.0.0.1 only.
-    env = {
-        **os.environ,
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": secrets.token_hex(16),
-    }
-    port, dash = _free_port(), _free_port()
-    start = [*RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2",
-             "--temp-dir", str(tmp), "--disable-usage-stats"]  # fmt: skip
-    subprocess.run(start, check=True, env=env, capture_output=True, timeout=180)
-    address = f"http://127.0.0.1:{dash}"
+def cluster(tmp_path_factory):
+    local = LocalCluster(tmp_path_factory.mktemp("ray"))
+    local.start()
     try:
-        deadline = time.time() + 60
-        while subprocess.run([*RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
-            if time.time() > deadline:
-                raise RuntimeError("Ray's job server did not come up")
-            time.sleep(1)
-        yield address, env
+        yield local
     finally:
-        subprocess.run([*RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        local.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(cluster):
+    return cluster.address, cluster.env
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +103,47 @@ def _wait_for_commit(out: Path) -> None:
         time.sleep(0.3)
 
 
+def _markers(out: Path) -> dict[str, tuple[int, bytes]]:
+    """Each committed shard's marker: (mtime in ns, bytes). Equal before and after a resume
+    means the resume did not commit that shard a second time."""
+    return {p.parent.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (out / "shards").glob(f"*/{MARKER}")}
+
+
+def _assert_markers_match_files(out: Path) -> None:
+    """No marker references a partial or stale file: every file it lists has its size and sha256."""
+    markers = list((out / "shards").glob(f"*/{MARKER}"))
+    assert markers
+    for path in markers:
+        for rel, meta in json.loads(path.read_text())["files"].items():
+            data = (out / rel).read_bytes()
+            assert (len(data), hashlib.sha256(data).hexdigest()) == (meta["bytes"], meta["sha256"]), rel
+
+
+def _actor_processes() -> list:
+    import psutil
+
+    return [p for p in psutil.process_iter(["cmdline"]) if "_LabelActor" in " ".join(p.info["cmdline"] or [])]
+
+
+def _wait_until_no_actors(timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while _actor_processes():
+        assert time.time() < deadline, "labeling actors outlived their driver"
+        time.sleep(0.5)
+
+
+def _resume_and_compare(address: str, env: dict, args: list[str], out: Path, clean: Path) -> None:
+    before = _markers(out)
+    assert 0 < len(before) < 5, "the interruption should leave the run part done"
+    proc = _submit(address, env, args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"skipped (already committed) {len(before)}" in proc.stdout
+    after = _markers(out)
+    assert {sid: after[sid] for sid in before} == before  # committed once, never rewritten
+    assert _digests(out) == _digests(clean)
+    _assert_markers_match_files(out)
+
+
 def test_a_clean_run_labels_everything_and_records_the_bad_image(clean_run):
     clean, stdout = clean_run
     assert "summary: shards done 5" in stdout and "failed images 1" in stdout
@@ -134,36 +155,49 @@ def test_a_clean_run_labels_everything_and_records_the_bad_image(clean_run):
 def test_interrupted_job_resumes_to_identical_outputs(ray_cluster, dataset, tiny_paths, clean_run, tmp_path):
     address, env = ray_cluster
     resumed = tmp_path / "resumed"
-    job = _submit(address, env, _job_args(dataset, tiny_paths, resumed), wait=False)
+    args = _job_args(dataset, tiny_paths, resumed)
+    job = _submit(address, env, args, wait=False)
     _wait_for_commit(resumed)
     # `ray job stop` waits until the job has stopped: nothing commits after it returns.
     stop = subprocess.run([*RAY, "job", "stop", "--address", address, job], env=env, capture_output=True, timeout=120)
     assert stop.returncode == 0, stop.stderr
-    done_before = len(list((resumed / "shards").glob("*/_COMMITTED.json")))
-    assert done_before < 5
-    proc = _submit(address, env, _job_args(dataset, tiny_paths, resumed))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"skipped (already committed) {done_before}" in proc.stdout
-    assert _digests(resumed) == _digests(clean_run[0])
+    _wait_until_no_actors()
+    _resume_and_compare(address, env, args, resumed, clean_run[0])
 
 
 def test_an_actor_killed_mid_shard_is_replaced_and_outputs_are_complete(
     ray_cluster, dataset, tiny_paths, clean_run, tmp_path
 ):
-    import psutil
-
     address, env = ray_cluster
     out = tmp_path / "killed"
     proc = subprocess.Popen(_submit_cmd(address, _job_args(dataset, tiny_paths, out)), env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     _wait_for_commit(out)  # the actor is now busy with its next shard
-    victims = [p for p in psutil.process_iter(["cmdline"]) if "_LabelActor" in " ".join(p.info["cmdline"] or [])]
+    victims = _actor_processes()
     assert victims, "no labeling actor process found"
     victims[0].kill()
     stdout, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, stdout[-3000:]
     assert "actor restarts 1" in stdout and "failed 0;" in stdout
     assert _digests(out) == _digests(clean_run[0])
+    _assert_markers_match_files(out)
+
+
+def test_a_driver_killed_mid_run_resumes_to_identical_outputs(ray_cluster, dataset, tiny_paths, clean_run, tmp_path):
+    import psutil
+
+    address, env = ray_cluster
+    out = tmp_path / "out"
+    args = _job_args(dataset, tiny_paths, out)
+    _submit(address, env, args, wait=False)
+    _wait_for_commit(out)
+    drivers = [p for p in psutil.process_iter(["cmdline"])
+               if "jobs/label_coco.py" in " ".join(p.info["cmdline"] or []) and str(out) in p.info["cmdline"]
+               and "submit" not in p.info["cmdline"]]  # fmt: skip
+    assert len(drivers) == 1, drivers
+    drivers[0].kill()  # SIGKILL: no cleanup runs; Ray then kills the actors it owned
+    _wait_until_no_actors()
+    _resume_and_compare(address, env, args, out, clean_run[0])
 
 
 def test_a_changed_config_is_refused_and_nothing_is_rewritten(ray_cluster, dataset, tiny_paths, clean_run):
@@ -176,15 +210,30 @@ def test_a_changed_config_is_refused_and_nothing_is_rewritten(ray_cluster, datas
     assert _digests(clean) == before
 
 
-def test_a_wrong_image_root_stops_early_instead_of_burning_gpu_hours(ray_cluster, dataset, tiny_paths, tmp_path):
+def test_a_wrong_image_root_is_refused_before_any_work(ray_cluster, dataset, tiny_paths, tmp_path):
     address, env = ray_cluster
+    args = _job_args(dataset, tiny_paths, tmp_path / "out")
+    args[args.index("--images") + 1] = str(tmp_path / "no-such-folder")
+    proc = _submit(address, env, args)
+    assert proc.returncode != 0
+    assert "and so is its folder" in proc.stdout + proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_images_that_all_fail_stop_the_run_early_instead_of_burning_gpu_hours(
+    ray_cluster, dataset, tiny_paths, tmp_path
+):
+    address, env = ray_cluster
+    (tmp_path / "img").mkdir()
+    for i in range(1, 41):
+        (tmp_path / "img" / f"{i:012d}.jpg").write_text("not an image")
     big = json.loads((dataset / "instances.json").read_text())
     big["images"] = [{"id": i, "file_name": f"{i:012d}.jpg"} for i in range(1, 41)]
     big["annotations"] = [{"id": i, "image_id": i, "category_id": 1} for i in range(1, 41)]
     (tmp_path / "big.json").write_text(json.dumps(big))
     args = _job_args(dataset, tiny_paths, tmp_path / "out")
     args[args.index("--annotations") + 1] = str(tmp_path / "big.json")
-    args[args.index("--images") + 1] = str(tmp_path / "no-such-folder")
+    args[args.index("--images") + 1] = str(tmp_path / "img")
     proc = _submit(address, env, args)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
@@ -194,16 +243,34 @@ def test_a_wrong_image_root_stops_early_instead_of_burning_gpu_hours(ray_cluster
 
 
 def test_a_shard_that_keeps_failing_is_reported_and_the_others_finish(ray_cluster, dataset, tiny_paths, tmp_path):
+    from pipeline.storage import label_path
+
     address, env = ray_cluster
-    lines = [{"id": f"ok{i}", "uri": str(dataset / "img" / f"{i:012d}.jpg"), "tags": [1]} for i in (1, 2, 3, 4)]
-    lines.insert(2, {"id": "poison", "uri": str(dataset / "img" / f"{5:012d}.jpg"), "tags": [99]})  # no category 99
+    lines = [{"id": f"ok{i}", "uri": str(dataset / "img" / f"{i:012d}.jpg"), "tags": [1]} for i in (1, 2, 3, 4, 5)]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (tmp_path / "cats.json").write_text(json.dumps([{"id": 1, "name": "cat"}, {"id": 3, "name": "person"}]))
+    # A storage fault no retry can cure: ok3's label file is taken by a directory.
+    (tmp_path / "out" / label_path("ok3") / "x").mkdir(parents=True)
     args = _job_args(dataset, tiny_paths, tmp_path / "out", "--max-attempts", "2")
     i = args.index("--annotations")
     args[i : i + 4] = ["--manifest", str(tmp_path / "m.jsonl"), "--categories", str(tmp_path / "cats.json")]
     proc = _submit(address, env, args)
     text = proc.stdout + proc.stderr
-    assert proc.returncode != 0
-    assert "shards done 2" in text and "failed 1;" in text and "are not in the category list" in text
+    assert proc.returncode == 1, text[-3000:]
+    assert "shards done 2" in text and "failed 1;" in text and "IsADirectoryError" in text
     assert len(list((tmp_path / "out" / "shards").glob("*/_COMMITTED.json"))) == 2
+
+
+def test_the_whole_cluster_killed_mid_run_resumes_to_identical_outputs(
+    cluster, dataset, tiny_paths, clean_run, tmp_path
+):
+    """Last in this file: it takes the module's cluster down (`ray stop --force` kills every Ray
+    process at once, mid-write or not) and brings a new one up for the rerun."""
+    out = tmp_path / "out"
+    args = _job_args(dataset, tiny_paths, out)
+    _submit(cluster.address, cluster.env, args, wait=False)
+    _wait_for_commit(out)
+    cluster.stop()
+    assert not _actor_processes()
+    cluster.restart_on_new_ports()
+    _resume_and_compare(cluster.address, cluster.env, args, out, clean_run[0])
