@@ -12,9 +12,9 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from pipeline import cliper, refine, storage
+from pipeline import cliper, redact, refine, retry, storage
 from pipeline.config import Config
-from pipeline.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
+from pipeline.decode import ImageDecodeError, decode_image
 from pipeline.labeler import Labeler, LabelRequest, LabelResult
 from pipeline.manifest import Shard
 from pipeline.stats import Failure
@@ -36,19 +36,29 @@ def _request(record: dict[str, Any], config: Config, max_pixels: int,
     return LabelRequest(record["id"], image, tuple(record["tags"]), segments)
 
 
-def _load(record: dict[str, Any], max_pixels: int, storage_options: dict[str, Any]) -> np.ndarray | Failure:
-    """Decoded image, or the Failure that says why there is none."""
+def _load(record: dict[str, Any], max_pixels: int, storage_options: dict[str, Any], *,
+          policy: retry.RetryPolicy = retry.DEFAULT) -> np.ndarray | Failure:  # fmt: skip
+    """Decoded image (HWC uint8 RGB), or the Failure that says why there is none. Transient read
+    faults are retried under ``policy``; one outlasting it, or a permanent one, is a ``read_error``
+    row, a missing file a ``missing`` row (not retried)."""
+    uri = record["uri"]
     try:
-        with fsspec.open(record["uri"], "rb", **storage_options) as f:
-            data = f.read()
+        data = retry.call(lambda: _read_bytes(uri, storage_options), f"read {uri}", policy)
     except FileNotFoundError:
-        return Failure(record["id"], "missing", f"image not found: {record['uri']}")
+        return Failure(record["id"], "missing", f"image not found: {uri}")
+    except retry.StorageError as err:  # its message already names the uri
+        return Failure(record["id"], "read_error", str(err))
     except OSError as err:
-        return Failure(record["id"], "read_error", f"cannot read {record['uri']}: {err}")
+        return Failure(record["id"], "read_error", f"cannot read {uri}: {err}")
     try:
         return decode_image(data, max_pixels)
     except ImageDecodeError as err:
-        return Failure(record["id"], "decode_error", f"{record['uri']}: {err}")
+        return Failure(record["id"], "decode_error", f"{uri}: {err}")
+
+
+def _read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
+    with fsspec.open(uri, "rb", **storage_options) as f:
+        return f.read()
 
 
 def label_shard(
@@ -57,7 +67,6 @@ def label_shard(
     shard: Shard,
     fingerprint: str,
     *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
     storage_options: dict[str, Any] | None = None,
     io_threads: int = 4,
 ) -> dict[str, Any]:
@@ -68,6 +77,7 @@ def label_shard(
     label maps) the previous batch.
     """
     opts = storage_options or {}
+    max_pixels = labeler.config.max_pixels
     failures: list[Failure] = []
     finished: list[Future[LabelResult]] = []
     batch_size = labeler.config.batch_size
@@ -85,5 +95,7 @@ def label_shard(
         if batch:
             finished += [post.submit(labeler.finish, w) for w in labeler.infer(batch)]
         results = [f.result() for f in finished]
+    secrets = redact.secret_values(opts)  # error texts from storage libraries must not carry credentials
+    failures = [Failure(f.image_id, f.status, redact.redact(f.error, secrets)) for f in failures]
     categories = list(labeler.categories.values())
     return storage.write_shard(store, shard.shard_id, results, failures, categories, fingerprint)

@@ -22,25 +22,35 @@ Names: ``<name>`` is ``safe_name(image_id)``: the id itself when it is a plain f
 sanitised stem plus 12 hex digits of the id's sha256, so no image id ("../x", "/abs", NUL, ...)
 can name a path outside the prefix. (Ids differing only in case collide on case-insensitive disks.)
 Storage options (credentials) are handed to fsspec and never written anywhere.
+
+Faults: every ``Store`` method retries transient storage faults (``pipeline.retry``: resets,
+timeouts, 503 SlowDown) by redoing the whole idempotent operation; permanent ones (no permission,
+missing bucket) raise at once. ``check_access`` writes, reads and deletes a probe object so a run
+can stop with a clear ``StorageAccessError`` before any GPU work.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import secrets
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import coco, pngs, schemas, stats
+from pipeline import coco, pngs, redact, schemas, stats
+from pipeline import retry as retrying
+from pipeline.retry import RetryPolicy
 from pipeline.stats import Failure
 
 if TYPE_CHECKING:  # the labeler imports the model stack; storage only reads its results
@@ -54,6 +64,10 @@ MERGED_MARKER = "merged/_MERGED.json"
 TABLES = ("stats_images", "stats_classes")  # deterministic Parquet tables
 VOLATILE_TABLES = ("timings",)
 FILE_ROWS = 8 * stats.ROW_GROUP_ROWS  # rows per file of a merged Parquet dataset
+WRITE_BATCH = 64  # files per retried write: bounds what one fault makes us send again
+PROBE_DIR = "_probe"  # check_access writes, reads and deletes one small object here
+
+T = TypeVar("T")
 
 _PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,127}")
 _PLAIN_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,99}")
@@ -120,17 +134,25 @@ def run_fingerprint(config_fingerprint: str, model_fingerprint: Mapping[str, Any
 
 
 class Store:
-    """An output prefix on an fsspec filesystem. Every path is relative to the prefix and checked."""
+    """An output prefix on an fsspec filesystem. Every path is relative to the prefix and checked.
+    Every method that touches storage retries transient faults (``pipeline.retry``) under
+    ``retry`` (default ``retry.DEFAULT``); each attempt redoes the whole, idempotent operation."""
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, root: str) -> None:
+    def __init__(self, fs: fsspec.AbstractFileSystem, root: str, *, retry: RetryPolicy | None = None) -> None:
         self.fs, self.root = fs, root.rstrip("/")
+        self.retry_policy = retry or retrying.DEFAULT
         self._local = isinstance(fs, LocalFileSystem)
 
     @classmethod
-    def open(cls, url: str, **storage_options: Any) -> Store:
+    def open(cls, url: str, *, retry: RetryPolicy | None = None, **storage_options: Any) -> Store:
         """``url``: local path or fsspec URL; ``storage_options`` go to fsspec (endpoint, credentials)."""
         fs, root = fsspec.core.url_to_fs(url, **storage_options)
-        return cls(fs, root)
+        return cls(fs, root, retry=retry)
+
+    @property
+    def url(self) -> str:
+        """The prefix as a URL ("s3://bucket/run", "/data/out"); holds no credentials."""
+        return self.root if self._local else self.fs.unstrip_protocol(self.root)
 
     def path(self, rel: str) -> str:
         """Absolute path on ``fs`` of ``rel`` ("a/b/c"); raises ValueError for unsafe parts."""
@@ -140,32 +162,135 @@ class Store:
             raise ValueError(f"unsafe path {rel!r} under the output prefix: part {bad[0]!r}")
         return "/".join([self.root, *parts])
 
+    def _io(self, fn: Callable[[], T], what: str) -> T:
+        """``fn()`` through ``retry.call``; before each retry the filesystem's listing cache is
+        dropped, since a failed call may have left it stale (s3fs caches listings and sizes)."""
+        attempts = itertools.count()
+
+        def attempt() -> T:
+            if next(attempts):
+                self.fs.invalidate_cache()
+            return fn()
+
+        return retrying.call(attempt, f"{what} under {self.url}", self.retry_policy)
+
     def write_many(self, files: Mapping[str, bytes]) -> None:
+        """Write ``files`` (relative path -> bytes), overwriting; in batches of ``WRITE_BATCH``
+        files, each retried on its own so one fault does not resend everything."""
         paths = {self.path(rel): data for rel, data in files.items()}
+        items = list(paths.items())
+        for start in range(0, len(items), WRITE_BATCH):
+            batch = dict(items[start : start + WRITE_BATCH])
+            self._io(functools.partial(self._pipe, batch), f"write {len(batch)} file(s)")
+
+    def _pipe(self, paths: dict[str, bytes]) -> None:
         if self._local:
             for parent in sorted({p.rsplit("/", 1)[0] for p in paths}):
                 self.fs.makedirs(parent, exist_ok=True)
-        if paths:
-            self.fs.pipe(paths)
+        self.fs.pipe(paths)
 
     def read(self, rel: str) -> bytes | None:
         """The file's bytes, or None when it does not exist."""
+        path = self.path(rel)
         try:
-            return self.fs.cat_file(self.path(rel))
+            return self._io(lambda: self.fs.cat_file(path), f"read {rel}")
         except FileNotFoundError:
             return None
 
     def remove_tree(self, rel: str) -> None:
         """Delete every file under ``rel`` (a file or a folder); nothing there is fine."""
-        found = self.fs.find(self.path(rel))
-        if found:
-            self.fs.rm(found)
+        path = self.path(rel)
+
+        def remove() -> None:  # listed again on each attempt: a failed rm may have deleted some
+            found = self.fs.find(path)
+            if found:
+                self.fs.rm(found)
+
+        self._io(remove, f"remove {rel}")
 
     def remove_files(self, rels: Iterable[str]) -> None:
         """Delete the given files where they exist."""
-        found = [p for p in (self.path(r) for r in rels) if self.fs.exists(p)]
-        if found:
-            self.fs.rm(found)
+        paths = [self.path(r) for r in rels]
+
+        def remove() -> None:
+            found = [p for p in paths if self.fs.exists(p)]
+            if found:
+                self.fs.rm(found)
+
+        if paths:
+            self._io(remove, f"remove {len(paths)} file(s)")
+
+
+class StorageAccessError(ValueError):
+    """The output prefix cannot be used (missing bucket, no permission, unreachable endpoint):
+    found by ``check_access`` before any GPU work. The message names the prefix and what to fix,
+    never a credential."""
+
+
+PROBE_BYTES = b"tag2mask access probe\n"
+_ACCESS_HINTS = {  # S3 error code -> what it means for the user
+    "NoSuchBucket": "the bucket does not exist",
+    "AccessDenied": "permission denied; check the credentials and the bucket policy",
+    "AllAccessDisabled": "all access to the bucket is disabled; check the bucket policy",
+    "InvalidAccessKeyId": "the endpoint does not know the access key id; check the credentials",
+    "SignatureDoesNotMatch": "the secret key does not match the access key id; check the credentials",
+    "ExpiredToken": "the session token has expired; renew the credentials",
+    "InvalidBucketName": "the bucket name is not valid",
+    "PermanentRedirect": "the bucket is in another region; set the region or the endpoint_url",
+    "301": "the bucket is in another region; set the region or the endpoint_url",
+}
+
+
+def _reason(err: BaseException) -> str:
+    """What a failed probe step means, for the user."""
+    code = retrying.error_code(err)
+    if code in _ACCESS_HINTS:
+        return f"{_ACCESS_HINTS[code]} ({code})"
+    if isinstance(err, retrying.StorageError):
+        last = err.__cause__
+        return f"still failing after {err.attempts} attempts ({type(last).__name__}: {last})"
+    suffix = f" ({code})" if code else ""
+    if isinstance(err, PermissionError):
+        return f"permission denied{suffix}; check the credentials, the bucket policy or the folder's permissions"
+    if isinstance(err, FileNotFoundError):
+        return f"the bucket or folder does not exist{suffix}"
+    return f"{type(err).__name__}{suffix}: {err}"
+
+
+def _probe_step(store: Store, verb: str, fn: Callable[[], T]) -> T:
+    """``fn()``; an error that ``Store`` did not retry away becomes a StorageAccessError."""
+    try:
+        return fn()
+    except Exception as err:  # the boundary that turns any storage fault into a message a user can act on
+        hidden = redact.secret_values(getattr(store.fs, "storage_options", {}))
+        raise StorageAccessError(redact.redact(f"cannot {verb} {store.url}: {_reason(err)}", hidden)) from err
+
+
+def _remove_probe(store: Store, rel: str) -> None:
+    """Best-effort cleanup while another error is on its way up: that error is the one to report."""
+    try:
+        store.remove_files([rel])
+    except Exception as err:  # logged, not raised: it would hide the error that explains the failure
+        log.warning("could not delete the access probe %s (%s)", store.path(rel), type(err).__name__)
+
+
+def check_access(store: Store) -> None:
+    """Check that the output prefix can be written, read back and deleted from, before any
+    expensive work: writes ``_probe/<random hex>.txt``, reads it, deletes it. Transient faults
+    are retried under the store's policy; a permanent one (missing bucket, no permission, bad
+    credentials) or a fault outlasting the retries raises StorageAccessError."""
+    rel = f"{PROBE_DIR}/{secrets.token_hex(8)}.txt"
+    _probe_step(store, "write to", lambda: store.write_many({rel: PROBE_BYTES}))
+    try:
+        back = _probe_step(store, "read from", lambda: store.read(rel))
+        if back != PROBE_BYTES:
+            state = "was missing" if back is None else f"came back as {len(back)} other bytes"
+            raise StorageAccessError(f"cannot read from {store.url}: the probe object {rel} {state} after writing it")
+    except StorageAccessError:
+        _remove_probe(store, rel)
+        raise
+    _probe_step(store, "delete from", lambda: store.remove_files([rel]))
+    log.info("storage access checked: %s is writable, readable and deletable", store.url)
 
 
 def shard_dir(shard_id: str) -> str:
@@ -300,6 +425,23 @@ def is_committed(store: Store, shard_id: str, fingerprint: str) -> bool:
     """True when the shard has a valid marker written by a run with this fingerprint."""
     marker = read_marker(store, shard_id)
     return marker is not None and marker["fingerprint"] == fingerprint and marker["shard_id"] == shard_id
+
+
+def verify_shard(store: Store, shard_id: str) -> list[str]:
+    """Every way the shard's files differ from its marker (missing, other size, other sha256);
+    empty when the marker's promise holds. Reads every file, so it is an audit, not a resume step."""
+    marker = read_marker(store, shard_id)
+    if marker is None:
+        return [f"shard {shard_id} has no valid commit marker"]
+    problems = []
+    for rel, expected in sorted(marker["files"].items()):
+        data = store.read(rel)
+        if data is None:
+            problems.append(f"{rel}: missing")
+        elif (len(data), _sha256(data)) != (expected["bytes"], expected["sha256"]):
+            problems.append(f"{rel}: {len(data)} bytes, sha256 {_sha256(data)[:12]}; marker says "
+                            f"{expected['bytes']} bytes, {expected['sha256'][:12]}")  # fmt: skip
+    return problems
 
 
 def _read_checked(store: Store, rel: str, marker: Mapping[str, Any]) -> bytes:
