@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from PIL import Image
 
 from pipeline import storage
 from tests.test_storage import CATEGORIES, FP, all_files, shard_inputs
@@ -91,3 +92,22 @@ def test_verify_finds_a_file_that_no_longer_matches_its_marker():
     problems = storage.verify_shard(store, "00000-abc")
     assert len(problems) == 2 and problems[0].startswith(f"{first}: 12 bytes, sha256")
     assert problems[1] == "shards/00000-abc/annotations.json: missing"
+
+
+def test_an_actor_asked_again_for_a_committed_shard_does_not_commit_it_twice(tiny_config, tmp_path):
+    """The runner retries a shard whose actor died; if it had committed just before dying, the
+    retry must return the marker's counts and leave the shard alone."""
+    from pipeline import manifest
+    from pipeline.runner import _LabelActor
+    from tests.conftest import CATEGORIES, blob_image
+
+    Image.fromarray(blob_image(30, 40)).save(tmp_path / "a.png")
+    shard = next(manifest.shards([{"id": "a", "uri": str(tmp_path / "a.png"), "tags": [1]}], 1))
+    actor = _LabelActor(tiny_config.to_dict(), CATEGORIES, str(tmp_path / "out"), {})
+    first = actor.label(shard, FP)
+    marker = tmp_path / "out" / "shards" / shard.shard_id / storage.MARKER
+    stamp = (marker.stat().st_mtime_ns, marker.read_bytes())
+    assert actor.label(shard, FP) == first == {**first, "ok": 1}
+    assert (marker.stat().st_mtime_ns, marker.read_bytes()) == stamp
+    assert actor.label(shard, "e" * 64)["ok"] == 1  # another run's marker: labeled again
+    assert marker.stat().st_mtime_ns != stamp[0]
