@@ -7,7 +7,9 @@ probabilities of the requested layers; the rest are pure tensor functions.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import math
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,16 @@ def sd_pixels(image: np.ndarray) -> torch.Tensor:
     return x[0] * 2.0 - 1.0
 
 
+def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """(q @ k^T) * scale for [B, n, d] q and k. A power-of-two scale (1/8 for SD's 64-wide heads)
+    is applied to q instead: multiplying by 2**e is exact, so every product and partial sum is
+    exactly 2**e times the unscaled one and the result is bitwise the same, without a pass over
+    the [B, n, n] scores."""
+    if scale > 0 and math.frexp(scale)[0] == 0.5:
+        return torch.bmm(q * scale, k.transpose(1, 2))
+    return torch.bmm(q, k.transpose(1, 2)) * scale
+
+
 class _Stop(Exception):
     """Raised inside the UNet once every requested map is captured: nothing after it is needed."""
 
@@ -55,7 +67,7 @@ class _CaptureProcessor:
             raise ValueError(f"{self.name}: only 3-D self-attention (attn1) can be captured")
         b, n, _ = hidden_states.shape
         q, k, v = (attn.head_to_batch_dim(proj(hidden_states)) for proj in (attn.to_q, attn.to_k, attn.to_v))
-        probs = torch.softmax(torch.bmm(q.float(), k.float().transpose(1, 2)) * attn.scale, dim=-1)
+        probs = torch.softmax(scaled_scores(q.float(), k.float(), attn.scale), dim=-1)
         self.store[self.name] = probs.reshape(b, attn.heads, n, n)
         if len(self.store) == self.wanted:
             raise _Stop
@@ -84,17 +96,24 @@ def capture_attention(
     layers: Sequence[str],
     timestep_index: int = 45,
     num_inference_steps: int = 50,
+    timings: dict[str, float] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, torch.Tensor]:
     """Self-attention probabilities of ``layers`` for [B, 3, 512, 512] pixels in [-1, 1].
 
     Returns {layer name: [B, heads, n, n] float32} after VAE encoding (latent mean x scaling
     factor), per-image seeded noise at the scheduler's timestep, and one UNet pass on the empty
-    prompt, stopped once the last requested layer has run.
+    prompt, stopped once the last requested layer has run. Only the requested layers compute
+    attention explicitly; the others keep their processor (PyTorch SDPA in diffusers).
+    ``timings``, when given, receives the seconds of the batch's ``vae_encode`` and
+    ``unet_capture`` read from ``clock`` (on CUDA, pass a clock that synchronises the device).
     """
     if len(image_ids) != pixels.shape[0]:
         raise ValueError(f"{len(image_ids)} image ids for a batch of {pixels.shape[0]} images")
     device, dtype = sd.unet.device, sd.unet.dtype
+    t0 = clock()
     latents = sd.vae.encode(pixels.to(device, sd.vae.dtype)).latent_dist.mean * sd.vae.config.scaling_factor
+    t1 = clock()
     noise = torch.stack([image_noise(i, latents.shape[1:]) for i in image_ids]).to(device)
     sd.scheduler.set_timesteps(num_inference_steps)
     t = sd.scheduler.timesteps[timestep_index]
@@ -117,6 +136,8 @@ def capture_attention(
             modules[name].set_processor(proc)
     if len(store) != len(layers):
         raise RuntimeError(f"captured {sorted(store)} of the requested layers {list(layers)}")
+    if timings is not None:
+        timings.update(vae_encode=t1 - t0, unet_capture=clock() - t1)
     return {name: store[name] for name in layers}
 
 
@@ -124,14 +145,24 @@ def normalize_attention(m: torch.Tensor, thr: float) -> torch.Tensor:
     """Section 3 step 3 on [..., n, n]: divide by column maxima (+1e-5), zero entries below
     ``thr``, divide by row sums (+1e-5)."""
     m = m / (m.amax(dim=-2, keepdim=True) + _EPS)  # the one copy; the rest works in place
-    m.masked_fill_(m < thr, 0.0)
+    # Zeroes exactly the entries where ``m < thr`` (as masked_fill would), in one pass, not two.
+    F.threshold(m, _below(thr, m.dtype), 0.0, inplace=True)
     return m.div_(m.sum(dim=-1, keepdim=True) + _EPS)
 
 
-def attention_chain(maps: torch.Tensor, thr: float) -> list[torch.Tensor]:
-    """[layers, heads, n, n] captured maps (layer order as configured) -> the normalised chain
-    M_0 .. M_{layers*heads-1}."""
-    return [normalize_attention(m, thr) for m in maps.flatten(0, 1)]
+def _below(thr: float, dtype: torch.dtype) -> float:
+    """The value t of ``dtype`` such that, for x of that dtype, ``x > t`` holds exactly when
+    ``x < thr`` does not (``thr`` is compared as torch compares a Python scalar)."""
+    cut = torch.tensor(thr, dtype=dtype)
+    if bool(cut < thr):  # thr rounded down in dtype: the first value kept is the next one up
+        cut = torch.nextafter(cut, torch.tensor(math.inf, dtype=dtype))
+    return float(torch.nextafter(cut, torch.tensor(-math.inf, dtype=dtype)))
+
+
+def attention_chain(maps: torch.Tensor | Sequence[torch.Tensor], thr: float) -> list[torch.Tensor]:
+    """Captured maps, [layers, heads, n, n] or one [heads, n, n] per layer (layer order as
+    configured) -> the normalised chain M_0 .. M_{layers*heads-1}."""
+    return [normalize_attention(m, thr) for layer in maps for m in layer]
 
 
 def compensate(chain: Sequence[torch.Tensor], coarse: torch.Tensor) -> torch.Tensor:

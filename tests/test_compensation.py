@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -73,3 +74,41 @@ def test_capture_is_deterministic_and_independent_of_the_batch(labeler):
         assert torch.equal(both[name], again[name])
         assert torch.allclose(both[name][1], alone[name][0], atol=1e-5)
         assert not torch.allclose(alone[name][0], other_id[name][0], atol=1e-5)
+
+
+def _steps(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` and its ``n`` neighbours either side, one ulp apart."""
+    out, lo, hi = [x], x, x
+    for _ in range(n):
+        lo, hi = torch.nextafter(lo, lo - 1), torch.nextafter(hi, hi + 1)
+        out += [lo, hi]
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("thr", [0.1, 0.2, 0.7, 1 / 3])
+def test_the_one_pass_threshold_zeroes_exactly_what_masked_fill_did(dtype, thr):
+    near = _steps(torch.tensor(thr, dtype=dtype), 20)
+    m = torch.rand(8, len(near), generator=torch.Generator().manual_seed(0), dtype=dtype) * 0.5
+    m[0] = 1.0  # every column maximum is 1, so row 1 lands on the ulps around thr after step 1
+    m[1] = near * (1.0 + 1e-5)
+    scaled = m / (m.amax(dim=-2, keepdim=True) + 1e-5)
+    assert (scaled[1] == torch.tensor(thr, dtype=dtype)).any()  # the boundary itself is exercised
+    old = scaled.masked_fill(scaled < thr, 0.0)
+    old.div_(old.sum(dim=-1, keepdim=True) + 1e-5)
+    assert torch.equal(compensation.normalize_attention(m, thr), old)
+
+
+@pytest.mark.parametrize("head_dim", [4, 16, 64, 8 * 3])
+def test_scaled_scores_are_bitwise_the_scaled_product(head_dim):
+    g = torch.Generator().manual_seed(head_dim)
+    q, k = torch.randn(3, 50, head_dim, generator=g), torch.randn(3, 50, head_dim, generator=g)
+    scale = head_dim**-0.5
+    assert torch.equal(compensation.scaled_scores(q, k, scale), torch.bmm(q, k.transpose(1, 2)) * scale)
+
+
+def test_the_chain_takes_one_map_tensor_per_layer_as_a_stack():
+    maps = torch.softmax(torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), -1)
+    stacked = compensation.attention_chain(maps, 0.1)
+    per_layer = compensation.attention_chain([maps[0], maps[1]], 0.1)
+    assert len(stacked) == 6 and all(torch.equal(a, b) for a, b in zip(stacked, per_layer, strict=True))
