@@ -1,0 +1,93 @@
+"""jobs/benchmark.py on tiny models: its references, counts and tables can be trusted."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
+
+import benchmark  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny() -> benchmark.Labeler:
+    return benchmark.make_labeler(benchmark.build_models("tiny", "cpu"), 1, n_tags=2)
+
+
+def test_the_full_product_reference_equals_the_library_chain():
+    out = benchmark.chain_comparison(side=8, layers=2, heads=3, classes=2, repeats=1)
+    assert out["maps"] == 6 and out["n"] == 64
+    assert out["max_rel_diff"] < 1e-5
+    # 5 products of 64^3 against 6 products of [64, 64] x [64, 2]: the counts the doc quotes.
+    assert out["full_product_gflop"] == pytest.approx((2 * 5 * 64**3 + 2 * 64 * 64 * 2) / 1e9)
+    assert out["right_to_left_gflop"] == pytest.approx(2 * 6 * 64 * 64 * 2 / 1e9)
+
+
+def test_stage_run_times_every_stage_and_float32_agrees_with_itself(tiny):
+    blobs = [benchmark.synthetic_jpeg(i, 80, 60) for i in range(2)]
+    runs = benchmark.run_stages([tiny], [1, 2], blobs, repeats=1)
+    for run in runs:
+        assert set(run.ms) == set(benchmark.STAGES)
+        assert all(len(run.seconds[s]) == 2 and run.ms[s] > 0 for s in benchmark.STAGES)
+        assert len(run.passes_images_per_s) == 1 and run.images_per_s > 0
+        assert run.peak_mib_per_image is None  # no GPU
+        assert sorted(run.label_maps) == ["img0000", "img0001"]
+    table = "\n".join(benchmark.stage_table(runs))
+    assert all(f"| {s} |" in table for s in benchmark.STAGES)
+    rows = benchmark.batch_rows(runs)
+    assert rows[0]["speedup"] == 1.0 and rows[0]["agreement"] == 1.0
+
+
+def test_agreement_is_the_fraction_of_equal_pixels():
+    rng = np.random.default_rng(0)
+    a = {"x": rng.integers(0, 3, (7, 9)).astype(np.uint8), "y": rng.integers(0, 3, (4, 5)).astype(np.uint8)}
+    b = {"x": a["x"].copy(), "y": rng.integers(0, 3, (4, 5)).astype(np.uint8), "only_b": np.zeros((2, 2))}
+    b["x"][0, :4] = 7
+    expected = (63 - 4 + int((a["y"] == b["y"]).sum())) / (63 + 20)
+    assert benchmark.agreement(a, b) == pytest.approx(expected)
+    assert benchmark.agreement(a, a) == 1.0
+    with pytest.raises(ValueError, match="share no image"):
+        benchmark.agreement(a, {"z": a["x"]})
+
+
+def test_flop_counter_matches_hand_arithmetic():
+    layer = torch.nn.Linear(7, 5)
+    assert benchmark.count_flops(lambda: layer(torch.zeros(3, 7))) == 2 * 3 * 7 * 5
+    conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+    assert benchmark.count_flops(lambda: conv(torch.zeros(1, 3, 8, 8))) == 2 * 8 * 8 * 4 * 3 * 9
+
+
+def test_the_old_kernels_the_speedwork_compares_with_give_identical_results():
+    rows = benchmark.speedwork_kernels(heads=2, n=256, head_dim=16, repeats=1, device="cpu")
+    assert [r["identical"] for r in rows] == [True, True, True]
+
+
+def test_busy_fraction_is_a_fraction_and_the_infer_timer_is_removed(tiny):
+    blobs = [benchmark.synthetic_jpeg(i, 64, 48) for i in range(2)]
+    labeler_infer = benchmark.Labeler.infer
+    out = benchmark.busy_fraction(benchmark.with_batch_size(tiny, 2), blobs, io_threads=2, gil_seconds=0.2)
+    assert 0 < out["overlapped_busy_fraction"] <= 1 and 0 < out["serial_busy_fraction"] <= 1
+    assert out["overlapped_images_per_s"] > 0 and 0 < out["python_speed_beside_superpixels"] < 2
+    assert benchmark.Labeler.infer is labeler_infer
+    rows = benchmark.simulated_rows(benchmark.with_batch_size(tiny, 2), blobs, io_threads=[1], gpu_ms=[50.0])
+    # 2 images x 50 ms of simulated GPU: busy for at most the wall time, and at least that long.
+    assert rows[0]["images_per_s"] <= 2 / 0.1 and 0 < rows[0]["gpu_busy_fraction"] <= 1
+    assert "infer" not in vars(tiny)
+
+
+def test_ceilings_follow_from_the_counts():
+    flops = {"clip_coarse": 10**11, "vae_encode": 10**12, "unet_capture": 9 * 10**11, "compensation": 0,
+             "unet_full_pass": 10**12}  # fmt: skip
+    nbytes = {"compensation_traffic_bytes": 3.35e9, "compensation_traffic_bytes_before": 6.7e9,
+              "capture_traffic_bytes": 0.0}  # fmt: skip
+    out = benchmark.ceilings(flops, nbytes)
+    assert out["flops_per_image"] == 2 * 10**12
+    assert out["ceiling_bf16_images_per_s"] == pytest.approx(989.4 / 2)
+    assert out["goal_needs_bf16_utilisation"] == pytest.approx(50 * 2 / 989.4)
+    assert out["compensation_ms_at_hbm"] == pytest.approx(1.0)
+    assert out["compensation_share_at_goal"] == pytest.approx(1.0 / 20)
