@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -531,11 +531,40 @@ def old_normalize(m: torch.Tensor, thr: float) -> torch.Tensor:
     return m.div_(m.sum(dim=-1, keepdim=True) + 1e-5)
 
 
+def wall(fn: Callable[[], object], device: torch.device | str) -> Callable[[], float]:
+    """A timer: runs ``fn`` and returns its synchronised wall seconds."""
+
+    def run() -> float:
+        t0 = synced_clock(device)
+        fn()
+        return synced_clock(device) - t0
+
+    return run
+
+
+def interleaved(timers: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of every timer over ``repeats`` rounds, each round running every timer once, so a
+    load that drifts during the run falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in timers}
+    for _ in range(max(1, repeats)):
+        for name, timer in timers.items():
+            times[name].append(timer())
+    return times
+
+
+def ab_row(change: str, times: dict[str, list[float]], old: str, new: str, predicted: str,
+           same: bool | None = None) -> dict[str, Any]:  # fmt: skip
+    """Before/after medians and the median of the per-round ratios old / new."""
+    ratios = [o / n for o, n in zip(times[old], times[new], strict=True)]
+    return {"change": change, "before_ms": statistics.median(times[old]) * 1e3,
+            "after_ms": statistics.median(times[new]) * 1e3, "speedup": statistics.median(ratios),
+            "predicted": predicted, "identical": same}  # fmt: skip
+
+
 def _ab(name: str, old: Callable[[], Any], new: Callable[[], Any], repeats: int, device: str, predicted: str,
         same: bool | None = None) -> dict[str, Any]:  # fmt: skip
-    old_s, new_s = median_seconds(old, repeats, device), median_seconds(new, repeats, device)
-    return {"change": name, "before_ms": old_s * 1e3, "after_ms": new_s * 1e3, "speedup": old_s / new_s,
-            "predicted": predicted, "identical": same}  # fmt: skip
+    times = interleaved({"old": wall(old, device), "new": wall(new, device)}, repeats)
+    return ab_row(name, times, "old", "new", predicted, same)
 
 
 def _unet_inputs(sd: compensation.SDModels, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -606,15 +635,19 @@ def _unet_pass(sd: compensation.SDModels, inputs: tuple[torch.Tensor, ...]) -> N
         sd.unet(noisy, t, encoder_hidden_states=context)
 
 
-def _capture_unet_seconds(sd: compensation.SDModels, px: torch.Tensor, layers: Sequence[str], repeats: int) -> float:
-    """Median seconds of the UNet part of ``capture_attention`` (noise, pass, captured maps)."""
+def capture_unet_timer(sd: compensation.SDModels, px: torch.Tensor, layers: Sequence[str],
+                       explicit: bool = False) -> Callable[[], float]:  # fmt: skip
+    """A timer of the UNet part of ``capture_attention`` (noise, pass, captured maps), with the
+    uncaptured layers on diffusers' explicit processor when ``explicit``."""
     device = sd.unet.device
-    times = []
-    for _ in range(max(1, repeats)):
+
+    def run() -> float:
         split: dict[str, float] = {}
-        compensation.capture_attention(sd, px, ["x"], layers, timings=split, clock=lambda: synced_clock(device))
-        times.append(split["unet_capture"])
-    return statistics.median(times)
+        with explicit_attention(sd.unet, layers) if explicit else nullcontext():
+            compensation.capture_attention(sd, px, ["x"], layers, timings=split, clock=lambda: synced_clock(device))
+        return split["unet_capture"]
+
+    return run
 
 
 def speedwork_unet(models: Models, cfg: Config, repeats: int) -> list[dict[str, Any]]:
@@ -624,27 +657,24 @@ def speedwork_unet(models: Models, cfg: Config, repeats: int) -> list[dict[str, 
     device = str(sd.unet.device)
     px = compensation.sd_pixels(decode_image(synthetic_jpeg(0)))[None]
     inputs = _unet_inputs(sd, px)
-    with torch.no_grad():
-        full_s = median_seconds(lambda: _unet_pass(sd, inputs), repeats, device)
-        full_f = count_flops(lambda: _unet_pass(sd, inputs))
+
+    def stopped() -> None:
         with stop_after(sd.unet, layers):
-            stopped_s = median_seconds(lambda: _unet_pass(sd, inputs), repeats, device)
-            stopped_f = count_flops(lambda: _unet_pass(sd, inputs))
-        capture_s = _capture_unet_seconds(sd, px, layers, repeats)
-        with explicit_attention(sd.unet, layers):
-            explicit_s = _capture_unet_seconds(sd, px, layers, repeats)
+            _unet_pass(sd, inputs)
+
+    with torch.no_grad():
+        full_f, stopped_f = count_flops(lambda: _unet_pass(sd, inputs)), count_flops(stopped)
+        times = interleaved({
+            "full": wall(lambda: _unet_pass(sd, inputs), device), "stopped": wall(stopped, device),
+            "capture": capture_unet_timer(sd, px, layers), "explicit": capture_unet_timer(sd, px, layers, True),
+        }, repeats)  # fmt: skip
     return [
-        {"change": "UNet stopped once the captured layers ran (vs full pass; both SDPA, no capture)",
-         "before_ms": full_s * 1e3, "after_ms": stopped_s * 1e3, "speedup": full_s / stopped_s,
-         "predicted": f"FLOPs {full_f / 1e9:.4g} -> {stopped_f / 1e9:.4g} G: x{full_f / stopped_f:.3f}",
-         "identical": None},
-        {"change": "(cost, not a change) explicit maps + noise in the captured pass vs the stopped pass",
-         "before_ms": capture_s * 1e3, "after_ms": stopped_s * 1e3, "speedup": capture_s / stopped_s,
-         "predicted": "2 layers' [heads, n, n] scores and softmax in float32", "identical": None},
-        {"change": "SDPA kept on uncaptured attention layers (vs explicit AttnProcessor); UNet part",
-         "before_ms": explicit_s * 1e3, "after_ms": capture_s * 1e3, "speedup": explicit_s / capture_s,
-         "predicted": "same FLOPs; no [heads, n, n] probabilities in memory (GPU: bytes, not FLOPs)",
-         "identical": None},
+        ab_row("UNet stopped once the captured layers ran (vs full pass; both SDPA, no capture)", times, "full",
+               "stopped", f"FLOPs {full_f / 1e9:.4g} -> {stopped_f / 1e9:.4g} G: x{full_f / stopped_f:.3f}"),
+        ab_row("(cost, not a change) explicit maps + noise in the captured pass vs the stopped pass", times,
+               "capture", "stopped", "2 layers' [heads, n, n] scores and softmax in float32"),
+        ab_row("SDPA kept on uncaptured attention layers (vs explicit AttnProcessor); UNet part", times, "explicit",
+               "capture", "same FLOPs; no [heads, n, n] probabilities in memory (GPU: bytes, not FLOPs)"),
     ]  # fmt: skip
 
 
