@@ -15,6 +15,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline import manifest, redact, storage  # noqa: E402
 from pipeline.cli import add_model_arguments, config_from_args  # noqa: E402
 from pipeline.config import build_config  # noqa: E402
+from pipeline.labeler import Category  # noqa: E402
 from pipeline.models import WeightsUnavailableError, model_fingerprint  # noqa: E402
 
 
@@ -86,24 +89,42 @@ def _storage_options(text: str | None) -> dict:
     return opts
 
 
-def _inputs(args: argparse.Namespace, prompt_set: str, opts: dict):  # -> (categories, records factory)
-    """Categories and a factory of record streams, after one full scan that finds every manifest
-    problem (schema, duplicate ids, unknown tags) before any model is loaded."""
+@dataclass(frozen=True)
+class Inputs:
+    """The checked manifest: categories, a factory of record streams, and what the one full scan
+    measured (the manifest's fingerprint and record count)."""
+
+    categories: list[Category]
+    records: Callable[[], Iterator[dict]]
+    fingerprint: str
+    count: int
+
+
+def _inputs(args: argparse.Namespace, prompt_set: str, opts: dict) -> Inputs:
+    """One full scan, before any model is loaded, that finds every manifest problem (schema,
+    duplicate ids, unknown tags) and fingerprints and counts the records on the way."""
     problems: list[str] = []
     if args.annotations:
-        cats, records = manifest.read_coco(args.annotations, args.images, prompt_set, problems, **opts)
-        factory = lambda: iter(records)  # noqa: E731
+        cats, loaded = manifest.read_coco(args.annotations, args.images, prompt_set, problems, **opts)
+        factory, scan = (lambda: iter(loaded)), iter(loaded)
     else:
         cats = manifest.read_categories(args.categories, prompt_set, **opts)
-        for _ in manifest.read_jsonl(args.manifest, cats, problems, **opts):
-            pass
         factory = lambda: manifest.read_jsonl(args.manifest, cats, **opts)  # noqa: E731
+        scan = manifest.read_jsonl(args.manifest, cats, problems, **opts)
+    count = [0]
+
+    def counted() -> Iterator[dict]:
+        for record in scan:
+            count[0] += 1
+            yield record
+
+    fingerprint = manifest.fingerprint(counted(), cats)
     if problems:
         shown = "\n  ".join(problems[:MAX_SHOWN])
         more = f"\n  ... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
         raise manifest.ManifestError(f"{len(problems)} manifest record(s) cannot be used; nothing was labeled:\n  "
                                      f"{shown}{more}")  # fmt: skip
-    return cats, factory
+    return Inputs(cats, factory, fingerprint, count[0])
 
 
 def _check_image_root(records, opts: dict) -> None:
@@ -118,7 +139,7 @@ def _check_image_root(records, opts: dict) -> None:
     try:
         fs.info(path)
     except FileNotFoundError:
-        parent = fs._parent(path)
+        parent = path.rstrip("/").rsplit("/", 1)[0]
         if not fs.exists(parent):
             raise ValueError(f"image {first['uri']} (id {first['id']!r}) is missing and so is its folder {parent}: "
                              "check --images or the manifest's uris") from None  # fmt: skip
@@ -153,15 +174,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         if args.shard_size is not None:
             config = build_config(config.preset, {**config.to_dict(), "shard_size": args.shard_size})
-        cats, records = _inputs(args, config.cliper.prompt_set, opts)
-        total = [0]
-
-        def counted():
-            for record in records():
-                total[0] += 1
-                yield record
-
-        manifest_fp = manifest.fingerprint(counted(), cats)
+        inputs = _inputs(args, config.cliper.prompt_set, opts)
+        cats, records, manifest_fp = inputs.categories, inputs.records, inputs.fingerprint
         _check_image_root(records, opts)
         models_fp = model_fingerprint(config.model)
         run_fp = storage.run_fingerprint(config.fingerprint(), models_fp, manifest_fp)
@@ -185,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     options = runner.RunOptions(num_actors=args.num_actors, max_attempts=args.max_attempts,
                                 max_failure_rate=args.max_failure_rate, storage_options=opts)  # fmt: skip
     summary = runner.run(config, cats, manifest.shards(records(), config.shard_size), args.output, run_fp.digest,
-                         options, _progress(total[0]))  # fmt: skip
+                         options, _progress(inputs.count))  # fmt: skip
     rate = summary.images / summary.seconds if summary.seconds else 0.0
     print(f"summary: shards done {summary.shards_done}, skipped (already committed) {summary.shards_skipped}, "
           f"failed {len(summary.shards_failed)}; images {summary.images}, failed images {summary.images_failed}; "

@@ -157,11 +157,13 @@ def read_coco(annotations: str, images: str, prompt_set: str = "coco", problems:
     check = _Checker(categories, problems)
     tags: dict[Any, set[Any]] = {}
     for ann in doc["annotations"]:
-        tags.setdefault(ann.get("image_id"), set()).add(ann.get("category_id"))
+        if isinstance(ann, Mapping):  # anything else names no image and no tag
+            tags.setdefault(ann.get("image_id"), set()).add(ann.get("category_id"))
     prefix = images.rstrip("/")
     records = []
     for i, im in enumerate(sorted(doc["images"], key=_coco_order)):
-        name = im.get("file_name") if isinstance(im, Mapping) else None
+        im = im if isinstance(im, Mapping) else {}  # reported below: no id, no file name
+        name = im.get("file_name")
         record = {"id": str(im.get("id")), "uri": f"{prefix}/{name}" if isinstance(name, str) and name else None,
                   "tags": sorted(tags.get(im.get("id"), ()), key=str)}  # fmt: skip
         record.update({k: im[k] for k in ("width", "height") if k in im})

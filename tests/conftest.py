@@ -3,6 +3,8 @@ through the loaders production uses."""
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 import pytest
 
@@ -51,3 +53,17 @@ def blob_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     img[h // 5 : h // 2, w // 6 : w // 2] = (220, 40, 40)
     img[h // 2 : 4 * h // 5, w // 2 : 5 * w // 6] = (30, 40, 210)
     return img
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3 API: moto's server on 127.0.0.1 (a free port), as s3fs's own tests use it."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

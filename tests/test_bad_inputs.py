@@ -208,3 +208,13 @@ def test_exif_rotated_pixels_decode_upright():
     assert np.abs(decoded.astype(int) - upright_image()).mean() < 2  # JPEG rounding only
     raw = np.asarray(Image.open(io.BytesIO(exif_rotated_jpeg())).convert("RGB"))
     assert raw.shape[:2] == UPRIGHT[::-1]  # the file really is stored sideways
+
+
+def test_a_coco_file_with_malformed_entries_is_reported_not_crashed(tmp_path):
+    doc = {"categories": CATS, "annotations": [7, {"image_id": 1, "category_id": 1}],
+           "images": ["not an image entry", {"id": 1, "file_name": "a.jpg"}]}  # fmt: skip
+    (tmp_path / "instances.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    problems: list[str] = []
+    _, records = manifest.read_coco(str(tmp_path / "instances.json"), str(tmp_path), problems=problems)
+    assert [r["id"] for r in records] == ["1"] and records[0]["tags"] == [1]
+    assert len(problems) == 1 and "images[1] (id None)" in problems[0] and "'uri'" in problems[0]

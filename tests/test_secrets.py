@@ -20,7 +20,6 @@ from pipeline import manifest, redact, storage
 from pipeline.shards import label_shard
 from tests.conftest import blob_image
 from tests.ray_local import LocalCluster
-from tests.test_storage import s3_endpoint  # noqa: F401  (fixture: moto's S3 server on 127.0.0.1)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV_KEY_ID, ENV_SECRET = "AKIAENVKEYID00000001", "env-secret-Xq93kLm02vB"
@@ -82,7 +81,7 @@ def _upload(fs, tmp: Path) -> None:
 
 
 @pytest.mark.slow
-def test_credentials_never_reach_logs_stats_markers_or_the_stored_config(tmp_path, tiny_paths, s3_endpoint):  # noqa: F811
+def test_credentials_never_reach_logs_stats_markers_or_the_stored_config(tmp_path, tiny_paths, s3_endpoint):
     """Credentials in the cluster's environment (as on a real cluster) and in a storage-options
     file; a full job on a local Ray writes to moto's S3. Then every output object, the job's
     output and every file Ray wrote (logs, session data) is searched for each secret."""

@@ -1,7 +1,6 @@
 import hashlib
 import json
 import os
-import socket
 import uuid
 
 import numpy as np
@@ -42,20 +41,7 @@ def shard_inputs(n: int, offset: int = 0) -> list[LabelResult]:
     return [synthetic_result(f"img-{offset + i:03d}", offset + i) for i in range(n)]
 
 
-# --- a real S3 API: moto's server on 127.0.0.1, used through s3fs (as s3fs's own tests do) ---
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+# --- a real S3 API: moto's server on 127.0.0.1 (conftest's s3_endpoint), used through s3fs ---
 
 
 @pytest.fixture

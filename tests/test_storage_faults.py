@@ -10,7 +10,6 @@ import io
 import logging
 import pickle
 import re
-import socket
 import time
 
 import numpy as np
@@ -36,19 +35,6 @@ EVERY_FAULT_AS_SEEN = {"EndpointConnectionError", "OSError [Errno 16]", "ReadTim
 # --- fixtures: moto, the proxy, s3fs options --------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def moto_url():
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "dummy-key-id")
@@ -59,8 +45,8 @@ def aws_env(monkeypatch):
 
 
 @pytest.fixture
-def proxy(moto_url):
-    with faulty_s3.FaultyS3(moto_url, stall_s=TIMEOUT_S + 1.0) as p:
+def proxy(s3_endpoint):
+    with faulty_s3.FaultyS3(s3_endpoint, stall_s=TIMEOUT_S + 1.0) as p:
         yield p
 
 
@@ -81,9 +67,9 @@ def options(endpoint: str, library_retries: bool = False, fresh: bool = True) ->
     return {"client_kwargs": {"endpoint_url": endpoint}, "config_kwargs": config, "skip_instance_cache": fresh}
 
 
-def bucket(moto_url: str, name: str) -> s3fs.S3FileSystem:
+def bucket(s3_endpoint: str, name: str) -> s3fs.S3FileSystem:
     """A fresh bucket straight on moto (no proxy); returns that direct filesystem."""
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": moto_url}, skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
     if fs.exists(name):
         fs.rm(name, recursive=True)
     fs.mkdir(name)
@@ -103,9 +89,9 @@ def write_and_merge(store: storage.Store, shards: int = 2) -> list[str]:
     return ids
 
 
-def reference_files(moto_url: str, name: str) -> dict[str, bytes]:
-    bucket(moto_url, name)
-    store = storage.Store.open(f"s3://{name}/run1", **options(moto_url))
+def reference_files(s3_endpoint: str, name: str) -> dict[str, bytes]:
+    bucket(s3_endpoint, name)
+    store = storage.Store.open(f"s3://{name}/run1", **options(s3_endpoint))
     write_and_merge(store)
     return all_files(store)
 
@@ -120,9 +106,9 @@ def retried_errors(caplog: pytest.LogCaptureFixture) -> set[str]:
 
 
 @pytest.mark.slow
-def test_faulty_run_writes_merges_and_reads_back_identical_bytes(moto_url, proxy, only_our_retries, caplog):
-    expected = reference_files(moto_url, "faults-ref")
-    direct = bucket(moto_url, "faults-run")
+def test_faulty_run_writes_merges_and_reads_back_identical_bytes(s3_endpoint, proxy, only_our_retries, caplog):
+    expected = reference_files(s3_endpoint, "faults-ref")
+    direct = bucket(s3_endpoint, "faults-run")
     twice = {"reset": 2}  # aiohttp resends after one reset
     proxy.reads = faulty_s3.seeded(1, {"reset": 0.3, "slowdown": 0.3, "timeout": 0.06, "truncate": 0.3}, twice)
     proxy.writes = faulty_s3.seeded(2, {"reset": 0.3, "slowdown": 0.3, "timeout": 0.06, "truncate": 0.3}, twice)
@@ -143,13 +129,13 @@ def test_faulty_run_writes_merges_and_reads_back_identical_bytes(moto_url, proxy
 
 
 @pytest.mark.slow
-def test_library_retries_and_ours_together(moto_url, proxy, caplog):
+def test_library_retries_and_ours_together(s3_endpoint, proxy, caplog):
     """Library defaults (botocore legacy mode: 5 attempts; s3fs: 5 attempts) with ours outside:
     the libraries absorb most faults; a body cut short 5 times outlasts s3fs and reaches ours."""
-    bucket(moto_url, "faults-lib-ref")
-    reference = storage.Store.open("s3://faults-lib-ref/run1", **options(moto_url))
+    bucket(s3_endpoint, "faults-lib-ref")
+    reference = storage.Store.open("s3://faults-lib-ref/run1", **options(s3_endpoint))
     storage.write_shard(reference, "s", shard_inputs(3), [], CATEGORIES, FP)
-    bucket(moto_url, "faults-lib")
+    bucket(s3_endpoint, "faults-lib")
     marker_get, others = "GET /faults-lib/run1/shards/s/_COMMITTED.json", faulty_s3.seeded(3, {"reset": 0.3})
     proxy.reads = lambda key, seen: ("truncate" if seen < 5 else None) if key == marker_get else others(key, seen)
     proxy.writes = faulty_s3.seeded(4, {"reset": 0.3, "slowdown": 0.3})
@@ -159,13 +145,13 @@ def test_library_retries_and_ours_together(moto_url, proxy, caplog):
         marker = storage.write_shard(store, "s", shard_inputs(3), [], CATEGORIES, FP)
         assert storage.read_marker(store, "s") == marker
 
-    assert all_files(storage.Store.open("s3://faults-lib/run1", **options(moto_url))) == all_files(reference)
+    assert all_files(storage.Store.open("s3://faults-lib/run1", **options(s3_endpoint))) == all_files(reference)
     assert proxy.injected[("write", "reset")] > 0 and proxy.injected[("write", "slowdown")] > 0
     assert proxy.injected[("read", "truncate")] == 5 and retried_errors(caplog) == {"ClientPayloadError"}
 
 
-def test_a_permanent_write_error_is_not_retried(moto_url, proxy, only_our_retries):
-    bucket(moto_url, "faults-denied")
+def test_a_permanent_write_error_is_not_retried(s3_endpoint, proxy, only_our_retries):
+    bucket(s3_endpoint, "faults-denied")
     proxy.writes = faulty_s3.always("denied")
     store = storage.Store.open("s3://faults-denied/run1", retry=TINY, **options(proxy.url))
     with pytest.raises(PermissionError):
@@ -173,8 +159,8 @@ def test_a_permanent_write_error_is_not_retried(moto_url, proxy, only_our_retrie
     assert proxy.requests["PUT /faults-denied/run1/a.json"] == 1
 
 
-def test_a_missing_file_reads_as_none_without_retries(moto_url, proxy, only_our_retries):
-    bucket(moto_url, "faults-missing")
+def test_a_missing_file_reads_as_none_without_retries(s3_endpoint, proxy, only_our_retries):
+    bucket(s3_endpoint, "faults-missing")
     store = storage.Store.open("s3://faults-missing/run1", retry=TINY, **options(proxy.url))
     assert store.read("nothing.json") is None
     assert proxy.requests["HEAD /faults-missing/run1/nothing.json"] == 1
@@ -184,8 +170,8 @@ def test_a_missing_file_reads_as_none_without_retries(moto_url, proxy, only_our_
 
 
 @pytest.fixture
-def image_uri(moto_url):
-    direct = bucket(moto_url, "faults-img")
+def image_uri(s3_endpoint):
+    direct = bucket(s3_endpoint, "faults-img")
     buf = io.BytesIO()
     Image.fromarray(blob_image(30, 40, seed=5)).save(buf, format="PNG")
     direct.pipe("faults-img/a.png", buf.getvalue())
@@ -231,8 +217,8 @@ def credentialed(url: str, endpoint: str) -> storage.Store:
     return storage.Store.open(url, retry=TINY, key="dummy-key-id", secret=SECRET, **options(endpoint))
 
 
-def test_check_access_passes_through_transient_faults_and_leaves_nothing(moto_url, proxy, only_our_retries):
-    direct = bucket(moto_url, "faults-ok")
+def test_check_access_passes_through_transient_faults_and_leaves_nothing(s3_endpoint, proxy, only_our_retries):
+    direct = bucket(s3_endpoint, "faults-ok")
     proxy.reads = proxy.writes = faulty_s3.first("reset", "slowdown")
     storage.check_access(credentialed("s3://faults-ok/run1", proxy.url))
     probes = [key for key in proxy.requests if key.startswith("PUT /faults-ok/run1/_probe/")]
@@ -242,8 +228,8 @@ def test_check_access_passes_through_transient_faults_and_leaves_nothing(moto_ur
     assert direct.find("faults-ok") == []
 
 
-def test_check_access_names_a_missing_bucket(moto_url, only_our_retries):
-    store = credentialed("s3://faults-no-such-bucket/run1", moto_url)
+def test_check_access_names_a_missing_bucket(s3_endpoint, only_our_retries):
+    store = credentialed("s3://faults-no-such-bucket/run1", s3_endpoint)
     with pytest.raises(storage.StorageAccessError) as caught:
         storage.check_access(store)
     message = str(caught.value)
@@ -251,8 +237,8 @@ def test_check_access_names_a_missing_bucket(moto_url, only_our_retries):
     assert isinstance(caught.value, ValueError) and isinstance(caught.value.__cause__, FileNotFoundError)
 
 
-def test_check_access_says_permission_denied_without_credentials(moto_url, proxy, only_our_retries):
-    bucket(moto_url, "faults-forbidden")
+def test_check_access_says_permission_denied_without_credentials(s3_endpoint, proxy, only_our_retries):
+    bucket(s3_endpoint, "faults-forbidden")
     proxy.writes = faulty_s3.always("denied")
     with pytest.raises(storage.StorageAccessError, match="permission denied") as caught:
         storage.check_access(credentialed("s3://faults-forbidden/run1", proxy.url))
@@ -263,8 +249,8 @@ def test_check_access_says_permission_denied_without_credentials(moto_url, proxy
     assert proxy.injected[("write", "denied")] == 1  # permanent: asked once
 
 
-def test_check_access_reports_a_fault_that_outlasts_the_retries(moto_url, proxy, only_our_retries):
-    bucket(moto_url, "faults-flaky")
+def test_check_access_reports_a_fault_that_outlasts_the_retries(s3_endpoint, proxy, only_our_retries):
+    bucket(s3_endpoint, "faults-flaky")
     proxy.writes = faulty_s3.always("reset")
     store = storage.Store.open("s3://faults-flaky/run1", retry=retry.RetryPolicy(3, 0.01, 0.01), **options(proxy.url))
     with pytest.raises(storage.StorageAccessError, match=r"cannot write to s3://faults-flaky/run1: still failing "
