@@ -3,14 +3,21 @@ through the loaders production uses."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import numpy as np
 import pytest
 
-from pipeline.architectures import save_models
-from pipeline.config import Config, build_config
-from pipeline.labeler import Category, Labeler
+from tests.ray_local import LOOPBACK_ENV
+
+# Any Ray a test starts in-process (ray.init()) keeps its servers on 127.0.0.1 too (see ray_local).
+for _key, _value in LOOPBACK_ENV.items():
+    os.environ.setdefault(_key, _value)
+
+from pipeline.architectures import save_models  # noqa: E402
+from pipeline.config import Config, build_config  # noqa: E402
+from pipeline.labeler import Category, Labeler  # noqa: E402
 
 
 @pytest.fixture(scope="session")

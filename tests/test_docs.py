@@ -30,3 +30,23 @@ def test_every_reliability_row_names_existing_tests():
             current = ROOT / file if file else current
             assert current is not None and current.is_file(), ref
             assert fnmatch.filter(_test_names(current), name), f"{current.name}::{name} does not exist"
+
+
+def _python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+def test_readme_reading_the_stats_runs_on_a_merged_run(tmp_path, capsys):
+    """The README's Parquet snippet runs as printed (with <prefix> filled in) on a real merged run,
+    so it names only installed modules and existing columns."""
+    from pipeline import storage
+    from tests.test_storage import CATEGORIES, FP, shard_inputs
+
+    store = storage.Store.open(str(tmp_path / "run"))
+    storage.write_shard(store, "00000-a", shard_inputs(3), [], CATEGORIES, FP)
+    storage.merge(store, ["00000-a"], FP)
+    blocks = [b for b in _python_blocks((ROOT / "README.md").read_text()) if "<prefix>/merged/stats" in b]
+    assert blocks, "README lost its stats-reading snippet"
+    for block in blocks:
+        exec(compile(block.replace("<prefix>", str(tmp_path / "run")), "README.md", "exec"), {})
+    assert "ok" in capsys.readouterr().out

@@ -264,8 +264,8 @@ def test_a_shard_that_keeps_failing_is_reported_and_the_others_finish(ray_cluste
 def test_the_whole_cluster_killed_mid_run_resumes_to_identical_outputs(
     cluster, dataset, tiny_paths, clean_run, tmp_path
 ):
-    """Last in this file: it takes the module's cluster down (`ray stop --force` kills every Ray
-    process at once, mid-write or not) and brings a new one up for the rerun."""
+    """Last in this file: it takes the module's cluster down (every one of its processes SIGKILLed at
+    once, mid-write or not, as `ray stop --force` would) and brings a new one up for the rerun."""
     out = tmp_path / "out"
     args = _job_args(dataset, tiny_paths, out)
     _submit(cluster.address, cluster.env, args, wait=False)
