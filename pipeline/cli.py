@@ -9,16 +9,39 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline.config import PRESETS, Config, build_config, load_config_file, merge_overrides
+from pipeline.config import (
+    PRESETS,
+    SD21_BASE,
+    SD21_BASE_FORMER,
+    Config,
+    build_config,
+    load_config_file,
+    merge_overrides,
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("models and settings")
     g.add_argument("--clip-model", help="open_clip model name, or path of an open_clip model config JSON")
     g.add_argument("--clip-pretrained", metavar="TAG", help="open_clip pretrained tag (default: openai)")
-    g.add_argument("--clip-checkpoint", metavar="FILE", help="local open_clip state dict (.pt/.safetensors)")
-    g.add_argument("--sd-model", metavar="ID", help="diffusers hub id (default: SD 2.1 base)")
-    g.add_argument("--sd-checkpoint", metavar="DIR", help="local diffusers-format directory")
+    g.add_argument(
+        "--clip-checkpoint",
+        metavar="FILE|URL",
+        help="open_clip state dict (.pt/.safetensors): a local file, or an s3://, gs:// URL staged "
+        "with jobs/stage_weights.py (copied once per node, checked against its sha256 manifest)",
+    )
+    g.add_argument(
+        "--sd-model",
+        metavar="ID",
+        help=f"diffusers hub id (default: {SD21_BASE}; the former id {SD21_BASE_FORMER} "
+        "is still found in a local cache)",
+    )
+    g.add_argument(
+        "--sd-checkpoint",
+        metavar="DIR|URL",
+        help="diffusers-format directory: local, or an s3://, gs:// prefix staged with "
+        "jobs/stage_weights.py (copied once per node, checked against its sha256 manifest)",
+    )
     g.add_argument("--preset", choices=sorted(PRESETS), help="published settings (default: voc-vit-b16)")
     g.add_argument("--config", metavar="FILE", help="JSON/YAML file of setting overrides")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
