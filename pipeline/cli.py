@@ -7,8 +7,11 @@ Options default to None and are dropped before the config is built, so defaults 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
+from pipeline import redact
 from pipeline.config import (
     PRESETS,
     SD21_BASE,
@@ -77,3 +80,27 @@ def config_from_args(args: argparse.Namespace) -> Config:
     overrides = merge_overrides(overrides, flags)
     preset = args.preset or overrides.pop("preset", None)
     return build_config(preset, overrides)
+
+
+def storage_options_from_arg(text: str | None) -> dict[str, Any]:
+    """``--storage-options``: inline JSON, or the path of a JSON file (the place for credentials:
+    a command line is visible in ``ps`` and stored in Ray's job history, so inline secrets are refused)."""
+    if not text:
+        return {}
+    inline = text.lstrip().startswith("{")
+    source = "--storage-options" if inline else f"--storage-options file {text}"
+    if not inline and not Path(text).is_file():
+        raise ValueError(f"--storage-options: {text} is neither inline JSON nor an existing file")
+    try:
+        opts = json.loads(text if inline else Path(text).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: not valid JSON ({err.msg})") from None
+    if not isinstance(opts, dict):
+        raise ValueError("--storage-options must be a JSON object of fsspec options")
+    secret = redact.secret_option_keys(opts) if inline else []
+    if secret:
+        raise ValueError(
+            f"--storage-options: {secret} hold credentials; put them in a JSON file and pass its path, "
+            "or use the environment (AWS_ACCESS_KEY_ID, ...): a command line is stored"
+        )
+    return opts

@@ -227,8 +227,9 @@ def _clip_from_hub(tag_cfg: dict[str, Any], revision: str | None) -> tuple[str |
     repo, filename = os.path.split(hub)
     names = [*_safe_alternatives(filename or "open_clip_pytorch_model.bin"), filename or "open_clip_pytorch_model.bin"]
     for name in names:
-        with contextlib.suppress(FileNotFoundError):
-            return hf_hub_download(repo, name, revision=revision, local_files_only=True), None
+        cached = _cached_file(repo, name, revision)
+        if cached:
+            return cached, None
     why = _unreachable(_hub_endpoint())
     if why:
         return None, why
@@ -280,14 +281,23 @@ def _sd_complete(path: Path) -> bool:
     return all((path / p).is_file() for p in fixed) and any((path / "tokenizer").glob("*"))
 
 
+def _cached_file(repo: str, filename: str, revision: str | None) -> str | None:
+    """``filename`` of ``repo`` at ``revision`` (else its main ref) in the hub cache, or None.
+
+    Reads the cache's files only: the hub client's own ``local_files_only`` calls still build
+    request headers, which may contact the hub."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo, filename, revision=revision)
+    return found if isinstance(found, str) else None
+
+
 def _sd_local(repo: str, revision: str | None) -> Path | None:
     """A complete snapshot of ``repo`` (at ``revision``, else its main ref) in the hub cache."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        path = Path(snapshot_download(repo, revision=revision, allow_patterns=list(SD_FILES), local_files_only=True))
-    except FileNotFoundError:  # LocalEntryNotFoundError
+    found = _cached_file(repo, "unet/config.json", revision)
+    if not found:
         return None
+    path = Path(found).parents[1]
     return path if _sd_complete(path) else None
 
 
@@ -498,3 +508,21 @@ def model_fingerprint(cfg: ModelConfig, storage_options: Mapping[str, Any] | Non
     used, and dtype. Never a repo id or a path: equal fingerprints mean equal weights, wherever
     the files live (under the old or the new hub id, in a bucket or a local folder)."""
     return pin_weights(cfg, storage_options)[1]
+
+
+def stage_weights(cfg: ModelConfig, dest: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Copy the weights ``cfg`` resolves to (local checkpoints, or the hub cache by id) under the
+    URL ``dest``: the CLIP file in ``dest/clip/``, the SD files in ``dest/sd/``, each folder with a
+    ``weights_manifest.json`` of sha256 digests written last. Returns the URLs to pass as
+    ``--clip-checkpoint`` and ``--sd-checkpoint``."""
+    if weights.is_remote(cfg.clip.checkpoint) or weights.is_remote(cfg.sd.checkpoint):
+        raise ValueError("stage weights from local files or the hub cache, not from a URL (they are staged already)")
+    clip, sd = resolve_weights(cfg)
+    sd_root = Path(sd.path)
+    sd_files = {f.relative_to(sd_root).as_posix(): f for f in sorted(sd_root.rglob("*")) if f.is_file()}
+    sd_files = {rel: f for rel, f in sd_files.items() if _sd_selected(rel)}
+    dest = dest.rstrip("/")
+    clip_name = Path(clip.path).name
+    weights.stage({clip_name: clip.path}, f"{dest}/clip", storage_options)
+    weights.stage(sd_files, f"{dest}/sd", storage_options)
+    return {"clip": f"{dest}/clip/{clip_name}", "sd": f"{dest}/sd"}

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ def stage(files: Mapping[str, str | os.PathLike[str]], dest: str,
     fs, root = fsspec.core.url_to_fs(dest, **dict(storage_options or {}))
     root = root.rstrip("/")
     for rel, local in sorted(files.items()):
+        if isinstance(fs, LocalFileSystem):  # object stores have no folders to make
+            fs.makedirs(f"{root}/{rel}".rpartition("/")[0], exist_ok=True)
         fs.put_file(str(local), f"{root}/{rel}")
     with fs.open(f"{root}/{MANIFEST_NAME}", "wb") as f:
         f.write(json.dumps(doc, indent=1, sort_keys=True).encode())
