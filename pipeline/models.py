@@ -246,6 +246,14 @@ def _clip_from_hub(tag_cfg: dict[str, Any], revision: str | None) -> tuple[str |
     return None, ", ".join(errors)
 
 
+def _one_file(path: Path, url: str) -> str:
+    """The checkpoint file of a fetched CLIP URL: the file itself, or the only file of its folder."""
+    files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+    if len(files) != 1:
+        raise WeightsUnavailableError(f"CLIP checkpoint {url} holds {len(files)} files; name one file")
+    return str(files[0])
+
+
 def _resolve_clip(cfg: ClipConfig, storage_options: Mapping[str, Any], fetch: bool) -> _ClipWeights:
     import open_clip
 
@@ -256,9 +264,13 @@ def _resolve_clip(cfg: ClipConfig, storage_options: Mapping[str, Any], fetch: bo
         raise ValueError(f"open_clip has no pretrained tag {cfg.pretrained!r} for {name}; known tags: {tags}")
     if cfg.checkpoint and weights.is_remote(cfg.checkpoint):
         if fetch:
-            return _ClipWeights(name, str(weights.fetch(cfg.checkpoint, storage_options)), tag_cfg)
+            local = weights.fetch(cfg.checkpoint, storage_options)
+            return _ClipWeights(name, _one_file(local, cfg.checkpoint), tag_cfg)
         staged = weights.describe(cfg.checkpoint, storage_options)
-        return _ClipWeights(name, cfg.checkpoint, tag_cfg, sha256=staged.files[staged.single or ""])
+        if len(staged.files) != 1:
+            raise WeightsUnavailableError(f"CLIP checkpoint {cfg.checkpoint} holds {len(staged.files)} files; "
+                                          "name one file, or a folder staged with one")  # fmt: skip
+        return _ClipWeights(name, cfg.checkpoint, tag_cfg, sha256=next(iter(staged.files.values())))
     if cfg.checkpoint:
         if not Path(cfg.checkpoint).is_file():
             raise WeightsUnavailableError(f"CLIP checkpoint file {cfg.checkpoint} does not exist.")
@@ -513,8 +525,8 @@ def model_fingerprint(cfg: ModelConfig, storage_options: Mapping[str, Any] | Non
 def stage_weights(cfg: ModelConfig, dest: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
     """Copy the weights ``cfg`` resolves to (local checkpoints, or the hub cache by id) under the
     URL ``dest``: the CLIP file in ``dest/clip/``, the SD files in ``dest/sd/``, each folder with a
-    ``weights_manifest.json`` of sha256 digests written last. Returns the URLs to pass as
-    ``--clip-checkpoint`` and ``--sd-checkpoint``."""
+    ``weights_manifest.json`` of sha256 digests written last. Returns the folder URLs to pass as
+    ``--clip-checkpoint`` and ``--sd-checkpoint`` (the ones ray_cluster.yaml's setup prefetches)."""
     if weights.is_remote(cfg.clip.checkpoint) or weights.is_remote(cfg.sd.checkpoint):
         raise ValueError("stage weights from local files or the hub cache, not from a URL (they are staged already)")
     clip, sd = resolve_weights(cfg)
@@ -525,4 +537,4 @@ def stage_weights(cfg: ModelConfig, dest: str, storage_options: Mapping[str, Any
     clip_name = Path(clip.path).name
     weights.stage({clip_name: clip.path}, f"{dest}/clip", storage_options)
     weights.stage(sd_files, f"{dest}/sd", storage_options)
-    return {"clip": f"{dest}/clip/{clip_name}", "sd": f"{dest}/sd"}
+    return {"clip": f"{dest}/clip", "sd": f"{dest}/sd"}

@@ -59,7 +59,7 @@ def _stage(tiny_paths, bucket, tmp_path, capsys) -> tuple[str, str]:
             "--sd-checkpoint", str(tiny_paths["sd_dir"])]  # fmt: skip
     assert _stage_job().main(argv) == 0
     out = capsys.readouterr().out
-    clip_url, sd_url = f"s3://{name}/weights/clip/clip.pt", f"s3://{name}/weights/sd"
+    clip_url, sd_url = f"s3://{name}/weights/clip", f"s3://{name}/weights/sd"
     assert f"--clip-checkpoint {clip_url} --sd-checkpoint {sd_url}" in out, out
     return clip_url, sd_url
 
@@ -88,7 +88,7 @@ def test_staged_weights_load_from_s3_and_a_second_load_reads_only_the_cache(tiny
     unet_sha = hashlib.sha256((Path(tiny_paths["sd_dir"]) / UNET).read_bytes()).hexdigest()
     assert len(cached) == 2 and not any(n.startswith(".partial") for n in cached), cached
     clip_sha = hashlib.sha256(Path(tiny_paths["clip_checkpoint"]).read_bytes()).hexdigest()
-    assert clip_sha in cached  # a single file is cached under its own digest
+    assert weights.content_key({"clip.pt": clip_sha}) in cached  # a folder is cached under its content's key
     sd_dir = next(p for p in (tmp_path / "node-cache").iterdir() if (p / "unet").is_dir())
     assert hashlib.sha256((sd_dir / UNET).read_bytes()).hexdigest() == unet_sha
 
