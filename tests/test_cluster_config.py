@@ -41,8 +41,8 @@ def test_setup_prefetches_the_staged_weights_the_actors_then_load(tiny_paths, tm
     from pipeline.config import ClipConfig, ModelConfig, SDConfig
 
     config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
-    assert any("export TAG2MASK_WEIGHTS=" in c for c in config["setup_commands"])
-    code = re.search(r'python -c "(.*)"', config["setup_commands"][-1], re.S).group(1)
+    assert any("export TAG2MASK_WEIGHTS=" in c for c in config["worker_setup_commands"])
+    code = re.search(r'python -c "(.*)"', config["worker_setup_commands"][-1], re.S).group(1)
     clip = ClipConfig(
         model=str(tiny_paths["clip_config"]), pretrained=None, checkpoint=str(tiny_paths["clip_checkpoint"])
     )
