@@ -206,6 +206,25 @@ def test_either_sd_id_is_found_through_the_other_and_neither_names_both(tiny_pat
     assert Path(sd.path) == hub_cache / "models--stabilityai--stable-diffusion-2-1-base" / "snapshots" / ("c" * 40)
 
 
+def test_stage_weights_copies_the_hub_cache_snapshot_with_its_digests(tiny_paths, hub_cache):
+    """Staging by id: the SD files come from the hub cache (here under the former id, symlinked
+    into the snapshot as the hub client lays them out) and the manifest holds their digests."""
+    import fsspec
+
+    snap = _hub_snapshot(hub_cache, SD21_BASE_FORMER, tiny_paths["sd_dir"], "9" * 40)
+    blob = hub_cache / "blob-unet"
+    (snap / UNET).rename(blob)
+    (snap / UNET).symlink_to(blob)
+    prefix = f"memory://stage-{uuid.uuid4().hex[:8]}"
+    urls = models.stage_weights(ModelConfig(clip=_tiny_clip(tiny_paths)), prefix)
+    fs = fsspec.filesystem("memory")
+    manifest = json.loads(fs.cat_file(f"{urls['sd']}/{weights.MANIFEST_NAME}"))["files"]
+    unet = (Path(tiny_paths["sd_dir"]) / UNET).read_bytes()
+    assert manifest[UNET] == {"sha256": hashlib.sha256(unet).hexdigest(), "size": len(unet)}
+    assert fs.cat_file(f"{urls['sd']}/{UNET}") == unet
+    assert set(manifest) == {f.relative_to(snap).as_posix() for f in snap.rglob("*") if f.is_file()}
+
+
 def test_actors_load_the_pinned_revision_and_refuse_other_content(tiny_paths, hub_cache, tmp_path):
     clip = _tiny_clip(tiny_paths)
     pinned_snap = _hub_snapshot(hub_cache, SD21_BASE, tiny_paths["sd_dir"], "d" * 40)
