@@ -383,9 +383,10 @@ def resolve_weights(cfg: ModelConfig, storage_options: Mapping[str, Any] | None 
     opts = dict(storage_options or {})
     problems: list[str] = []
     resolved: list[Any] = []
-    for resolve, part in ((_resolve_clip, cfg.clip), (_resolve_sd, cfg.sd)):
+    steps = (lambda: _resolve_clip(cfg.clip, opts, fetch), lambda: _resolve_sd(cfg.sd, opts, fetch))
+    for step in steps:
         try:
-            resolved.append(resolve(part, opts, fetch))  # type: ignore[operator]
+            resolved.append(step())
         except WeightsUnavailableError as err:
             problems.append(str(err))
     if problems:
