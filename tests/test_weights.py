@@ -310,3 +310,81 @@ def test_hf_hub_offline_means_no_connection_at_all(counting_endpoint, monkeypatc
         models.resolve_weights(ModelConfig(clip=ClipConfig(model="ViT-B-16", pretrained="openai"), sd=SDConfig()))
     assert counting_endpoint[0] == 0
     assert str(err.value).count("HF_HUB_OFFLINE is set") == 2  # both models say why they did not download
+
+
+# --- a hub that answers: the withdrawn id's 404 leads to the mirror ----------------------------
+
+
+@pytest.fixture
+def fake_hub(tiny_paths, tmp_path, monkeypatch):
+    """A Hugging Face hub on 127.0.0.1 serving the tiny SD under the mirror's id at one commit,
+    and answering 404 (RepoNotFound) for the withdrawn id, with an empty hub cache. Records every
+    request path."""
+    import http.server
+
+    from huggingface_hub import constants
+
+    commit = "1" * 40
+    root = Path(tiny_paths["sd_dir"])
+    files = {f.relative_to(root).as_posix(): f.read_bytes() for f in sorted(root.rglob("*")) if f.is_file()}
+    mirror = f"/api/models/{SD21_BASE}"
+    seen: list[str] = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def _send(self, code: int, body: bytes = b"", headers: dict | None = None) -> None:
+            self.send_response(code)
+            for key, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        def do_GET(self) -> None:  # noqa: N802
+            path = self.path.split("?")[0]
+            seen.append(path)
+            prefix = f"/{SD21_BASE}/resolve/{commit}/"
+            if path == f"{mirror}/revision/main":
+                siblings = [{"rfilename": f} for f in files]
+                self._send(200, json.dumps({"id": SD21_BASE, "sha": commit, "siblings": siblings}).encode())
+            elif path.startswith(f"{mirror}/tree/{commit}"):
+                tree = [{"type": "file", "path": f, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                        for f, b in files.items()]  # fmt: skip
+                self._send(200, json.dumps(tree).encode())
+            elif path.startswith(prefix) and path[len(prefix) :] in files:
+                body = files[path[len(prefix) :]]
+                etag = f'"{hashlib.sha256(body).hexdigest()}"'
+                self._send(200, body, {"X-Repo-Commit": commit, "ETag": etag})
+            elif path.startswith("/api/models/") or path.startswith(f"/{SD21_BASE_FORMER}/"):
+                self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
+            else:
+                self._send(404)
+
+        do_HEAD = do_GET  # noqa: N815
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)  # as HF_ENDPOINT sets both at import
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_down_until", {})
+    monkeypatch.setattr(models, "_up_until", {})
+    yield commit, seen
+    server.shutdown()
+    thread.join()
+
+
+def test_the_withdrawn_sd_id_is_downloaded_from_the_mirror_and_pinned(tiny_paths, fake_hub):
+    commit, seen = fake_hub
+    clip = _tiny_clip(tiny_paths)
+    pinned, fp = models.pin_weights(ModelConfig(clip=clip, sd=SDConfig(model=SD21_BASE_FORMER)))
+    assert f"/api/models/{SD21_BASE_FORMER}/revision/main" in seen  # asked for, answered 404
+    assert (pinned.sd.model, pinned.sd.revision) == (SD21_BASE, commit)
+    local = ModelConfig(clip=clip, sd=SDConfig(checkpoint=str(tiny_paths["sd_dir"])))
+    assert fp == models.model_fingerprint(local)  # the same bytes: the same fingerprint
