@@ -23,6 +23,12 @@ Conventions (the audit's choices, also in README "Audit"):
   to change what is scored.
 - Images on one side only are rows with status ``missing_pred`` / ``missing_gt``; images whose
   maps have different sizes or unknown ids are rows with status ``error``. All are counted.
+- Pairing (``pair``): our images are keyed by manifest id or by image file stem (the COCO
+  ``file_name`` our run recorded), whichever pairs more ground-truth keys; rows keep our ids, so
+  they join the run's stats. A stem several of our images share pairs none of them. Nothing
+  paired is an error (``NoPairsError``), never an empty audit.
+- A run is read through ``open_run``: only shards whose marker carries ``run.json``'s
+  fingerprint count; stale ones (from before ``--overwrite``) are left out and counted.
 
 Accumulation is exact integer addition, so the matrix and the rows (sorted by image id) do not
 depend on how the images were split into chunks or in which order the chunks were merged.

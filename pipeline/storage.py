@@ -4,7 +4,7 @@ prefix is a local path or any fsspec URL (``s3://``, ``gs://``, ``memory://``).
 Layout under the prefix::
 
     run.json                              fingerprint + config + model fingerprint (schemas/run.v1)
-    labels/<name>.png                     indexed PNG label map of each image (pipeline/pngs.py)
+    labels/<name>.png                     indexed PNG label map of each image, <name> its file stem (pngs.py)
     shards/<shard_id>/annotations.json    COCO annotations of the shard's images (pipeline/coco.py)
     shards/<shard_id>/stats_images.parquet, stats_classes.parquet   quality statistics (deterministic)
     shards/<shard_id>/timings.parquet     wall-clock seconds per stage (the only non-deterministic file)

@@ -326,3 +326,39 @@ def test_image_names_are_unique_and_safe(stems):
     labels = [n.label for n in storage.image_names(records).values()]
     assert len({v.lower() for v in labels}) == len(labels)
     assert all(storage._PART.fullmatch(v) for v in labels)
+
+
+def test_the_readme_training_recipe_pairs_every_labelled_image(tmp_path):
+    """The README's mmsegmentation snippet, run on a COCO-style run, then mmseg's own ann_file rule
+    (``<img_path>/<line><img_suffix>``, ``<seg_map_path>/<line><seg_map_suffix>``) on its list."""
+    import re
+    from pathlib import Path
+
+    from pipeline import manifest
+
+    images = tmp_path / "coco" / "train2017"
+    images.mkdir(parents=True)
+    doc = {"categories": [{"id": c["id"], "name": c["name"]} for c in CATEGORIES], "annotations": [],
+           "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (139, 285, 632)]}  # fmt: skip
+    for im in doc["images"]:
+        (images / im["file_name"]).write_bytes(b"jpeg")
+    (tmp_path / "instances.json").write_text(json.dumps(doc))
+    _, records = manifest.read_coco(str(tmp_path / "instances.json"), str(images))
+    shard = next(manifest.shards(records, 10))
+    results = [synthetic_result(r["id"], n) for n, r in enumerate(records[:2])]  # 632 failed: no label map
+    store = storage.Store.open(str(tmp_path / "run1"))
+    storage.write_shard(store, shard.shard_id, results, [("632", "decode_error", "x")], CATEGORIES, FP, shard.names)
+    storage.merge(store, [shard.shard_id], FP)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"mmsegmentation \(1\.x\):\n\n```python\n(.*?)```", readme, re.S).group(1)
+    snippet = snippet.replace("/data/pseudo/run1", str(tmp_path / "run1")).replace("/data/coco/train2017", str(images))
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    dataset = scope["train_dataloader"]["dataset"]
+    root, prefix = Path(dataset["data_root"]), dataset["data_prefix"]
+    lines = (root / dataset["ann_file"]).read_text().split()
+    assert lines == ["000000000139", "000000000285"]
+    for line in lines:
+        assert (Path(prefix["img_path"]) / (line + dataset["img_suffix"])).is_file()
+        assert (root / prefix["seg_map_path"] / (line + dataset["seg_map_suffix"])).is_file()
+    assert len(scope["classes"]) == 91 and scope["classes"][90] == "toothbrush"
