@@ -337,6 +337,8 @@ def coco_label_map(image: Mapping[str, Any], annotations: Sequence[Mapping[str, 
     h, w = int(image["height"]), int(image["width"])
     out = np.zeros((h, w), dtype=np.uint8)
     for ann in sorted(annotations, key=lambda a: (-float(a.get("area", 0)), a.get("id", 0))):
+        if ann.get("segmentation") is None:  # a box-only annotation paints nothing we could score against
+            raise ValueError(f"annotation {ann.get('id')!r} of image {image.get('id')!r} has no segmentation")
         np.copyto(out, int(ann["category_id"]), where=_segmentation_mask(ann["segmentation"], h, w))
     if "ignore_segmentation" in image:
         np.copyto(out, IGNORE, where=coco.decode_rle(image["ignore_segmentation"]).view(bool))

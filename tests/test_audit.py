@@ -352,3 +352,11 @@ def test_open_run_audits_only_the_runs_shards(tmp_path: Path) -> None:
     opened = audit.open_run(str(tmp_path / "run"))
     assert list(opened.shards) == ["00001-new"] and opened.ignored_shards == 1
     assert sorted(k for s in opened.shards.values() for k in s.image_ids()) == ["7"]
+
+
+def test_a_ground_truth_annotation_without_segmentation_is_an_error_row() -> None:
+    doc = {"images": [{"id": 7, "file_name": "7.jpg", "height": 4, "width": 4}], "categories": CATS,
+           "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [0, 0, 2, 2]}]}  # fmt: skip
+    ours = coco.build_coco([("7", PRED_4x4, {1: 0.9, 2: 0.8}, "7.jpg")], CATS)
+    result = audit.audit_images(audit.CocoLabels(ours, "ours", "source_id"), audit.CocoLabels(doc, "gt"), ["7"], (0, 1, 2))
+    assert result.rows[0]["status"] == audit.ERROR and "annotation 1 of image 7 has no segmentation" in result.rows[0]["error"]
