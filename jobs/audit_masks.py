@@ -49,10 +49,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for the tables and report.html")
     p.add_argument("--gt-key", choices=sorted(audit.KEY_FIELDS), default="id",
                    help="which COCO image field names a ground-truth image (default: id)")  # fmt: skip
-    p.add_argument("--gt-format", choices=audit.GT_FORMATS, default="png",
-                   help="PNG ground truth: 'png' pixel = category id; 'cocostuff' pixel = id - 1, 255 unlabeled")
-    p.add_argument("--pred-key", choices=audit.PRED_KEYS, default="auto",
-                   help="name our images by manifest id or image file stem for pairing (default: the one that pairs)")
+    p.add_argument(
+        "--gt-format",
+        choices=audit.GT_FORMATS,
+        default="png",
+        help="PNG ground truth: 'png' pixel = category id; 'cocostuff' pixel = id - 1, 255 unlabeled",
+    )
+    p.add_argument(
+        "--pred-key",
+        choices=audit.PRED_KEYS,
+        default="auto",
+        help="name our images by manifest id or image file stem for pairing (default: the one that pairs)",
+    )
     p.add_argument("--categories", help="JSON list of {id, name}, for PNG folders on both sides")
     p.add_argument("--manifest", help="our JSONL manifest: tags per image and image URIs for the overlays")
     p.add_argument("--overlays", type=int, default=OVERLAYS, help="worst and best images drawn in the report")
@@ -193,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(gt, audit.CocoStuffFolder):
             gt.keep_only(c["id"] for c in categories)
         records = _read_manifest(args.manifest)
-        gt, how = audit.pair([k for u in units for k in u.image_ids()], gt, stems, args.pred_key, f"ground truth {args.gt}")
+        pred_ids = [k for u in units for k in u.image_ids()]
+        gt, how = audit.pair(pred_ids, gt, stems, args.pred_key, f"ground truth {args.gt}")
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -439,7 +439,7 @@ class CocoStuffFolder(PngFolder):
     def read(self, key: str) -> np.ndarray:
         stored = super().read(key)
         if (stored == COCOSTUFF_UNLABELED - 1).any():
-            raise ValueError(f"{self._paths[key]}: value 254 is no COCO-Stuff label (0..181 are ids - 1, 255 unlabeled)")
+            raise ValueError(f"{self._paths[key]}: 254 is no COCO-Stuff value (0..181 are ids - 1, 255 unlabeled)")
         ids = np.where(stored == COCOSTUFF_UNLABELED, IGNORE, stored + np.uint8(1)).astype(np.uint8)
         if self.keep is not None:
             ids[~self.keep[ids] & (ids != IGNORE)] = BACKGROUND

@@ -358,5 +358,6 @@ def test_a_ground_truth_annotation_without_segmentation_is_an_error_row() -> Non
     doc = {"images": [{"id": 7, "file_name": "7.jpg", "height": 4, "width": 4}], "categories": CATS,
            "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [0, 0, 2, 2]}]}  # fmt: skip
     ours = coco.build_coco([("7", PRED_4x4, {1: 0.9, 2: 0.8}, "7.jpg")], CATS)
-    result = audit.audit_images(audit.CocoLabels(ours, "ours", "source_id"), audit.CocoLabels(doc, "gt"), ["7"], (0, 1, 2))
-    assert result.rows[0]["status"] == audit.ERROR and "annotation 1 of image 7 has no segmentation" in result.rows[0]["error"]
+    pred, gt = audit.CocoLabels(ours, "ours", "source_id"), audit.CocoLabels(doc, "gt")
+    row = audit.audit_images(pred, gt, ["7"], (0, 1, 2)).rows[0]
+    assert row["status"] == audit.ERROR and "annotation 1 of image 7 has no segmentation" in row["error"]
