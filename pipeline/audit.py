@@ -569,8 +569,8 @@ def open_run(url: str, **storage_options: Any) -> RunOutput:
         if stats_table is not None:
             tables.append(stats_table)
     if ignored:
-        log.warning("%s: %d shard(s) ignored: their commit marker is broken or from another run "
-                    "(fingerprint other than run.json's); their images count as missing", url, ignored)  # fmt: skip
+        log.info("%s: %d shard(s) ignored: their commit marker is broken or from another run "
+                 "(fingerprint other than run.json's); their images count as missing", url, ignored)  # fmt: skip
     if not shards:
         raise ValueError(f"{url}: no shards committed by the run in {storage.RUN_FILE} "
                          f"(shards/<id>/{storage.MARKER}; {ignored} stale or broken)")  # fmt: skip
