@@ -100,7 +100,7 @@ class _Checker:
         escape = leaves_root(record["file_name"]) if "file_name" in record else None
         if escape:
             raise ManifestError(f"{where}: field 'file_name' {record['file_name']!r} {escape}; file names must be "
-                                "paths inside the image folder (--images), without '..' parts")  # fmt: skip
+                                "relative paths inside the image folder, without '..' parts")  # fmt: skip
         return {**record, "tags": [self._tag(t, j, where) for j, t in enumerate(record["tags"])]}
 
     def _tag(self, tag: int | str, j: int, where: str) -> int:
