@@ -3,14 +3,20 @@
     python jobs/audit_masks.py --pred s3://bucket/pseudo/run1 --gt instances_val2017.json --out report/
     python jobs/audit_masks.py --pred labels/ --gt VOC2012/SegmentationClass --categories voc.json --out report/
 
---pred is our output prefix (its committed shards' COCO files and stats) or a folder of PNG label
-maps; --gt a COCO instances/stuff JSON (semantic maps painted from its annotations) or a folder of
-PNG label maps (255 ignore). Images pair up by key: the manifest id on our side, the COCO image id
-(--gt-key) or the PNG file stem on theirs. --categories (JSON list of {id, name}) names the classes
-where neither side does (two PNG folders). --manifest (JSONL, our manifest) adds each image's tags
-to the per-image rows and its picture to the overlays. --ray spreads the work over shards with Ray
-(same tables either way). Writes under --out: images.parquet, classes.parquet, confusion.parquet,
-correlations.parquet, summary.json, report.html.
+    python jobs/audit_masks.py --pred out/ --gt cocostuff/stuffthingmaps/val2017 --gt-format cocostuff --out report/
+
+--pred is our output prefix (the shards committed under its run.json fingerprint: their COCO files
+and stats; stale shards are left out and counted) or a folder of PNG label maps; --gt a COCO
+instances/stuff JSON (semantic maps painted from its annotations) or a folder of PNG label maps
+(255 ignore; --gt-format cocostuff for COCO-Stuff's maps, which store category id - 1). Images
+pair up by key: on our side the manifest id or the image file's stem (--pred-key; "auto" takes
+the one that pairs more), on theirs the COCO image id (--gt-key) or the PNG file stem. When
+nothing pairs, the audit stops (exit 2) and shows keys of both sides. Categories come from our
+run, the COCO ground truth or --categories (JSON list of {id, name}, needed for two PNG folders).
+--manifest (JSONL, our manifest) adds each image's tags to the per-image rows and its picture to
+the overlays. --ray spreads the work over shards with Ray (same tables either way). Writes under
+--out: images.parquet, classes.parquet, confusion.parquet, correlations.parquet, summary.json,
+report.html.
 """
 
 from __future__ import annotations
@@ -43,6 +49,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for the tables and report.html")
     p.add_argument("--gt-key", choices=sorted(audit.KEY_FIELDS), default="id",
                    help="which COCO image field names a ground-truth image (default: id)")  # fmt: skip
+    p.add_argument(
+        "--gt-format",
+        choices=audit.GT_FORMATS,
+        default="png",
+        help="PNG ground truth: 'png' pixel = category id; 'cocostuff' pixel = id - 1, 255 unlabeled",
+    )
+    p.add_argument(
+        "--pred-key",
+        choices=audit.PRED_KEYS,
+        default="auto",
+        help="name our images by manifest id or image file stem for pairing (default: the one that pairs)",
+    )
     p.add_argument("--categories", help="JSON list of {id, name}, for PNG folders on both sides")
     p.add_argument("--manifest", help="our JSONL manifest: tags per image and image URIs for the overlays")
     p.add_argument("--overlays", type=int, default=OVERLAYS, help="worst and best images drawn in the report")
@@ -50,26 +68,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _open_pred(url: str) -> tuple[list[LabelSource], list[dict] | None, Any]:
-    """(work units, categories or None, stats_images table or None)."""
+def _open_pred(url: str) -> tuple[list[LabelSource], list[dict] | None, Any, dict[str, str] | None]:
+    """(work units, categories or None, stats_images table or None, file stem by image id or None)."""
     if audit.is_run_output(url):
         run = audit.open_run(url)
-        return list(run.shards.values()), run.categories, run.stats
-    return [audit.PngFolder(url)], None, None
-
-
-def _open_gt(url: str, key: str) -> LabelSource:
-    return audit.CocoLabels.open(url, key) if url.endswith(".json") else audit.PngFolder(url)
+        if run.ignored_shards:
+            print(f"note: {run.ignored_shards} shard(s) left out: stale (another run's fingerprint) or broken marker",
+                  file=sys.stderr)  # fmt: skip
+        return list(run.shards.values()), run.categories, run.stats, run.file_stems
+    return [audit.PngFolder(url)], None, None, None
 
 
 def _categories(pred: list[dict] | None, gt: list[dict] | None, path: str | None) -> list[dict]:
+    """The categories both sides agree on; a side that names none takes --categories, else the other side's."""
     given = None
     if path:
         with fsspec.open(path, "rt") as f:
             given = json.load(f)
     if pred is None and gt is None and given is None:
         raise ValueError("neither side names its categories (two PNG folders): give --categories FILE")
-    return audit.match_categories(pred if pred is not None else given, gt if gt is not None else given)
+    pred_side = pred if pred is not None else given if given is not None else gt
+    gt_side = gt if gt is not None else given if given is not None else pred
+    return audit.match_categories(pred_side, gt_side)
 
 
 def _read_manifest(path: str | None) -> dict[str, dict]:
@@ -175,13 +195,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        units, pred_cats, run_stats = _open_pred(args.pred)
-        gt = _open_gt(args.gt, args.gt_key)
+        units, pred_cats, run_stats, stems = _open_pred(args.pred)
+        gt = audit.open_ground_truth(args.gt, args.gt_key, args.gt_format)
         categories = _categories(pred_cats, gt.categories, args.categories)
+        if isinstance(gt, audit.CocoStuffFolder):
+            gt.keep_only(c["id"] for c in categories)
         records = _read_manifest(args.manifest)
+        pred_ids = [k for u in units for k in u.image_ids()]
+        gt, how = audit.pair(pred_ids, gt, stems, args.pred_key, f"ground truth {args.gt}")
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if how != "id":
+        print(f"pairing our images with the ground truth by image file stem (--pred-key {how})")
     class_ids = audit.check_class_ids(c["id"] for c in categories)
     tags = {k: r.get("tags", []) for k, r in records.items()} if records else None
     _, only_gt, only_pred = audit.missing((k for u in units for k in u.image_ids()), gt.image_ids())

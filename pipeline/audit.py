@@ -23,6 +23,12 @@ Conventions (the audit's choices, also in README "Audit"):
   to change what is scored.
 - Images on one side only are rows with status ``missing_pred`` / ``missing_gt``; images whose
   maps have different sizes or unknown ids are rows with status ``error``. All are counted.
+- Pairing (``pair``): our images are keyed by manifest id or by image file stem (the COCO
+  ``file_name`` our run recorded), whichever pairs more ground-truth keys; rows keep our ids, so
+  they join the run's stats. A stem several of our images share pairs none of them. Nothing
+  paired is an error (``NoPairsError``), never an empty audit.
+- A run is read through ``open_run``: only shards whose marker carries ``run.json``'s
+  fingerprint count; stale ones (from before ``--overwrite``) are left out and counted.
 
 Accumulation is exact integer addition, so the matrix and the rows (sorted by image id) do not
 depend on how the images were split into chunks or in which order the chunks were merged.
@@ -331,6 +337,8 @@ def coco_label_map(image: Mapping[str, Any], annotations: Sequence[Mapping[str, 
     h, w = int(image["height"]), int(image["width"])
     out = np.zeros((h, w), dtype=np.uint8)
     for ann in sorted(annotations, key=lambda a: (-float(a.get("area", 0)), a.get("id", 0))):
+        if ann.get("segmentation") is None:  # a box-only annotation paints nothing we could score against
+            raise ValueError(f"annotation {ann.get('id')!r} of image {image.get('id')!r} has no segmentation")
         np.copyto(out, int(ann["category_id"]), where=_segmentation_mask(ann["segmentation"], h, w))
     if "ignore_segmentation" in image:
         np.copyto(out, IGNORE, where=coco.decode_rle(image["ignore_segmentation"]).view(bool))
@@ -340,7 +348,7 @@ def coco_label_map(image: Mapping[str, Any], annotations: Sequence[Mapping[str, 
 KEY_FIELDS = {  # how a COCO image is named for matching with the other side
     "id": lambda im: str(im["id"]),
     "source_id": lambda im: str(im.get("source_id", im["id"])),
-    "file_stem": lambda im: str(im["file_name"]).rsplit("/", 1)[-1].rsplit(".", 1)[0],
+    "file_stem": lambda im: storage.file_stem(str(im["file_name"])),
 }
 
 
@@ -370,6 +378,10 @@ class CocoLabels:
 
     def image_ids(self) -> list[str]:
         return sorted(self._images)
+
+    def keys_to(self, other: str) -> dict[str, str]:
+        """Each image's key -> its ``other`` key field (``KEY_FIELDS``)."""
+        return {k: KEY_FIELDS[other](im) for k, im in self._images.items()}
 
     def read(self, key: str) -> np.ndarray:
         return coco_label_map(self._images[key], self._anns[key])
@@ -404,14 +416,132 @@ class PngFolder:
         return read_label_png(self.fs.cat_file(self._paths[key]))
 
 
+COCOSTUFF_UNLABELED = 255
+
+
+class CocoStuffFolder(PngFolder):
+    """COCO-Stuff ``stuffthingmaps`` (``<folder>/<image file stem>.png``): each pixel holds the
+    category id minus one (0 person .. 181 wood) and 255 marks unlabeled pixels (COCO-Stuff's
+    README, "stuff-thing maps"). ``read`` returns category ids, 255 kept as ignore. COCO-Stuff
+    gives every pixel a thing or stuff class; ids outside ``keep`` (stuff, for a run over COCO's
+    80 thing categories) are what our label maps call background, so they read as 0."""
+
+    def __init__(self, url: str, keep: Iterable[int] | None = None, **storage_options: Any) -> None:
+        super().__init__(url, **storage_options)
+        self.keep: np.ndarray | None = None
+        if keep is not None:
+            self.keep_only(keep)
+
+    def keep_only(self, ids: Iterable[int]) -> None:
+        """Read ids other than ``ids`` (and 255) as background 0 from now on."""
+        self.keep = np.isin(np.arange(256), [int(i) for i in ids])
+
+    def read(self, key: str) -> np.ndarray:
+        stored = super().read(key)
+        if (stored == COCOSTUFF_UNLABELED - 1).any():
+            raise ValueError(f"{self._paths[key]}: 254 is no COCO-Stuff value (0..181 are ids - 1, 255 unlabeled)")
+        ids = np.where(stored == COCOSTUFF_UNLABELED, IGNORE, stored + np.uint8(1)).astype(np.uint8)
+        if self.keep is not None:
+            ids[~self.keep[ids] & (ids != IGNORE)] = BACKGROUND
+        return ids
+
+
+GT_FORMATS = ("png", "cocostuff")  # how a folder of ground-truth PNG maps stores class ids
+
+
+def open_ground_truth(url: str, key: str = "id", fmt: str = "png", keep: Iterable[int] | None = None,
+                      **storage_options: Any) -> LabelSource:  # fmt: skip
+    """A COCO JSON (``key``: which image field names an image) or a folder of PNG maps in format
+    ``fmt`` ("png": pixel values are category ids; "cocostuff": see ``CocoStuffFolder``)."""
+    if fmt not in GT_FORMATS:
+        raise ValueError(f"unknown ground-truth format {fmt!r}; choose one of {list(GT_FORMATS)}")
+    if url.endswith(".json"):
+        if fmt != "png":
+            raise ValueError(f"--gt-format {fmt} describes a folder of PNG maps, but {url} is a COCO JSON file")
+        return CocoLabels.open(url, key, **storage_options)
+    if fmt == "cocostuff":
+        return CocoStuffFolder(url, keep, **storage_options)
+    return PngFolder(url, **storage_options)
+
+
+# --- pairing prediction and ground truth ----------------------------------------------------
+
+PRED_KEYS = ("auto", "id", "file_stem")  # how our images are named for pairing with the ground truth
+
+
+class NoPairsError(ValueError):
+    """No image of the prediction pairs with one of the ground truth."""
+
+
+class Renamed:
+    """A label source read under other keys: ``names`` maps a new key to the source's key; the
+    source's keys not renamed stay as they are (unless a new key took their name)."""
+
+    def __init__(self, source: LabelSource, names: Mapping[str, str]) -> None:
+        self.source, self.categories = source, source.categories
+        taken = set(names.values())
+        self._keys = {k: k for k in source.image_ids() if k not in taken and k not in names} | dict(names)
+
+    def image_ids(self) -> list[str]:
+        return sorted(self._keys)
+
+    def read(self, key: str) -> np.ndarray:
+        return self.source.read(self._keys[key])
+
+
+def _stem_pairs(pred_ids: Iterable[str], gt_ids: set[str], stems: Mapping[str, str]) -> dict[str, str]:
+    """Prediction id -> ground-truth key where the image's file stem is a ground-truth key; a
+    stem that several of our images share pairs none of them (it cannot tell them apart)."""
+    count: dict[str, int] = {}
+    for stem in stems.values():
+        count[stem] = count.get(stem, 0) + 1
+    return {p: stems[p] for p in pred_ids if p in stems and stems[p] in gt_ids and count[stems[p]] == 1}
+
+
+def pair(pred_ids: Sequence[str], gt: LabelSource, stems: Mapping[str, str] | None = None, how: str = "auto",
+         gt_name: str = "ground truth") -> tuple[LabelSource, str]:  # fmt: skip
+    """The ground truth keyed by our image ids, and how they paired ("id" or "file_stem").
+
+    ``stems``: our image id -> its image file's stem (``RunOutput.file_stems``), None when our
+    side records none (a PNG folder). "auto" pairs by file stem when that pairs more images than
+    pairing by id. Raises NoPairsError, showing a few keys of each side, when nothing pairs."""
+    if how not in PRED_KEYS:
+        raise ValueError(f"unknown pairing {how!r}; choose one of {list(PRED_KEYS)}")
+    gt_ids = set(gt.image_ids())
+    by_id = len(gt_ids.intersection(pred_ids))
+    by_stem = _stem_pairs(pred_ids, gt_ids, stems or {}) if how != "id" else {}
+    if how == "file_stem" and stems is None:
+        raise ValueError("--pred-key file_stem needs our run's output prefix (its COCO files record the file names)")
+    if how == "file_stem" or (how == "auto" and len(by_stem) > by_id):
+        chosen, count = "file_stem", len(by_stem)
+    else:
+        chosen, count = "id", by_id
+    if count == 0:
+        raise NoPairsError(_no_pairs_message(pred_ids, gt_ids, stems, gt_name))
+    return (Renamed(gt, by_stem) if chosen == "file_stem" else gt), chosen
+
+
+def _no_pairs_message(pred_ids: Sequence[str], gt_ids: set[str], stems: Mapping[str, str] | None,
+                      gt_name: str) -> str:  # fmt: skip
+    few = lambda keys: ", ".join(repr(k) for k in sorted(keys)[:3]) or "none"  # noqa: E731
+    ours = f"ids {few(pred_ids)}" + (f" and file stems {few(set((stems or {}).values()))}" if stems else "")
+    return (f"no image pairs: our images are named by {ours}; the {gt_name} by {few(gt_ids)} "
+            f"({len(pred_ids)} and {len(gt_ids)} images). Ground-truth maps must be named by our image ids or by "
+            "the image files' stems (--pred-key id|file_stem); for COCO ground truth, choose the image field "
+            "with --gt-key id|source_id|file_stem")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class RunOutput:
     """Our labeling run under an output prefix: one COCO source per committed shard (keys are the
-    manifest ids, ``source_id``), the run's categories, and its ``stats_images`` rows."""
+    manifest ids, ``source_id``), the run's categories, its ``stats_images`` rows, each image's
+    file stem (from its COCO ``file_name``) and how many stale or broken shards were left out."""
 
     shards: dict[str, CocoLabels]
     categories: list[dict[str, Any]]
     stats: pa.Table | None
+    file_stems: dict[str, str] = field(default_factory=dict)
+    ignored_shards: int = 0
 
 
 def is_run_output(url: str, **storage_options: Any) -> bool:
@@ -420,28 +550,44 @@ def is_run_output(url: str, **storage_options: Any) -> bool:
 
 
 def open_run(url: str, **storage_options: Any) -> RunOutput:
-    """Read the committed shards of a run (a shard without a valid marker is skipped and logged)."""
+    """Read the shards of a run committed under its ``run.json`` fingerprint. A shard with a
+    broken marker, or one written by another run (left over from before ``--overwrite``), is
+    left out, counted in ``ignored_shards`` and logged; its images count as missing."""
     store = storage.Store.open(url, **storage_options)
+    record = storage.read_run(store)
+    if record is None:
+        log.warning("%s has no %s: every committed shard is audited, whatever run wrote it", url, storage.RUN_FILE)
     markers = store.fs.glob(f"{store.root}/shards/*/{storage.MARKER}")
     shards: dict[str, CocoLabels] = {}
-    tables = []
+    tables, ignored = [], 0
     for shard_id in sorted(p.rsplit("/", 2)[-2] for p in markers):
-        if storage.read_marker(store, shard_id) is None:
-            log.warning("shard %s has no valid commit marker; its images count as missing", shard_id)
+        marker = storage.read_marker(store, shard_id)
+        if marker is None or (record is not None and marker["fingerprint"] != record["fingerprint"]):
+            ignored += 1
             continue
-        folder = storage.shard_dir(shard_id)
-        data = store.read(f"{folder}/annotations.json")
-        if data is None:
-            raise ValueError(f"{store.path(folder)}: committed but annotations.json is missing")
-        shards[shard_id] = CocoLabels(json.loads(data), store.path(f"{folder}/annotations.json"), key="source_id")
-        stats_data = store.read(f"{folder}/stats_images.parquet")
-        if stats_data is not None:
-            tables.append(pq.read_table(io.BytesIO(stats_data)))
+        shards[shard_id], stats_table = _read_shard(store, shard_id)
+        if stats_table is not None:
+            tables.append(stats_table)
+    if ignored:
+        log.info("%s: %d shard(s) ignored: their commit marker is broken or from another run "
+                 "(fingerprint other than run.json's); their images count as missing", url, ignored)  # fmt: skip
     if not shards:
-        raise ValueError(f"{url}: no committed shards (shards/<id>/{storage.MARKER})")
+        raise ValueError(f"{url}: no shards committed by the run in {storage.RUN_FILE} "
+                         f"(shards/<id>/{storage.MARKER}; {ignored} stale or broken)")  # fmt: skip
     cats = next(iter(shards.values())).categories
+    stems = {k: v for s in shards.values() for k, v in s.keys_to("file_stem").items()}
     stats_table = pa.concat_tables(tables) if tables else None
-    return RunOutput(shards, cats, stats_table)
+    return RunOutput(shards, cats, stats_table, stems, ignored)
+
+
+def _read_shard(store: storage.Store, shard_id: str) -> tuple[CocoLabels, pa.Table | None]:
+    folder = storage.shard_dir(shard_id)
+    data = store.read(f"{folder}/annotations.json")
+    if data is None:
+        raise ValueError(f"{store.path(folder)}: committed but annotations.json is missing")
+    labels = CocoLabels(json.loads(data), store.path(f"{folder}/annotations.json"), key="source_id")
+    stats_data = store.read(f"{folder}/stats_images.parquet")
+    return labels, None if stats_data is None else pq.read_table(io.BytesIO(stats_data))
 
 
 # --- correlation of our statistics with the true IoU ----------------------------------------

@@ -11,6 +11,8 @@ and the stats show them as well.
 
 Image ids: the image ids themselves when every id is a canonical decimal integer (COCO inputs),
 else 1..N in order; the original string id is kept as ``source_id`` on each image.
+``file_name`` is the image's, as the caller names it (``storage.ImageName.file_name``: the input's
+COCO ``file_name``, or the manifest's uri), so a trainer finds the picture, not the label map.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ def build_coco(
     info: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A COCO document from ``(source_id, [H, W] uint8 label map, scores by category, file_name)``
-    items, in the given order."""
+    items, in the given order; ``file_name``: the image's file name (see the module docstring)."""
     cats = categories_json(categories)
     known = {c["id"] for c in cats}
     images: list[dict[str, Any]] = []

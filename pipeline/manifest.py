@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -22,10 +23,17 @@ from pipeline.prompts import class_prompt
 
 @dataclass(frozen=True)
 class Shard:
-    """A manifest slice: its content-derived id and its records, in manifest order."""
+    """A manifest slice: its content-derived id, its records in manifest order, and how the
+    outputs name each image (``storage.ImageName`` by id). ``shards`` names the images of the
+    whole manifest together; a Shard built without ``names`` names its own records alone."""
 
     shard_id: str
     records: tuple[dict[str, Any], ...]
+    names: dict[str, storage.ImageName] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            object.__setattr__(self, "names", storage.image_names(self.records))
 
 
 class ManifestError(ValueError):
@@ -89,6 +97,10 @@ class _Checker:
         if record["id"] in self.seen:
             raise ManifestError(f"{where}: field 'id' repeats an earlier record; image ids must be unique")
         self.seen.add(record["id"])
+        escape = leaves_root(record["file_name"]) if "file_name" in record else None
+        if escape:
+            raise ManifestError(f"{where}: field 'file_name' {record['file_name']!r} {escape}; file names must be "
+                                "relative paths inside the image folder, without '..' parts")  # fmt: skip
         return {**record, "tags": [self._tag(t, j, where) for j, t in enumerate(record["tags"])]}
 
     def _tag(self, tag: int | str, j: int, where: str) -> int:
@@ -102,6 +114,21 @@ class _Checker:
         if self.ids is not None and tag not in self.ids:
             raise ManifestError(f"{where}: field 'tags/{j}': {tag} is not a category id (known: {_sample(self.ids)})")
         return tag
+
+
+_DRIVE = re.compile(r"[A-Za-z]:")
+
+
+def leaves_root(name: str) -> str | None:
+    """Why the relative file name ``name`` would be read from outside its image folder ("is an
+    absolute path", "has a '..' part", "is a URL"), or None when it stays inside."""
+    if "://" in name:
+        return "is a URL"
+    if name.startswith(("/", "\\")) or _DRIVE.match(name):
+        return "is an absolute path"
+    if ".." in re.split(r"[/\\]", name):
+        return "has a '..' part"
+    return None
 
 
 def _sample(values: Iterable[Any], n: int = 10) -> str:
@@ -164,8 +191,11 @@ def read_coco(annotations: str, images: str, prompt_set: str = "coco", problems:
     for i, im in enumerate(sorted(doc["images"], key=_coco_order)):
         im = im if isinstance(im, Mapping) else {}  # reported below: no id, no file name
         name = im.get("file_name")
-        record = {"id": str(im.get("id")), "uri": f"{prefix}/{name}" if isinstance(name, str) and name else None,
+        named = isinstance(name, str) and bool(name)
+        record = {"id": str(im.get("id")), "uri": f"{prefix}/{name}" if named else None,
                   "tags": sorted(tags.get(im.get("id"), ()), key=str)}  # fmt: skip
+        if named:  # outputs name the label map and the COCO image after it (storage.ImageName)
+            record["file_name"] = name
         record.update({k: im[k] for k in ("width", "height") if k in im})
         checked = check(record, f"{annotations} images[{i}] (id {im.get('id')!r})")
         if checked is not None:
@@ -181,18 +211,25 @@ def _coco_order(im: Any) -> tuple[int, int, str]:
 
 
 def shards(records: Iterable[dict[str, Any]], shard_size: int) -> Iterator[Shard]:
-    """Consecutive slices of ``shard_size`` records; ids from position and content."""
+    """Consecutive slices of ``shard_size`` records; ids from position and content. Images are
+    named over the whole stream (``storage.ImageNamer``), so names do not depend on the shard size."""
     if shard_size < 1:
         raise ValueError(f"shard size must be at least 1, got {shard_size}")
+    namer = storage.ImageNamer()
     batch: list[dict[str, Any]] = []
     index = 0
     for record in records:
         batch.append(record)
         if len(batch) == shard_size:
-            yield Shard(storage.shard_id_for(index, [r["id"] for r in batch]), tuple(batch))
+            yield _shard(index, batch, namer)
             batch, index = [], index + 1
     if batch:
-        yield Shard(storage.shard_id_for(index, [r["id"] for r in batch]), tuple(batch))
+        yield _shard(index, batch, namer)
+
+
+def _shard(index: int, batch: list[dict[str, Any]], namer: storage.ImageNamer) -> Shard:
+    names = {r["id"]: namer(r) for r in batch}
+    return Shard(storage.shard_id_for(index, [r["id"] for r in batch]), tuple(batch), names)
 
 
 def fingerprint(records: Iterable[Mapping[str, Any]], categories: Iterable[Category]) -> str:

@@ -4,7 +4,7 @@ The JSON Schema files live in ``schemas/`` at the repository root (one file per 
 the version in the file name and in each schema's ``$id``). Arrow schemas are defined here, with
 their version in the schema metadata, so the Parquet files say which layout they follow.
 
-    manifest_record.v1   one JSONL manifest line: id, uri, tags, optional width/height/ground_truth
+    manifest_record.v1   one JSONL manifest line: id, uri, tags, optional width/height/file_name/ground_truth
     config.v1            Config.to_dict()
     run.v1               <prefix>/run.json: fingerprint, config, model fingerprint
     commit_marker.v1     <prefix>/shards/<shard>/_COMMITTED.json

@@ -98,4 +98,4 @@ def label_shard(
     secrets = redact.secret_values(opts)  # error texts from storage libraries must not carry credentials
     failures = [Failure(f.image_id, f.status, redact.redact(f.error, secrets)) for f in failures]
     categories = list(labeler.categories.values())
-    return storage.write_shard(store, shard.shard_id, results, failures, categories, fingerprint)
+    return storage.write_shard(store, shard.shard_id, results, failures, categories, fingerprint, shard.names)

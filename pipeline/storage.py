@@ -4,7 +4,7 @@ prefix is a local path or any fsspec URL (``s3://``, ``gs://``, ``memory://``).
 Layout under the prefix::
 
     run.json                              fingerprint + config + model fingerprint (schemas/run.v1)
-    labels/<name>.png                     indexed PNG label map of each image (pipeline/pngs.py)
+    labels/<name>.png                     indexed PNG label map of each image, <name> its file stem (pngs.py)
     shards/<shard_id>/annotations.json    COCO annotations of the shard's images (pipeline/coco.py)
     shards/<shard_id>/stats_images.parquet, stats_classes.parquet   quality statistics (deterministic)
     shards/<shard_id>/timings.parquet     wall-clock seconds per stage (the only non-deterministic file)
@@ -18,9 +18,16 @@ shard's counts, the sha256 and size of every deterministic file it wrote (label 
 and the run's fingerprint. A shard without a marker, or with another run's fingerprint, is not
 done: ``write_shard`` deletes its marker and stale files first and rewrites it from scratch.
 
-Names: ``<name>`` is ``safe_name(image_id)``: the id itself when it is a plain file name, else a
-sanitised stem plus 12 hex digits of the id's sha256, so no image id ("../x", "/abs", NUL, ...)
-can name a path outside the prefix. (Ids differing only in case collide on case-insensitive disks.)
+Names: ``<name>`` is the image file's stem (``000000000139`` for ``000000000139.jpg``), so label
+maps pair with their images the way COCO-Stuff, VOC and mmsegmentation expect (``image_names``).
+The stem is taken from the record's ``file_name`` (COCO inputs) or the basename of its ``uri``
+and passed through ``safe_name``: kept when it is a plain file name, else a sanitised stem plus 12
+hex digits of its sha256, so no name ("../x", "/abs", NUL, ...) can leave the prefix. When two
+records of a run share a stem (compared case-insensitively, as on case-insensitive disks), the
+first in manifest order keeps it and each later one is named ``<sanitised id>-<12 hex digits>``
+(``id_name``), which no plain stem can look like. The rule depends on the manifest order only,
+never on shard boundaries. Writers that pass no names (runs before stems) name labels by
+``safe_name(image_id)``.
 Storage options (credentials) are handed to fsspec and never written anywhere.
 
 Faults: every ``Store`` method retries transient storage faults (``pipeline.retry``: resets,
@@ -95,9 +102,65 @@ def safe_name(image_id: str) -> str:
     return f"{stem}-{digest}"
 
 
+def id_name(image_id: str) -> str:
+    """The label stem of an image whose file stem another image of the run already took: the
+    sanitised id plus 12 hex digits of a sha256 kept apart from ``safe_name``'s, so it equals no
+    stem ``safe_name`` gives and no other id's name."""
+    if not isinstance(image_id, str) or not image_id:
+        raise ValueError(f"image ids must be non-empty strings, got {image_id!r}")
+    stem = re.sub(r"[^A-Za-z0-9._=-]", "_", image_id)[:64].lstrip(".=-") or "id"
+    return f"{stem}-{_sha256(('id:' + image_id).encode('utf-8', 'surrogatepass'))[:12]}"
+
+
+def label_file(name: str) -> str:
+    """Path of the label PNG named ``name`` (an ``ImageName.label``), relative to the prefix."""
+    return f"labels/{name}.png"
+
+
 def label_path(image_id: str) -> str:
-    """Path of an image's label PNG, relative to the output prefix."""
-    return f"labels/{safe_name(image_id)}.png"
+    """Path of an image's label PNG named by its id (writers given no ``ImageName``; old runs)."""
+    return label_file(safe_name(image_id))
+
+
+@dataclass(frozen=True)
+class ImageName:
+    """How a run's outputs name one image. ``label``: the stem of its label PNG (safe as a file
+    name); ``file_name``: the image as the COCO output's ``images[].file_name`` records it (the
+    input's ``file_name`` for COCO inputs, relative to ``--images``; else the manifest's uri)."""
+
+    label: str
+    file_name: str
+
+
+def file_stem(path: str) -> str:
+    """``"a/b/000000000139.jpg"`` -> ``"000000000139"``: the basename without its last extension
+    (also for URLs: ``s3://b/x.png`` -> ``x``)."""
+    base = path.rstrip("/").rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[0] if "." in base.lstrip(".") else base
+
+
+class ImageNamer:
+    """Names records in manifest order (``ImageName``): the first record with a stem keeps it;
+    a later record whose stem is taken (case-insensitively) gets ``id_name``. Holds one short
+    string per named image, like the manifest check's set of ids."""
+
+    def __init__(self) -> None:
+        self._taken: set[str] = set()
+
+    def __call__(self, record: Mapping[str, Any]) -> ImageName:
+        file_name = record.get("file_name") or record["uri"]
+        stem = file_stem(file_name)
+        label = safe_name(stem) if stem else id_name(record["id"])
+        if label.lower() in self._taken:
+            label = id_name(record["id"])
+        self._taken.add(label.lower())
+        return ImageName(label, file_name)
+
+
+def image_names(records: Iterable[Mapping[str, Any]]) -> dict[str, ImageName]:
+    """``ImageName`` by image id for ``records`` named together (see ``ImageNamer``)."""
+    namer = ImageNamer()
+    return {r["id"]: namer(r) for r in records}
 
 
 def shard_id_for(index: int, image_ids: Sequence[str]) -> str:
@@ -338,31 +401,50 @@ class ShardFiles:
 
 
 def _ordered(
-    results: Sequence[LabelResult], failures: Sequence[Failure | tuple[str, str, str]]
+    results: Sequence[LabelResult], failures: Sequence[Failure | tuple[str, str, str]], names: Mapping[str, ImageName]
 ) -> tuple[list[LabelResult], list[Failure]]:
     fails = [f if isinstance(f, Failure) else Failure(*f) for f in failures]
     ids = [r.image_id for r in results] + [f.image_id for f in fails]
-    names = [safe_name(i) for i in ids]
-    if len(set(ids)) != len(ids) or len(set(names)) != len(names):
-        dup = sorted({i for i in ids if ids.count(i) > 1}) or ids
+    if len(set(ids)) != len(ids):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
         raise ValueError(f"image ids must be unique within a shard (results and failures together): {dup[:5]}")
+    labels = [names[i].label.lower() for i in ids]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"two images of shard would share a label file: {sorted(names[i].label for i in ids)[:5]}; "
+                         "name them with storage.image_names")  # fmt: skip
     # Sorted by id: the files do not depend on the order in which batches finished.
     return sorted(results, key=lambda r: r.image_id), sorted(fails, key=lambda f: f.image_id)
 
 
+def _names_for(ids: Iterable[str], names: Mapping[str, ImageName] | None) -> dict[str, ImageName]:
+    """``names`` for ``ids``; without names (old callers), labels are named by id and the COCO
+    ``file_name`` is the label's path, as before label maps were named by file stem."""
+    if names is None:
+        return {i: ImageName(safe_name(i), label_path(i)) for i in ids}
+    unnamed = [i for i in ids if i not in names]
+    if unnamed:
+        raise ValueError(f"images {unnamed[:5]} have no ImageName; build names with storage.image_names(records)")
+    return dict(names)
+
+
 def build_shard(shard_id: str, results: Sequence[LabelResult], failures: Sequence[Failure | tuple[str, str, str]],
-                categories: Sequence[Any], fingerprint: str) -> ShardFiles:  # fmt: skip
-    """The shard's files as bytes, by path relative to the prefix (pure; no I/O)."""
+                categories: Sequence[Any], fingerprint: str,
+                names: Mapping[str, ImageName] | None = None) -> ShardFiles:  # fmt: skip
+    """The shard's files as bytes, by path relative to the prefix (pure; no I/O). ``names``: the
+    label stem and image file name of each image (``image_names``); see ``_names_for`` without."""
     folder = shard_dir(shard_id)
-    results, fails = _ordered(results, failures)
+    ids = [r.image_id for r in results] + [f[0] if isinstance(f, tuple) else f.image_id for f in failures]
+    names = _names_for(ids, names)
+    results, fails = _ordered(results, failures, names)
+    path = {r.image_id: label_file(names[r.image_id].label) for r in results}
     items = [(r.image_id, r.label_map, dict(zip(r.class_ids, map(float, r.final_scores), strict=True)),
-              label_path(r.image_id)) for r in results]  # fmt: skip
+              names[r.image_id].file_name) for r in results]  # fmt: skip
     doc = coco.build_coco(items, categories, {"description": "tag2mask pseudo-labels", "fingerprint": fingerprint})
-    image_rows = [stats.image_row(r, shard_id, label_path(r.image_id)) for r in results]
+    image_rows = [stats.image_row(r, shard_id, path[r.image_id]) for r in results]
     image_rows += [stats.failed_row(f, shard_id) for f in fails]
     class_rows = [row for r in results for row in stats.class_rows(r, shard_id)]
     timing_rows = [row for r in results for row in stats.timing_rows(r, shard_id)]
-    files = {label_path(r.image_id): pngs.encode_png(r.label_map) for r in results}
+    files = {path[r.image_id]: pngs.encode_png(r.label_map) for r in results}
     files[f"{folder}/annotations.json"] = json.dumps(doc, separators=(",", ":")).encode()
     files[f"{folder}/stats_images.parquet"] = stats.parquet_bytes(stats.to_table("stats_images", image_rows))
     files[f"{folder}/stats_classes.parquet"] = stats.parquet_bytes(stats.to_table("stats_classes", class_rows))
@@ -387,20 +469,23 @@ def marker_doc(shard_id: str, built: ShardFiles, fingerprint: str) -> dict[str, 
 
 def write_shard(store: Store, shard_id: str, results: Sequence[LabelResult],
                 failures: Sequence[Failure | tuple[str, str, str]], categories: Sequence[Any],
-                fingerprint: str) -> dict[str, Any]:  # fmt: skip
+                fingerprint: str, names: Mapping[str, ImageName] | None = None) -> dict[str, Any]:  # fmt: skip
     """Write one shard from scratch and commit it; returns the marker.
 
     results: labelled images; failures: ``Failure`` or ``(image_id, status, error)`` for images
     that produced no label map; categories: ``labeler.Category`` objects or COCO category dicts;
-    fingerprint: ``RunFingerprint.digest``. Order: old marker and stale files deleted, files
-    written, marker written last.
+    fingerprint: ``RunFingerprint.digest``; names: ``ImageName`` by image id (``Shard.names``),
+    labels named by id without. Order: old marker and stale files deleted, files written, marker
+    written last.
     """
-    built = build_shard(shard_id, results, failures, categories, fingerprint)
+    built = build_shard(shard_id, results, failures, categories, fingerprint, names)
     marker = marker_doc(shard_id, built, fingerprint)
     folder = shard_dir(shard_id)
+    failed = [f[0] if isinstance(f, tuple) else f.image_id for f in failures]
     store.remove_files([f"{folder}/{MARKER}"])
     store.remove_tree(folder)
-    store.remove_files(label_path(f[0] if isinstance(f, tuple) else f.image_id) for f in failures)
+    failed_names = _names_for(failed, names)
+    store.remove_files(label_file(failed_names[i].label) for i in failed)
     store.write_many({**built.files, **built.volatile})
     store.write_many({f"{folder}/{MARKER}": json.dumps(marker, indent=1).encode()})
     log.info("shard %s committed: %s", shard_id, built.counts)

@@ -260,3 +260,104 @@ def test_ray_and_serial_audits_write_identical_tables(synthetic_run: tuple[Path,
         assert (tmp_path / "serial" / f"{name}.parquet").read_bytes() == (
             tmp_path / "ray" / f"{name}.parquet"
         ).read_bytes()
+
+
+# --- pairing real layouts (issue 11, section 3) and stale shards (issue 12) ---
+
+COCO_NAMES = {"139": "000000000139.jpg", "285": "000000000285.jpg"}
+
+
+def _coco_style_run(prefix: Path, fingerprint: str = "f" * 64, shard: str = "00000-test") -> storage.Store:
+    """A run as label_coco.py writes it from a COCO file: ids 139 and 285, files 000000000139.jpg, ..."""
+    from pipeline import manifest
+
+    records = [{"id": i, "uri": f"/coco/val2017/{n}", "file_name": n, "tags": [1, 2]} for i, n in COCO_NAMES.items()]
+    store = storage.Store.open(str(prefix))
+    names = next(manifest.shards(records, 10)).names
+    storage.write_shard(store, shard, [_result("139", PRED_4x4), _result("285", PRED_4x4)], [], CATS, fingerprint,
+                        names)  # fmt: skip
+    return store
+
+
+@pytest.mark.parametrize("given_categories", [False, True])
+def test_cli_pairs_png_ground_truth_by_file_stem(given_categories: bool, tmp_path: Path, capsys) -> None:
+    """Without --categories the run's own are used; with them, pairing is what is tested."""
+    pred = tmp_path / "run"
+    _coco_style_run(pred)
+    gt = tmp_path / "stuffthingmaps"
+    gt.mkdir()
+    for name in COCO_NAMES.values():  # ground truth named like the images, as COCO-Stuff and VOC name them
+        (gt / name.replace(".jpg", ".png")).write_bytes(pngs.encode_png(GT_4x4))
+    (tmp_path / "cats.json").write_text(json.dumps(CATS))
+    extra = ["--categories", str(tmp_path / "cats.json")] if given_categories else []
+    assert audit_masks.main(["--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path / "r"), *extra]) == 0
+    out = capsys.readouterr().out
+    assert "2 images scored, 0 missing in the prediction, 0 missing in the ground truth" in out
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["miou"] == pytest.approx(MIOU_4x4) and summary["pixel_accuracy"] == pytest.approx(PIXEL_ACC_4x4)
+    images = pq.read_table(tmp_path / "r" / "images.parquet").to_pylist()
+    assert [r["image_id"] for r in images] == ["139", "285"]  # rows keep our ids (they join the stats)
+    classes = pq.read_table(tmp_path / "r" / "classes.parquet").column("name").to_pylist()
+    assert classes == ["background", "cat", "dog"]
+
+
+def test_cli_stops_when_nothing_pairs_and_shows_both_sides(tmp_path: Path, capsys) -> None:
+    pred = tmp_path / "run"
+    _coco_style_run(pred)
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    (gt / "IMG_0001.png").write_bytes(pngs.encode_png(GT_4x4))
+    (tmp_path / "cats.json").write_text(json.dumps(CATS))
+    args = ["--pred", str(pred), "--gt", str(gt), "--categories", str(tmp_path / "cats.json")]
+    assert audit_masks.main([*args, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "no image pairs" in err and "'139'" in err and "'000000000139'" in err and "'IMG_0001'" in err
+    assert "--pred-key" in err and "--gt-key" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_cocostuff_maps_store_id_minus_one(tmp_path: Path) -> None:
+    # COCO-Stuff stuffthingmaps: 0 is person (id 1), 1 bicycle (id 2), 181 wood (id 182), 255 unlabeled
+    stored = np.array([[0, 0, 1, 255], [181, 0, 1, 1]], np.uint8)
+    Image.fromarray(stored, mode="L").save(tmp_path / "000000000139.png")
+    everything = audit.CocoStuffFolder(str(tmp_path))
+    np.testing.assert_array_equal(everything.read("000000000139"), [[1, 1, 2, 255], [182, 1, 2, 2]])
+    things = audit.CocoStuffFolder(str(tmp_path), keep=[1, 2])  # a run over two thing classes: wood is background
+    np.testing.assert_array_equal(things.read("000000000139"), [[1, 1, 2, 255], [0, 1, 2, 2]])
+
+
+def test_cli_audits_against_cocostuff_maps(tmp_path: Path) -> None:
+    pred = tmp_path / "run"
+    _coco_style_run(pred)
+    gt = tmp_path / "cocostuff"
+    gt.mkdir()
+    stored = np.where(GT_4x4 == 255, 255, np.where(GT_4x4 == 0, 120, GT_4x4 - 1)).astype(np.uint8)  # 120: stuff
+    for name in COCO_NAMES.values():
+        Image.fromarray(stored, mode="L").save(gt / name.replace(".jpg", ".png"))
+    args = ["--pred", str(pred), "--gt", str(gt), "--out", str(tmp_path / "r")]
+    assert audit_masks.main([*args, "--gt-format", "cocostuff"]) == 0
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["images_scored"] == 2 and summary["miou"] == pytest.approx(MIOU_4x4)
+    assert audit_masks.main(args) == 0  # read as plain ids, the same maps score differently
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["images_error"] == 2  # 120 is no category
+
+
+def test_open_run_audits_only_the_runs_shards(tmp_path: Path) -> None:
+    from pipeline.config import Config
+
+    store = _coco_style_run(tmp_path / "run", fingerprint="a" * 64, shard="00000-stale")  # before --overwrite
+    run = storage.run_fingerprint(Config().fingerprint(), {"clip": {"sha256": "ab"}}, "b" * 64)
+    storage.write_run(store, run, Config().to_dict(), {"clip": {"sha256": "ab"}})
+    storage.write_shard(store, "00001-new", [_result("7", PRED_4x4)], [], CATS, run.digest)
+    opened = audit.open_run(str(tmp_path / "run"))
+    assert list(opened.shards) == ["00001-new"] and opened.ignored_shards == 1
+    assert sorted(k for s in opened.shards.values() for k in s.image_ids()) == ["7"]
+
+
+def test_a_ground_truth_annotation_without_segmentation_is_an_error_row() -> None:
+    doc = {"images": [{"id": 7, "file_name": "7.jpg", "height": 4, "width": 4}], "categories": CATS,
+           "annotations": [{"id": 1, "image_id": 7, "category_id": 1, "bbox": [0, 0, 2, 2]}]}  # fmt: skip
+    ours = coco.build_coco([("7", PRED_4x4, {1: 0.9, 2: 0.8}, "7.jpg")], CATS)
+    pred, gt = audit.CocoLabels(ours, "ours", "source_id"), audit.CocoLabels(doc, "gt")
+    row = audit.audit_images(pred, gt, ["7"], (0, 1, 2)).rows[0]
+    assert row["status"] == audit.ERROR and "annotation 1 of image 7 has no segmentation" in row["error"]

@@ -108,7 +108,7 @@ def test_exif_rotated_image_is_labeled_like_the_upright_image(corpus_run):
         store = storage.Store.open(str(tmp / f"out-{name}"))
         shard = next(manifest.shards([record], 1))
         label_shard(lab, store, shard, FP)
-        maps.append(np.asarray(Image.open(tmp / f"out-{name}" / storage.label_path("rotated"))))
+        maps.append(np.asarray(Image.open(tmp / f"out-{name}" / storage.label_file(shard.names["rotated"].label))))
     assert maps[0].shape == UPRIGHT
     np.testing.assert_array_equal(maps[0], maps[1])
     assert len(np.unique(maps[0])) > 1  # a uniform map would make the comparison empty
@@ -218,3 +218,44 @@ def test_a_coco_file_with_malformed_entries_is_reported_not_crashed(tmp_path):
     _, records = manifest.read_coco(str(tmp_path / "instances.json"), str(tmp_path), problems=problems)
     assert [r["id"] for r in records] == ["1"] and records[0]["tags"] == [1]
     assert len(problems) == 1 and "images[1] (id None)" in problems[0] and "'uri'" in problems[0]
+
+
+ESCAPING_FILE_NAMES = ["../escape.jpg", "sub/../../escape.jpg", "/etc/escape.jpg", "C:\\escape.jpg",
+                       "..\\escape.jpg", "file:///escape.jpg"]  # fmt: skip
+
+
+def test_coco_file_names_that_leave_the_image_folder_are_manifest_problems(tmp_path):
+    (tmp_path / "escape.jpg").write_bytes(b"outside the image folder")
+    images = [{"id": i + 1, "file_name": n} for i, n in enumerate(ESCAPING_FILE_NAMES)]
+    images.append({"id": 99, "file_name": "sub/inside.jpg"})
+    doc = {"categories": CATS, "annotations": [], "images": images}
+    (tmp_path / "instances.json").write_text(json.dumps(doc), encoding="utf-8")
+    problems: list[str] = []
+    _, records = manifest.read_coco(str(tmp_path / "instances.json"), str(tmp_path / "img"), problems=problems)
+    assert [r["id"] for r in records] == ["99"] and records[0]["file_name"] == "sub/inside.jpg"
+    assert len(problems) == len(ESCAPING_FILE_NAMES)
+    for name, problem in zip(ESCAPING_FILE_NAMES, problems, strict=True):
+        assert f"field 'file_name' {name!r}" in problem and "inside the image folder" in problem
+    with pytest.raises(manifest.ManifestError, match="'../escape.jpg' has a '..' part"):
+        manifest.read_coco(str(tmp_path / "instances.json"), str(tmp_path / "img"))
+
+
+@pytest.mark.slow
+def test_the_job_refuses_escaping_file_names_before_any_work(tmp_path, tiny_paths):
+    doc = {"categories": CATS, "annotations": [], "images": [{"id": 1, "file_name": "../escape.jpg"}]}
+    (tmp_path / "instances.json").write_text(json.dumps(doc), encoding="utf-8")
+    (tmp_path / "img").mkdir()
+    (tmp_path / "escape.jpg").write_bytes(b"outside the image folder")
+    proc = _job(tmp_path, tiny_paths, "--annotations", str(tmp_path / "instances.json"), "--images",
+                str(tmp_path / "img"))  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "1 manifest record(s) cannot be used" in proc.stderr and "'../escape.jpg' has a '..' part" in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_absolute_uris_in_a_jsonl_manifest_stay_allowed(tmp_path):
+    lines = [{"id": "a", "uri": "/data/images/a.jpg", "tags": [1]}, {"id": "b", "uri": "s3://bucket/b.jpg", "tags": []}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    problems: list[str] = []
+    records = list(manifest.read_jsonl(str(tmp_path / "m.jsonl"), problems=problems))
+    assert problems == [] and [r["uri"] for r in records] == ["/data/images/a.jpg", "s3://bucket/b.jpg"]

@@ -243,14 +243,14 @@ def test_images_that_all_fail_stop_the_run_early_instead_of_burning_gpu_hours(
 
 
 def test_a_shard_that_keeps_failing_is_reported_and_the_others_finish(ray_cluster, dataset, tiny_paths, tmp_path):
-    from pipeline.storage import label_path
+    from pipeline.storage import image_names, label_file
 
     address, env = ray_cluster
     lines = [{"id": f"ok{i}", "uri": str(dataset / "img" / f"{i:012d}.jpg"), "tags": [1]} for i in (1, 2, 3, 4, 5)]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (tmp_path / "cats.json").write_text(json.dumps([{"id": 1, "name": "cat"}, {"id": 3, "name": "person"}]))
     # A storage fault no retry can cure: ok3's label file is taken by a directory.
-    (tmp_path / "out" / label_path("ok3") / "x").mkdir(parents=True)
+    (tmp_path / "out" / label_file(image_names(lines)["ok3"].label) / "x").mkdir(parents=True)
     args = _job_args(dataset, tiny_paths, tmp_path / "out", "--max-attempts", "2")
     i = args.index("--annotations")
     args[i : i + 4] = ["--manifest", str(tmp_path / "m.jsonl"), "--categories", str(tmp_path / "cats.json")]

@@ -104,11 +104,12 @@ def test_the_overlapped_shard_path_gives_the_labeler_s_own_label_maps(labeler, c
     _, records = manifest.read_coco(f"{coco_files}/instances.json", f"{coco_files}/img")
     good = [r for r in records if r["id"] in ("1", "3")]
     store = storage.Store.open("memory://out-overlap")
-    label_shard(labeler, store, next(manifest.shards(good, 10)), "e" * 64)
+    shard = next(manifest.shards(good, 10))
+    label_shard(labeler, store, shard, "e" * 64)
     fs = fsspec.filesystem("memory")
     # The same batch as the shard forms (batch size is part of the config: batched float sums may
     # round differently, so byte identity is promised for a fixed config).
     direct = labeler.label([LabelRequest(r["id"], decode_image(fs.cat(r["uri"])), tuple(r["tags"])) for r in good])
     for r, d in zip(good, direct, strict=True):
-        stored = pngs.decode_png(store.read(storage.label_path(r["id"])))
+        stored = pngs.decode_png(store.read(storage.label_file(shard.names[r["id"]].label)))
         assert stored.tobytes() == d.label_map.tobytes()

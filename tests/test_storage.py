@@ -274,3 +274,91 @@ def test_run_record_and_fingerprint():
         storage.write_run(store, other, Config().to_dict(), {"clip": {"sha256": "ac"}})
     storage.write_run(store, other, Config().to_dict(), {"clip": {"sha256": "ac"}}, overwrite=True)
     assert storage.read_run(store)["parts"]["model"] == other.model
+
+
+# --- label maps named by the image file's stem (issue 11, section 3) ---
+
+
+def _records(*uris: str, **file_names: str) -> list[dict]:
+    """Manifest records ``img-000``.. for ``uris``; ``file_names`` by id as a COCO input gives them."""
+    recs = [{"id": f"img-{i:03d}", "uri": u, "tags": [3]} for i, u in enumerate(uris)]
+    return [{**r, "file_name": file_names[r["id"]]} if r["id"] in file_names else r for r in recs]
+
+
+def test_label_maps_are_named_by_the_image_stem_and_coco_keeps_the_image_file_name(tmp_path):
+    from pipeline import manifest
+
+    records = _records("/data/coco/val2017/000000000139.jpg", "s3://bucket/photos/beach.png",
+                       **{"img-000": "val2017/000000000139.jpg"})  # fmt: skip
+    shard = next(manifest.shards(records, 10))
+    store = storage.Store.open(str(tmp_path / "out"))
+    marker = storage.write_shard(store, "s", shard_inputs(2), [], CATEGORIES, FP, shard.names)
+    labels = sorted(p for p in marker["files"] if p.startswith("labels/"))
+    assert labels == ["labels/000000000139.png", "labels/beach.png"]
+    storage.merge(store, ["s"], FP)
+    api = COCO(str(tmp_path / "out" / "merged" / "annotations.json"))
+    by_source = {im["source_id"]: im["file_name"] for im in api.imgs.values()}
+    # COCO input: the input's file_name (relative to --images); JSONL: the manifest's uri
+    assert by_source == {"img-000": "val2017/000000000139.jpg", "img-001": "s3://bucket/photos/beach.png"}
+    rows = pq.read_table(tmp_path / "out" / "shards" / "s" / "stats_images.parquet").to_pylist()
+    assert [r["label_file"] for r in rows] == labels
+
+
+def test_shared_stems_get_id_names_whatever_the_shard_boundaries():
+    from pipeline import manifest
+
+    records = _records("/a/x.jpg", "/b/x.jpg", "/c/X.png", "/d/y.jpg", "/e/../x", "/f/.jpg")
+    whole = {i: n for s in manifest.shards(records, 6) for i, n in s.names.items()}
+    for size in (1, 2, 4):  # other shard boundaries, same names
+        assert {i: n for s in manifest.shards(records, size) for i, n in s.names.items()} == whole
+    labels = {i: n.label for i, n in whole.items()}
+    assert labels["img-000"] == "x" and labels["img-003"] == "y"  # first in manifest order keeps its stem
+    for later in ("img-001", "img-002", "img-004"):  # the same stem, also in another case: the id's name
+        assert labels[later] == storage.id_name(later) and labels[later].startswith(f"{later}-")
+    assert len({v.lower() for v in labels.values()}) == len(labels)
+    assert all(storage._PART.fullmatch(v) and not v.startswith(".") for v in labels.values())
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=12))
+def test_image_names_are_unique_and_safe(stems):
+    records = [{"id": f"{i}:{s}", "uri": f"/img/{s}.jpg", "tags": []} for i, s in enumerate(stems)]
+    labels = [n.label for n in storage.image_names(records).values()]
+    assert len({v.lower() for v in labels}) == len(labels)
+    assert all(storage._PART.fullmatch(v) for v in labels)
+
+
+def test_the_readme_training_recipe_pairs_every_labelled_image(tmp_path):
+    """The README's mmsegmentation snippet, run on a COCO-style run, then mmseg's own ann_file rule
+    (``<img_path>/<line><img_suffix>``, ``<seg_map_path>/<line><seg_map_suffix>``) on its list."""
+    import re
+    from pathlib import Path
+
+    from pipeline import manifest
+
+    images = tmp_path / "coco" / "train2017"
+    images.mkdir(parents=True)
+    doc = {"categories": [{"id": c["id"], "name": c["name"]} for c in CATEGORIES], "annotations": [],
+           "images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in (139, 285, 632)]}  # fmt: skip
+    for im in doc["images"]:
+        (images / im["file_name"]).write_bytes(b"jpeg")
+    (tmp_path / "instances.json").write_text(json.dumps(doc))
+    _, records = manifest.read_coco(str(tmp_path / "instances.json"), str(images))
+    shard = next(manifest.shards(records, 10))
+    results = [synthetic_result(r["id"], n) for n, r in enumerate(records[:2])]  # 632 failed: no label map
+    store = storage.Store.open(str(tmp_path / "run1"))
+    storage.write_shard(store, shard.shard_id, results, [("632", "decode_error", "x")], CATEGORIES, FP, shard.names)
+    storage.merge(store, [shard.shard_id], FP)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = re.search(r"mmsegmentation \(1\.x\):\n\n```python\n(.*?)```", readme, re.S).group(1)
+    snippet = snippet.replace("/data/pseudo/run1", str(tmp_path / "run1")).replace("/data/coco/train2017", str(images))
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    dataset = scope["train_dataloader"]["dataset"]
+    root, prefix = Path(dataset["data_root"]), dataset["data_prefix"]
+    lines = (root / dataset["ann_file"]).read_text().split()
+    assert lines == ["000000000139", "000000000285"]
+    for line in lines:
+        assert (Path(prefix["img_path"]) / (line + dataset["img_suffix"])).is_file()
+        assert (root / prefix["seg_map_path"] / (line + dataset["seg_map_suffix"])).is_file()
+    assert len(scope["classes"]) == 91 and scope["classes"][90] == "toothbrush"
