@@ -383,6 +383,10 @@ class CocoLabels:
         """Each image's key -> its ``other`` key field (``KEY_FIELDS``)."""
         return {k: KEY_FIELDS[other](im) for k, im in self._images.items()}
 
+    def image(self, key: str) -> Mapping[str, Any]:
+        """The COCO ``images`` entry of ``key`` (``file_name``, ``height``, ``width``, ...)."""
+        return self._images[key]
+
     def read(self, key: str) -> np.ndarray:
         return coco_label_map(self._images[key], self._anns[key])
 
