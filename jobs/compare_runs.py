@@ -56,9 +56,10 @@ def _with_gt(args: argparse.Namespace, a: compare.RunImages, b: compare.RunImage
     if isinstance(gt, audit.CocoStuffFolder):
         gt.keep_only(c["id"] for c in a.categories)
     keys = [r["image_id"] for r in rows if r["status"] == compare.OK]
-    audits = [compare.audit_run(run, gt, keys, f"ground truth {args.gt}") for run in (a, b)]
-    return {"gt_classes": compare.gt_class_table(*audits, cats), "gt_images": compare.gt_image_rows(*audits),
-            "gt_summary": compare.gt_summary(*audits)}  # fmt: skip
+    audit_a, audit_b = (compare.audit_run(run, gt, keys, f"ground truth {args.gt}") for run in (a, b))
+    return {"gt_classes": compare.gt_class_table(audit_a, audit_b, cats),
+            "gt_images": compare.gt_image_rows(audit_a, audit_b),
+            "gt_summary": compare.gt_summary(audit_a, audit_b)}  # fmt: skip
 
 
 def _pairs(rows: list[dict], a: compare.RunImages, b: compare.RunImages, count: int) -> list[compare_report.Pair]:
@@ -81,16 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     summary = compare.summary(result, cats)
     tables = {"agreement": compare.image_table(rows), "classes": compare.class_table(result.matrix, cats),
-              "pairs": compare.pairs_table(result.matrix, result.class_ids), "categories": compare.category_table(cats)}  # fmt: skip
+              "pairs": compare.pairs_table(result.matrix, result.class_ids),
+              "categories": compare.category_table(cats)}  # fmt: skip
     if gt is not None:
         tables.update(gt_classes=gt["gt_classes"], gt_images=compare.gt_image_table(gt["gt_images"]))
         summary["ground_truth"] = gt["gt_summary"]
     out = Path(args.out)
     _write(out, tables, summary)
-    page = compare_report.build_report(
-        f"{args.run_a} (A) against {args.run_b} (B)", {k: v for k, v in summary.items() if k != "ground_truth"},
-        tables["categories"], tables["classes"], rows, _pairs(rows, a, b, args.overlays),
-        gt and gt["gt_classes"], gt and gt["gt_images"], gt and gt["gt_summary"])  # fmt: skip
+    headline = {k: v for k, v in summary.items() if k != "ground_truth"}
+    gt_parts = (gt["gt_classes"], gt["gt_images"], gt["gt_summary"]) if gt is not None else (None, None, None)
+    title = f"{args.run_a} (A) against {args.run_b} (B)"
+    page = compare_report.build_report(title, headline, tables["categories"], tables["classes"], rows,
+                                       _pairs(rows, a, b, args.overlays), *gt_parts)  # fmt: skip
     (out / "report.html").write_text(page, encoding="utf-8")
     print(f"compare: {summary['images_compared']} images compared, {summary['images_missing_a']} missing in A, "
           f"{summary['images_missing_b']} missing in B, {summary['images_error']} errors")  # fmt: skip

@@ -39,7 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     counts = done["merged"]["counts"]
     print(f"consensus of {len(args.runs)} runs: {len(done['written'])} shard(s) written, "
-          f"{len(done['skipped'])} already committed; {counts['ok']} images labelled, {counts['failed']} failed")  # fmt: skip
+          f"{len(done['skipped'])} already committed; "
+          f"{counts['ok']} images labelled, {counts['failed']} failed")  # fmt: skip
     print(f"  outputs: {args.out} (merged/annotations.json, merged/stats_images/)")
     return 0
 

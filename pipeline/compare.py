@@ -241,7 +241,7 @@ class Agreement:
     class_ids: tuple[int, ...]
     valid_a: np.ndarray
     valid_b: np.ndarray
-    matrix: np.ndarray = field(default=None)  # type: ignore[assignment]
+    matrix: np.ndarray = field(default=None)  # type: ignore[arg-type,assignment]
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:

@@ -106,7 +106,8 @@ def miou_scatter_chart(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def disagreement_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """HWC uint8: green where A and B agree, red where they differ, yellow where either is 255."""
-    out = np.where((a == b)[..., None], np.uint8([40, 170, 60]), np.uint8([210, 40, 40])).astype(np.uint8)
+    out = np.full((*a.shape, 3), (210, 40, 40), dtype=np.uint8)
+    out[a == b] = (40, 170, 60)
     out[(a == IGNORE) | (b == IGNORE)] = (230, 200, 40)
     return out
 
@@ -128,7 +129,9 @@ def pair_chart(item: Pair) -> str:
 
 def _gt_sections(gt_classes: pa.Table, gt_images: Sequence[Mapping[str, Any]]) -> list[str]:
     deltas = [r["miou_delta"] for r in gt_images if r["miou_delta"] is not None]
-    worst = sorted((r for r in gt_images if r["miou_delta"] is not None), key=lambda r: (r["miou_delta"], r["image_id"]))
+    worst = sorted(
+        (r for r in gt_images if r["miou_delta"] is not None), key=lambda r: (r["miou_delta"], r["image_id"])
+    )
     columns = ["image_id", "miou_a", "miou_b", "miou_delta"]
     images = (_img(histogram_chart(deltas, "per-image mIoU of B minus A", (-1, 1)), "per-image mIoU deltas")
               + _img(miou_scatter_chart(gt_images), "per-image mIoU, A against B")
@@ -159,7 +162,8 @@ def build_report(title: str, summary: Mapping[str, Any], categories: pa.Table, c
              _section("image-agreement", _img(histogram_chart([r["agreement"] for r in scored
                                                                if r["agreement"] is not None], "per-image agreement"),
                                               "per-image agreement histogram")),
-             _section("disagreeing", "".join(_img(pair_chart(p), p.image_id) for p in disagreeing) or "<p>None.</p>")]  # fmt: skip
+             _section("disagreeing", "".join(_img(pair_chart(p), p.image_id) for p in disagreeing)
+                      or "<p>None.</p>")]  # fmt: skip
     if gt_classes is not None and gt_images is not None:
         parts += _gt_sections(gt_classes, gt_images)
     unscored = [r for r in images if r["status"] != "ok"]

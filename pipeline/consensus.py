@@ -98,8 +98,9 @@ class Inputs:
         return storage.RunFingerprint(config, model, self.records[0]["parts"]["manifest"])
 
     def model_doc(self) -> dict[str, Any]:
-        return {"consensus": {"rule": RULE, "inputs": [{"url": s.url, "fingerprint": r["fingerprint"]}
-                                                       for s, r in zip(self.stores, self.records, strict=True)]}}  # fmt: skip
+        inputs = [{"url": s.url, "fingerprint": r["fingerprint"]}
+                  for s, r in zip(self.stores, self.records, strict=True)]  # fmt: skip
+        return {"consensus": {"rule": RULE, "inputs": inputs}}
 
     @property
     def stores(self) -> list[storage.Store]:

@@ -110,7 +110,11 @@ def test_different_categories_compare_on_shared_ids_and_report_the_rest() -> Non
     assert table[2]["name_b"] is None and table[3]["name_a"] is None
     # an id that is no category of its run is an error row, not a silent count
     result.add("bad", np.full((2, 2), 9, np.uint8), np.zeros((2, 2), np.uint8))
-    assert result.rows[-1]["status"] == "error" and "run A" in result.rows[-1]["error"] and "[9]" in result.rows[-1]["error"]
+    assert (
+        result.rows[-1]["status"] == "error"
+        and "run A" in result.rows[-1]["error"]
+        and "[9]" in result.rows[-1]["error"]
+    )
     result.add("size", a, b[:, :3])
     assert result.rows[-1]["status"] == "error" and "2x4" in result.rows[-1]["error"]
     np.testing.assert_array_equal(result.matrix, [[1, 1], [0, 1]])

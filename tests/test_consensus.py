@@ -14,7 +14,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from pipeline import audit, consensus, storage
-from tests.test_compare import A_4x4, B_4x4, CATS, label_result, write_run
+from tests.test_compare import CATS, A_4x4, B_4x4, label_result, write_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import consensus as consensus_job  # noqa: E402
@@ -69,9 +69,15 @@ def test_consensus_written_as_a_run(runs: list[Path], tmp_path: Path, capsys) ->
     assert images["x"]["ignore_fraction"] == pytest.approx(6 / 16)  # ABC holds 6 x 255
     assert images["y"]["ignore_fraction"] == pytest.approx(1 / 16)
     assert images["f"]["status"] == "input_failed" and "decode_error: truncated file" in images["f"]["error"]
-    assert images["z"]["status"] == "input_failed" and "run 3" in images["z"]["error"] and "missing" in images["z"]["error"]
+    assert (
+        images["z"]["status"] == "input_failed"
+        and "run 3" in images["z"]["error"]
+        and "missing" in images["z"]["error"]
+    )
     assert images["w"]["status"] == "input_missing" and "run 2" in images["w"]["error"]
-    classes = {(r["image_id"], r["category_id"]): r for r in pq.read_table(out / "merged" / "stats_classes").to_pylist()}
+    classes = {
+        (r["image_id"], r["category_id"]): r for r in pq.read_table(out / "merged" / "stats_classes").to_pylist()
+    }
     assert classes[("x", 1)]["class_score"] == pytest.approx(0.3)  # mean of 0.6, 0.2, 0.1
     assert classes[("x", 2)]["class_score"] == pytest.approx(0.5)  # mean of 0.8, 0.4, 0.3
     assert classes[("x", 1)]["pixel_area"] == 2 and classes[("x", 2)]["pixel_area"] == 5
