@@ -18,10 +18,13 @@ The stages, in the order an image meets them (one module each):
     shards.py        one shard end to end with a labeler in hand (I/O threads overlap the models)
     runner.py        the only module that talks to Ray: actors, retries, resume, progress
 
-and, beside it, audit: pseudo labels vs ground truth
+and, beside it, audit and comparison: pseudo labels vs ground truth, runs vs runs
 
     audit.py         readers (our outputs, COCO/PNG ground truth), confusion matrix, metrics
     report.py        the static HTML report with embedded charts
+    compare.py       two runs image by image: agreement, IoU of A against B, audits side by side
+    compare_report.py   the comparison's HTML report, in the audit report's style
+    consensus.py     label maps where several runs agree (255 elsewhere), written as a run
 
 Beside them: prompts.py (prompt data), cli.py (options every job shares), architectures.py
 (model shapes for tests and benchmarks).
