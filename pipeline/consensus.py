@@ -34,7 +34,7 @@ import io
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -91,6 +91,7 @@ class Inputs:
 
     runs: list[RunImages]
     records: list[dict[str, Any]]
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # never written anywhere
 
     def fingerprint(self) -> storage.RunFingerprint:
         config = _sha({"rule": RULE, "inputs": [r["fingerprint"] for r in self.records]})
@@ -104,7 +105,7 @@ class Inputs:
 
     @property
     def stores(self) -> list[storage.Store]:
-        return [storage.Store.open(r.url) for r in self.runs]
+        return [storage.Store.open(r.url, **self.storage_options) for r in self.runs]
 
 
 def open_inputs(urls: Sequence[str], **storage_options: Any) -> Inputs:
@@ -118,7 +119,7 @@ def open_inputs(urls: Sequence[str], **storage_options: Any) -> Inputs:
             raise ValueError(f"{url} has no {storage.RUN_FILE}: a consensus only reads runs it can fingerprint")
         runs.append(open_images(url, **storage_options))
         records.append(record)
-    return Inputs(runs, records)
+    return Inputs(runs, records, dict(storage_options))
 
 
 # --- one image --------------------------------------------------------------------------------
@@ -218,7 +219,7 @@ def write_consensus(inputs: Inputs, out: storage.Store, overwrite: bool = False)
     categories = shared_categories(inputs.runs)
     run = inputs.fingerprint()
     storage.write_run(out, run, inputs.records[0]["config"], inputs.model_doc(), overwrite)
-    scores = [ClassScores(r) for r in inputs.runs]
+    scores = [ClassScores(r, **inputs.storage_options) for r in inputs.runs]
     written, skipped = [], []
     shards = shard_images(inputs.runs[0])
     for shard_id, image_ids in shards.items():
