@@ -41,6 +41,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"consensus of {len(args.runs)} runs: {len(done['written'])} shard(s) written, "
           f"{len(done['skipped'])} already committed; "
           f"{counts['ok']} images labelled, {counts['failed']} failed")  # fmt: skip
+    if done["not_in_a"]:
+        print(f"  {done['not_in_a']} image(s) of the other runs are not in run A's committed shards: left out")
     print(f"  outputs: {args.out} (merged/annotations.json, merged/stats_images/)")
     return 0
 

@@ -7,7 +7,8 @@ Inputs are read through ``compare.open_images`` (each run's shards committed und
 ``run.json`` fingerprint; every input needs its ``run.json``). Images pair by manifest id.
 
 - Shards mirror run A's (the first input's) committed shards: same shard ids, same images (those
-  A labelled and those A failed), same label file names and COCO ``file_name``.
+  A labelled and those A failed), same label file names and COCO ``file_name``. Images only
+  other runs recorded are not in the consensus; they are counted (``not_in_a``) and logged.
 - An image some input failed or lacks is a failed row (status ``input_failed`` or
   ``input_missing``, the error naming the run); maps of different sizes, or an image a run
   recorded no candidate classes for, are ``input_mismatch`` rows. Nothing is dropped silently.
@@ -213,7 +214,8 @@ def shard_images(run: RunImages) -> dict[str, list[str]]:
 def write_consensus(inputs: Inputs, out: storage.Store, overwrite: bool = False) -> dict[str, Any]:
     """Write (or finish) the consensus of ``inputs`` under ``out``: ``run.json``, one shard per
     shard of run A (committed ones skipped), then ``merged/``. Returns {"written", "skipped",
-    "merged"}: the shard ids written and skipped, and ``storage.merge``'s summary."""
+    "merged", "not_in_a"}: the shard ids written and skipped, ``storage.merge``'s summary, and how
+    many images other runs recorded that run A did not (a consensus holds run A's images only)."""
     if any(s.url == out.url for s in inputs.stores):
         raise ValueError(f"--out {out.url} is one of the input runs; write the consensus under a new prefix")
     categories = shared_categories(inputs.runs)
@@ -233,4 +235,8 @@ def write_consensus(inputs: Inputs, out: storage.Store, overwrite: bool = False)
                             _names(inputs.runs[0], image_ids))  # fmt: skip
         written.append(shard_id)
     merged = storage.merge(out, list(shards), run.digest)
-    return {"written": written, "skipped": skipped, "merged": merged}
+    in_a = {key for ids in shards.values() for key in ids}
+    not_in_a = len({key for r in inputs.runs[1:] for key in r.image_ids()} - in_a)
+    if not_in_a:
+        log.warning("%d image(s) of the other runs are not in run A's committed shards: not in the consensus", not_in_a)
+    return {"written": written, "skipped": skipped, "merged": merged, "not_in_a": not_in_a}

@@ -42,12 +42,13 @@ def test_consensus_map_by_hand() -> None:
 @pytest.fixture
 def runs(tmp_path: Path) -> list[Path]:
     """Run A in two shards: x, y | z, w, f (f failed in A). Run B in one shard, class scores other
-    than A's: x, y, z, f; w absent. Run C: x, y, w, f; z failed."""
+    than A's: x, y, z, f, v (v not in A); w absent. Run C: x, y, w, f; z failed."""
     write_run(tmp_path / "A", {"00000-s": [label_result("x", A_4x4, scores=[0.6, 0.8]), label_result("y", A_4x4)],
                                "00001-t": [label_result("z", A_4x4), label_result("w", A_4x4)]},
               failures={"00001-t": [("f", "decode_error", "truncated file")]})  # fmt: skip
     write_run(tmp_path / "B", {"00000-u": [label_result("x", B_4x4, scores=[0.2, 0.4]), label_result("y", A_4x4),
-                                           label_result("z", A_4x4), label_result("f", A_4x4)]}, tag="b")  # fmt: skip
+                                           label_result("z", A_4x4), label_result("f", A_4x4),
+                                           label_result("v", A_4x4)]}, tag="b")  # fmt: skip
     write_run(tmp_path / "C", {"00000-v": [label_result("x", C_4x4, scores=[0.1, 0.3]), label_result("y", A_4x4),
                                            label_result("w", A_4x4), label_result("f", A_4x4)]},
               failures={"00000-v": [("z", "missing", "image not found: /z.jpg")]}, tag="c")  # fmt: skip
@@ -61,7 +62,9 @@ def _files(prefix: Path) -> dict[str, bytes]:
 def test_consensus_written_as_a_run(runs: list[Path], tmp_path: Path, capsys) -> None:
     out = tmp_path / "agreed"
     assert consensus_job.main([*map(str, runs), "--out", str(out)]) == 0
-    assert "2 shard(s) written, 0 already committed; 2 images labelled, 3 failed" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 shard(s) written, 0 already committed; 2 images labelled, 3 failed" in printed
+    assert "1 image(s) of the other runs are not in run A's committed shards" in printed
     np.testing.assert_array_equal(audit.read_label_png((out / "labels" / "x.png").read_bytes()), ABC)
     np.testing.assert_array_equal(audit.read_label_png((out / "labels" / "y.png").read_bytes()), A_4x4)
     assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000-s", "00001-t"]  # run A's shards
