@@ -11,6 +11,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from pycocotools.coco import COCO
 
 from pipeline import audit, consensus, storage
@@ -37,6 +40,17 @@ def test_consensus_map_by_hand() -> None:
         consensus.consensus_map([A_4x4])
     with pytest.raises(ValueError, match="one size"):
         consensus.consensus_map([A_4x4, B_4x4[:3]])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(2, 4).flatmap(lambda n: st.lists(arrays(np.uint8, (3, 5), elements=st.sampled_from([0, 1, 2, 255])),
+                                                    min_size=n, max_size=n)))  # fmt: skip
+def test_consensus_pixels_equal_every_input_or_are_255(maps: list[np.ndarray]) -> None:
+    out = consensus.consensus_map(maps)
+    stack = np.stack(maps)
+    unanimous = (stack == stack[0]).all(axis=0) & (stack[0] != 255)
+    np.testing.assert_array_equal(out[unanimous], stack[0][unanimous])
+    assert (out[~unanimous] == 255).all()
 
 
 @pytest.fixture
