@@ -50,12 +50,14 @@ BACKGROUND_SETS: dict[str, tuple[str, ...]] = {
     "coco": tuple(w for w in _VOC_BACKGROUND if w not in ("keyboard", "sign")),
 }
 
-# Dataset class name -> the prompt string the published settings use for it.
+# Dataset class name -> the prompt string the published settings use for it (checked line by line
+# against the published class files data/voc/cls_voc21.txt and data/coco14/cls_coco81.txt).
 CLASS_PROMPTS: dict[str, dict[str, str]] = {
     "voc": {
         "bird": "bird avian",
         "chair": "chair seat",
         "person": "person with clothes, people, human",
+        "tvmonitor": "tvmonitor screen",
     },
     "coco": {
         "person": "person with cloth people human",
