@@ -157,12 +157,12 @@ def early_layer_fusion(visual: torch.nn.Module, pixels: torch.Tensor) -> FusionO
 
 
 def layer_logits(fusion: FusionOutput, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
-    """Section 2 step 5 before the softmax: [N, B, T, hw] float32 logits, ``logit_scale`` x the
+    """Section 2 step 5 before the softmax: [N, B, hw, T] float32 logits, ``logit_scale`` x the
     cosine between every candidate's patch tokens (class token dropped) and text [T, E]."""
     emb = fusion.embeddings[:, :, 1:].float()
     emb = emb / emb.norm(dim=-1, keepdim=True)
     t = text.float() / text.float().norm(dim=-1, keepdim=True)
-    return (logit_scale * emb @ t.T).transpose(-1, -2)
+    return logit_scale * emb @ t.T
 
 
 def patch_attention(attn_last: torch.Tensor) -> torch.Tensor:
@@ -199,8 +199,9 @@ def coarse_map(
 ) -> torch.Tensor:
     """Section 2 steps 5-6: [B, C, h, w] coarse map for text [T, E] whose first ``n_fg`` rows are
     the foreground classes (the rest: background classes, then the foreground mean)."""
-    seg = torch.softmax(layer_logits(fusion, text, logit_scale), dim=-2)[:, :, :n_fg]  # [N, B, C, hw]
-    return fuse_layers(seg, patch_attention(fusion.attn_last), select_layer, attention_thr, fusion.grid)
+    seg = torch.softmax(layer_logits(fusion, text, logit_scale), dim=-1)[..., :n_fg]  # [N, B, hw, C]
+    return fuse_layers(seg.transpose(-1, -2), patch_attention(fusion.attn_last), select_layer, attention_thr,
+                       fusion.grid)  # fmt: skip
 
 
 def class_scores(maps: torch.Tensor) -> torch.Tensor:
@@ -229,13 +230,13 @@ def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[
 
 def slide_logits(logits: Sequence[torch.Tensor], attns: Sequence[torch.Tensor],
                  boxes: Sequence[tuple[int, int, int, int]], grid: tuple[int, int], patch: int) -> torch.Tensor:  # fmt: skip
-    """The published ``forward_slide``: per-window logits [N, T, hw_win] and patch attention
+    """The published ``forward_slide``: per-window logits [N, hw_win, T] and patch attention
     [hw_win, hw_win] (head mean of A_fused(N)) for windows at pixel ``boxes`` -> [N, T, h*w]
     logits of the whole grid, averaged where windows overlap and propagated by the
     window-averaged attention. Attention between patches that share no window is 0; the
     averaged attention is divided by (count + 1e-5), as published, then by its row sums."""
     h, w = grid
-    n, t = logits[0].shape[:2]
+    n, t = logits[0].shape[0], logits[0].shape[-1]
     preds = torch.zeros(n, t, h, w, device=logits[0].device)
     count = torch.zeros(h, w, device=logits[0].device)
     attn = torch.zeros(h, w, h, w, device=logits[0].device)
@@ -243,7 +244,7 @@ def slide_logits(logits: Sequence[torch.Tensor], attns: Sequence[torch.Tensor],
     for lg, a, (y1, y2, x1, x2) in zip(logits, attns, boxes, strict=True):
         ys, xs = slice(y1 // patch, y2 // patch), slice(x1 // patch, x2 // patch)
         ch, cw = ys.stop - ys.start, xs.stop - xs.start
-        preds[:, :, ys, xs] += lg.float().reshape(n, t, ch, cw)
+        preds[:, :, ys, xs] += lg.float().transpose(-1, -2).reshape(n, t, ch, cw)
         count[ys, xs] += 1
         attn[ys, xs, ys, xs] += a.float().reshape(ch, cw, ch, cw)
         attn_count[ys, xs, ys, xs] += 1

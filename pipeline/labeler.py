@@ -206,13 +206,14 @@ class Labeler:
         c = self.config.cliper
         one = cliper.FusionOutput(fusion.embeddings[:, j : j + 1], fusion.attn_last[j : j + 1], fusion.grid)
         text = w.text.to(fusion.embeddings.device)
-        probs = torch.softmax(cliper.layer_logits(one, text, c.logit_scale)[:, 0], dim=-2)  # [N, T, hw]
+        probs = torch.softmax(cliper.layer_logits(one, text, c.logit_scale), dim=-1)[..., : w.n_fg]  # [N, 1, hw, C]
         if c.window:
             slide = self._slide_logits(pixels.to(fusion.embeddings.device, fusion.embeddings.dtype), text)
-            probs = 0.5 * torch.softmax(slide, dim=-2) + 0.5 * probs
-        seg = probs[:, list(w.channels)][:, None]  # [N, 1, C, hw]: the fg channels kept
+            probs = 0.5 * torch.softmax(slide, dim=-2)[:, None, : w.n_fg].transpose(-1, -2) + 0.5 * probs
+        if w.channels != tuple(range(w.n_fg)):
+            probs = probs[..., list(w.channels)]  # the classes kept: every later step is per class
         attn = cliper.patch_attention(one.attn_last)
-        return cliper.fuse_layers(seg, attn, c.select_layer, c.attention_thr, fusion.grid)[0]
+        return cliper.fuse_layers(probs.transpose(-1, -2), attn, c.select_layer, c.attention_thr, fusion.grid)[0]
 
     def _slide_logits(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """[N, T, h*w] window logits of one [3, H', W'] input (the published ``forward_slide``):

@@ -55,7 +55,7 @@ def test_window_logits_average_overlaps_and_propagate_with_the_window_averaged_a
     r1 /= r1.sum()
     a = np.array([[0.5, 0.5, 0.0], r1, [0.0, 0.3, 0.7]])
     expected = np.array([2.0, 5.0, 8.0]) @ a
-    logits = [torch.tensor([2.0, 4.0]).reshape(1, 1, 2), torch.tensor([6.0, 8.0]).reshape(1, 1, 2)]
+    logits = [torch.tensor([2.0, 4.0]).reshape(1, 2, 1), torch.tensor([6.0, 8.0]).reshape(1, 2, 1)]  # [N, hw, T]
     attns = [torch.tensor([[0.5, 0.5], [0.2, 0.8]]), torch.tensor([[0.6, 0.4], [0.3, 0.7]])]
     out = cliper.slide_logits(logits, attns, [(0, 1, 0, 2), (0, 1, 1, 3)], grid=(1, 3), patch=1)
     np.testing.assert_allclose(out.flatten().numpy(), expected, rtol=1e-6)
