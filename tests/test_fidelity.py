@@ -135,8 +135,9 @@ def test_a_tag_scores_the_same_whatever_else_is_tagged(labeler):
     img = blob_image(60, 80, seed=2)
     alone = labeler.label([LabelRequest("s", img, (7,))])[0]
     both = labeler.label([LabelRequest("s", img, (1, 7))])[0]
-    np.testing.assert_allclose(both.coarse[1], alone.coarse[0], rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(both.final_scores[1], alone.final_scores[0], rtol=1e-5, atol=1e-6)
+    # Relative only: the tiny models' class maps are ~1e-4, and tags-only candidates move them ~1e-3.
+    np.testing.assert_allclose(both.coarse[1], alone.coarse[0], rtol=1e-6, atol=0)
+    np.testing.assert_allclose(both.final_scores[1], alone.final_scores[0], rtol=1e-6, atol=0)
 
 
 # ---------------------------------------------------------------- Stable Diffusion
