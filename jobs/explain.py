@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         by_name = {c.name: c for c in categories}
         missing = [t for t in tags if t not in by_name]
         if missing:
-            raise ValueError(f"--tags {missing} are not candidate classes; add them to --categories "
-                             f"(candidates: {', '.join(by_name)})")
+            raise ValueError(
+                f"--tags {missing} are not candidate classes; add them to --categories "
+                f"(candidates: {', '.join(by_name)})"
+            )
         labeler = Labeler.from_config(config, categories)
         image_id = args.image_id or Path(args.image).stem
         result = labeler.label([LabelRequest(image_id, image, tuple(by_name[t].id for t in tags))])[0]

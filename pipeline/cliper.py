@@ -228,8 +228,13 @@ def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[
             for x in window_origins(width, min(crop, width), stride)]  # fmt: skip
 
 
-def slide_logits(logits: Sequence[torch.Tensor], attns: Sequence[torch.Tensor],
-                 boxes: Sequence[tuple[int, int, int, int]], grid: tuple[int, int], patch: int) -> torch.Tensor:  # fmt: skip
+def slide_logits(
+    logits: Sequence[torch.Tensor],
+    attns: Sequence[torch.Tensor],
+    boxes: Sequence[tuple[int, int, int, int]],
+    grid: tuple[int, int],
+    patch: int,
+) -> torch.Tensor:
     """The published ``forward_slide``: per-window logits [N, hw_win, T] and patch attention
     [hw_win, hw_win] (head mean of A_fused(N)) for windows at pixel ``boxes`` -> [N, T, h*w]
     logits of the whole grid, averaged where windows overlap and propagated by the

@@ -103,8 +103,9 @@ class Labeler:
         self._text_cache: dict[str, torch.Tensor] = {}
         bg = background_classes(config.cliper.background)
         self._background = torch.stack([self._embed(p) for p in bg]) if bg else None
-        if config.cliper.window is not None and (config.cliper.window % clip.patch_size
-                                                  or config.cliper.window_stride % clip.patch_size):
+        if config.cliper.window is not None and (
+            config.cliper.window % clip.patch_size or config.cliper.window_stride % clip.patch_size
+        ):
             raise ValueError(
                 f"cliper.window ({config.cliper.window}) and cliper.window_stride ({config.cliper.window_stride}) "
                 f"must be multiples of the ViT patch size {clip.patch_size}, so windows fall on the patch grid"

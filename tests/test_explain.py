@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import blob_image
@@ -41,6 +42,7 @@ def test_explain_writes_heatmaps_overlay_and_arrays(tiny_paths, tmp_path):
     assert maps["class_names"].tolist() == ["cat", "dog"]
 
 
+@pytest.mark.slow
 def test_explain_refuses_tags_outside_the_candidate_classes(tmp_path):
     image = tmp_path / "rgb_20x20.png"
     Image.fromarray(blob_image(20, 20)).save(image)

@@ -15,8 +15,10 @@ from pipeline.prompts import CAR_TEMPLATES, class_prompt
 from tests.conftest import CATEGORIES, blob_image, tiny_overrides
 
 # The first line of the published data/voc/cls_voc21.txt, verbatim.
-VOC_BACKGROUND_LINE = ("ground, land, grass, tree, building, wall, sky, lake, water, river, sea, railway, railroad, "
-                       "keyboard, helmet, cloud, house, mountain, ocean, road, rock, street, valley, bridge, sign")  # fmt: skip
+VOC_BACKGROUND_LINE = (
+    "ground, land, grass, tree, building, wall, sky, lake, water, river, sea, railway, railroad, "
+    "keyboard, helmet, cloud, house, mountain, ocean, road, rock, street, valley, bridge, sign"
+)
 
 
 # ---------------------------------------------------------------- direction of propagation
@@ -107,6 +109,7 @@ def test_candidates_are_every_dataset_class_then_background_then_their_mean(labe
     assert work.n_fg == 3 and work.class_ids == (15, 1) and work.channels == (2, 0)
 
 
+@pytest.mark.slow
 def test_tags_only_candidates_remain_a_named_option(labeler, tiny_paths):
     cfg = build_config("voc-vit-b16", tiny_overrides(tiny_paths, candidates="tags"))
     tags_only = Labeler(labeler.clip, labeler.sd, cfg, CATEGORIES)
@@ -120,8 +123,14 @@ def test_tags_only_candidates_remain_a_named_option(labeler, tiny_paths):
 
 def test_class_prompts_match_the_published_class_files():
     # data/voc/cls_voc21.txt and data/coco14/cls_coco81.txt (lines that differ from the name).
-    voc = {"bird": "bird avian", "chair": "chair seat", "person": "person with clothes, people, human",
-           "tvmonitor": "tvmonitor screen", "aeroplane": "aeroplane", "sofa": "sofa"}
+    voc = {
+        "bird": "bird avian",
+        "chair": "chair seat",
+        "person": "person with clothes, people, human",
+        "tvmonitor": "tvmonitor screen",
+        "aeroplane": "aeroplane",
+        "sofa": "sofa",
+    }
     coco = {"person": "person with cloth people human", "chair": "chair seat", "couch": "sofa",
             "potted plant": "pottedplant", "dining table": "diningtable", "tv": "tvmonitor",
             "airplane": "aeroplane", "motorcycle": "motorbike", "traffic light": "traffic light"}  # fmt: skip
@@ -129,6 +138,7 @@ def test_class_prompts_match_the_published_class_files():
     assert {n: class_prompt(n, "coco") for n in coco} == coco
 
 
+@pytest.mark.slow
 def test_a_tag_scores_the_same_whatever_else_is_tagged(labeler):
     """With the dataset's classes as candidates, the softmax does not depend on the tags: a class's
     maps are the same whether it is tagged alone or with others (tags only select channels)."""
@@ -148,6 +158,7 @@ def sd(labeler):
     return labeler.sd
 
 
+@pytest.mark.slow
 def test_the_timestep_is_index_45_of_the_checkpoints_scheduler_at_50_steps(sd, tiny_paths):
     # SD 2.1 base ships a PNDM scheduler with skip_prk_steps and steps_offset 1: for 50 steps its
     # PLMS timesteps are 981, 961, 961 (the repeated step), 941, ... so index 45 is
@@ -177,6 +188,7 @@ def test_the_timestep_is_index_45_of_the_checkpoints_scheduler_at_50_steps(sd, t
     assert torch.allclose(seen["sample"].double(), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_captured_attention_equals_diffusers_own_attention_probabilities(sd):
     layers = build_config().cliper.sd_layers
     modules = dict(sd.unet.named_modules())
@@ -185,6 +197,7 @@ def test_captured_attention_equals_diffusers_own_attention_probabilities(sd):
     def keep(name):
         def hook(module, args, kwargs):
             inputs[name] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
         return hook
 
     handles = [modules[n].register_forward_pre_hook(keep(n), with_kwargs=True) for n in layers]

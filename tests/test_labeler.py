@@ -126,6 +126,7 @@ def _published_sliding_coarse(labeler: Labeler, image: np.ndarray, crop: int, st
     return (sel @ attn + seg.mean(0)).reshape(n_fg, h, w)
 
 
+@pytest.mark.slow
 def test_sliding_window_follows_the_published_order(labeler, tiny_paths):
     """Window logits averaged and propagated by the window-averaged attention, softmax, mixed
     0.5 / 0.5 with the whole image, and only then layer selection and propagation."""
