@@ -724,6 +724,7 @@ def speedwork_text(labeler: Labeler, repeats: int) -> dict[str, Any]:
 
     req = LabelRequest("t", decode_image(synthetic_jpeg(0)), tuple(labeler.categories))
     labeler.infer([req])  # warm: the tags' own text embeddings are made here, not counted below
+    same = text_cache_identical(labeler, req)
     image_flops = count_flops(lambda: labeler.infer([req]))
     text_flops = count_flops(encode_all)
     cached = median_seconds(lambda: labeler.infer([req]), repeats, device)
@@ -733,7 +734,17 @@ def speedwork_text(labeler: Labeler, repeats: int) -> dict[str, Any]:
             "before_ms": (cached + text) * 1e3, "after_ms": cached * 1e3, "speedup": (cached + text) / cached,
             "predicted": f"FLOPs {(image_flops + text_flops) / 1e9:.4g} -> {image_flops / 1e9:.4g} G: "
                          f"x{(image_flops + text_flops) / image_flops:.3f}",
-            "identical": True}  # fmt: skip
+            "identical": same}  # fmt: skip
+
+
+def text_cache_identical(labeler: Labeler, req: LabelRequest) -> bool:
+    """Whether ``req`` labelled by ``labeler`` (its text cache already used by an earlier image)
+    gives byte-identical arrays to a new labeler that encodes every prompt afresh."""
+    other = LabelRequest("t-warm", decode_image(synthetic_jpeg(1)), req.tags)
+    cached = labeler.label([other, req])[1]
+    fresh = Labeler(labeler.clip, labeler.sd, labeler.config, list(labeler.categories.values())).label([req])[0]
+    return all(np.array_equal(getattr(cached, name), getattr(fresh, name))
+               for name in ("label_map", "coarse", "refined", "coarse_scores", "final_scores", "decision"))  # fmt: skip
 
 
 # ---------------------------------------------------------------- FLOPs and bytes

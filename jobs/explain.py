@@ -2,6 +2,9 @@
 
     python jobs/explain.py --image cat.jpg --tags cat,dog --out explain/ [--dump explain/maps.npz]
 
+The text candidates are the preset's dataset classes (VOC's 20 or COCO's 80, as the published
+evaluation embeds them), or the names given with --categories; the tags must be among them.
+
 Writes coarse.png and refined.png (per-class heatmaps over the image), overlay.png (the label map
 over the image) and, with --dump, the raw arrays as .npz.
 """
@@ -21,13 +24,14 @@ from pipeline.decode import ImageDecodeError, read_image  # noqa: E402
 from pipeline.labeler import Category, Labeler, LabelRequest, LabelResult  # noqa: E402
 from pipeline.labels import IGNORE  # noqa: E402
 from pipeline.models import WeightsUnavailableError  # noqa: E402
-from pipeline.prompts import class_prompt  # noqa: E402
+from pipeline.prompts import DATASET_CLASSES, class_prompt  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--image", required=True, help="image path (local or fsspec URL)")
     p.add_argument("--tags", required=True, help="comma-separated class names present in the image")
+    p.add_argument("--categories", help="comma-separated candidate classes (default: the preset's dataset classes)")
     p.add_argument("--image-id", help="id that seeds the diffusion noise (default: file name without extension)")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dump", metavar="FILE.npz", help="also save the raw arrays here")
@@ -85,6 +89,14 @@ def _overlay(image: np.ndarray, result: LabelResult, names: dict[int, str], path
     plt.close(fig)
 
 
+def candidate_categories(names: str | None, prompt_set: str) -> list[Category]:
+    """``--categories`` (or the prompt set's dataset classes) as categories with ids 1..C."""
+    listed = [n.strip() for n in names.split(",") if n.strip()] if names else list(DATASET_CLASSES[prompt_set])
+    if len(set(listed)) != len(listed):
+        raise ValueError(f"--categories lists a class twice: {listed}")
+    return [Category(i + 1, n, class_prompt(n, prompt_set)) for i, n in enumerate(listed)]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tags = [t.strip() for t in args.tags.split(",") if t.strip()]
@@ -93,25 +105,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         image = read_image(args.image)
-        categories = [Category(i + 1, t, class_prompt(t, config.cliper.prompt_set)) for i, t in enumerate(tags)]
+        categories = candidate_categories(args.categories, config.cliper.prompt_set)
+        by_name = {c.name: c for c in categories}
+        missing = [t for t in tags if t not in by_name]
+        if missing:
+            raise ValueError(
+                f"--tags {missing} are not candidate classes; add them to --categories "
+                f"(candidates: {', '.join(by_name)})"
+            )
         labeler = Labeler.from_config(config, categories)
         image_id = args.image_id or Path(args.image).stem
-        result = labeler.label([LabelRequest(image_id, image, tuple(c.id for c in categories))])[0]
+        result = labeler.label([LabelRequest(image_id, image, tuple(by_name[t].id for t in tags))])[0]
     except (WeightsUnavailableError, ImageDecodeError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     names = {c.id: c.name for c in categories}
-    _heatmaps(image, result.coarse, tags, "coarse", out / "coarse.png")
-    _heatmaps(image, result.refined, tags, "refined", out / "refined.png")
+    shown = [names[c] for c in result.class_ids]
+    _heatmaps(image, result.coarse, shown, "coarse", out / "coarse.png")
+    _heatmaps(image, result.refined, shown, "refined", out / "refined.png")
     _overlay(image, result, names, out / "overlay.png")
     if args.dump:
         Path(args.dump).parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(
             args.dump, coarse=result.coarse, refined=result.refined, coarse_scores=result.coarse_scores,
             final_scores=result.final_scores, label_map=result.label_map,
-            class_ids=np.array(result.class_ids), class_names=np.array(tags),
+            class_ids=np.array(result.class_ids), class_names=np.array(shown),
         )  # fmt: skip
     for k, cid in enumerate(result.class_ids):
         share = float((result.label_map == cid).mean())

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 _EPS = 1e-12  # guards a division only where a row is entirely zero (undefined otherwise)
+_WINDOW_EPS = 1e-5  # the published constant added to the window-attention counts
 
 
 class UnusableImageError(ValueError):
@@ -155,6 +156,39 @@ def early_layer_fusion(visual: torch.nn.Module, pixels: torch.Tensor) -> FusionO
     return FusionOutput(torch.stack(embeddings), a_fused, grid)
 
 
+def layer_logits(fusion: FusionOutput, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
+    """Section 2 step 5 before the softmax: [N, B, hw, T] float32 logits, ``logit_scale`` x the
+    cosine between every candidate's patch tokens (class token dropped) and text [T, E]."""
+    emb = fusion.embeddings[:, :, 1:].float()
+    emb = emb / emb.norm(dim=-1, keepdim=True)
+    t = text.float() / text.float().norm(dim=-1, keepdim=True)
+    return logit_scale * emb @ t.T
+
+
+def patch_attention(attn_last: torch.Tensor) -> torch.Tensor:
+    """[B, heads, L, L] A_fused(N) -> [B, hw, hw] float32 head mean over patch tokens."""
+    return attn_last.float().mean(dim=1)[:, 1:, 1:]
+
+
+def propagate(maps: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """[..., C, hw] maps propagated by [..., hw, hw] attention as the published code does:
+    ``maps @ attn`` (output patch j sums maps[i] * attn[i, j]; attn is not symmetric)."""
+    return maps @ attn
+
+
+def fuse_layers(seg: torch.Tensor, attn: torch.Tensor, select_layer: int, attention_thr: float,
+                grid: tuple[int, int]) -> torch.Tensor:  # fmt: skip
+    """Section 2 step 6: per-layer class probabilities [N, B, C, hw] and patch attention
+    [B, hw, hw] -> [B, C, h, w] coarse map. The selected layer is zeroed below ``attention_thr``
+    x its class maximum (in place, so the layer mean sees it too), propagated, and added to the
+    mean over layers. Every step is per class, so any subset of classes gives the same maps."""
+    seg = seg.clone()
+    sel = seg[select_layer]
+    sel[sel < attention_thr * sel.amax(dim=-1, keepdim=True)] = 0
+    coarse = propagate(sel, attn) + seg.mean(dim=0)
+    return coarse.reshape(*coarse.shape[:2], *grid)
+
+
 def coarse_map(
     fusion: FusionOutput,
     text: torch.Tensor,
@@ -165,16 +199,9 @@ def coarse_map(
 ) -> torch.Tensor:
     """Section 2 steps 5-6: [B, C, h, w] coarse map for text [T, E] whose first ``n_fg`` rows are
     the foreground classes (the rest: background classes, then the foreground mean)."""
-    emb = fusion.embeddings[:, :, 1:].float()  # drop the class token: [N, B, hw, E]
-    emb = emb / emb.norm(dim=-1, keepdim=True)
-    t = text.float() / text.float().norm(dim=-1, keepdim=True)
-    seg = torch.softmax(logit_scale * emb @ t.T, dim=-1)[..., :n_fg]  # [N, B, hw, C]
-    seg = seg.transpose(-1, -2).clone()  # [N, B, C, hw]
-    sel = seg[select_layer]
-    sel[sel < attention_thr * sel.amax(dim=-1, keepdim=True)] = 0  # in place: the mean sees it too
-    attn = fusion.attn_last.float().mean(dim=1)[:, 1:, 1:]  # [B, hw, hw]
-    coarse = sel @ attn + seg.mean(dim=0)
-    return coarse.reshape(*coarse.shape[:2], *fusion.grid)
+    seg = torch.softmax(layer_logits(fusion, text, logit_scale), dim=-1)[..., :n_fg]  # [N, B, hw, C]
+    return fuse_layers(seg.transpose(-1, -2), patch_attention(fusion.attn_last), select_layer, attention_thr,
+                       fusion.grid)  # fmt: skip
 
 
 def class_scores(maps: torch.Tensor) -> torch.Tensor:
@@ -190,3 +217,43 @@ def window_origins(size: int, crop: int, stride: int) -> list[int]:
     if origins[-1] != size - crop:
         origins.append(size - crop)
     return origins
+
+
+def window_boxes(height: int, width: int, crop: int, stride: int) -> list[tuple[int, int, int, int]]:
+    """Sliding-window crops (y1, y2, x1, x2) in pixels over an [height, width] input, in the
+    published order (rows, then columns): origins every ``stride`` and one flush with the far
+    edge; a side shorter than ``crop`` is one crop of that side."""
+    return [(y, y + min(crop, height), x, x + min(crop, width))
+            for y in window_origins(height, min(crop, height), stride)
+            for x in window_origins(width, min(crop, width), stride)]  # fmt: skip
+
+
+def slide_logits(
+    logits: Sequence[torch.Tensor],
+    attns: Sequence[torch.Tensor],
+    boxes: Sequence[tuple[int, int, int, int]],
+    grid: tuple[int, int],
+    patch: int,
+) -> torch.Tensor:
+    """The published ``forward_slide``: per-window logits [N, hw_win, T] and patch attention
+    [hw_win, hw_win] (head mean of A_fused(N)) for windows at pixel ``boxes`` -> [N, T, h*w]
+    logits of the whole grid, averaged where windows overlap and propagated by the
+    window-averaged attention. Attention between patches that share no window is 0; the
+    averaged attention is divided by (count + 1e-5), as published, then by its row sums."""
+    h, w = grid
+    n, t = logits[0].shape[0], logits[0].shape[-1]
+    preds = torch.zeros(n, t, h, w, device=logits[0].device)
+    count = torch.zeros(h, w, device=logits[0].device)
+    attn = torch.zeros(h, w, h, w, device=logits[0].device)
+    attn_count = torch.zeros(h, w, h, w, device=logits[0].device)
+    for lg, a, (y1, y2, x1, x2) in zip(logits, attns, boxes, strict=True):
+        ys, xs = slice(y1 // patch, y2 // patch), slice(x1 // patch, x2 // patch)
+        ch, cw = ys.stop - ys.start, xs.stop - xs.start
+        preds[:, :, ys, xs] += lg.float().transpose(-1, -2).reshape(n, t, ch, cw)
+        count[ys, xs] += 1
+        attn[ys, xs, ys, xs] += a.float().reshape(ch, cw, ch, cw)
+        attn_count[ys, xs, ys, xs] += 1
+    preds = (preds / count).flatten(-2)
+    attn = (attn / (attn_count + _WINDOW_EPS)).reshape(h * w, h * w)
+    attn = attn / attn.sum(dim=-1, keepdim=True).clamp_min(_EPS)
+    return propagate(preds, attn)

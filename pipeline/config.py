@@ -87,6 +87,11 @@ class CLIPerConfig:
     # Input guard, not a published setting: the short side goes to 336 px, so a 1 x 2000 image
     # would need a 336 x 672000 ViT input. Images more elongated than this are refused.
     max_aspect_ratio: float = 10.0
+    # Text candidates of the softmax (docs/METHODS.md): "dataset" = every category of the run, as
+    # the published evaluation embeds every class of the dataset and keeps the image's tags only
+    # in the label map; "tags" = the image's tags only (a different softmax: not the published
+    # method). Open-vocabulary mode always uses every category.
+    candidates: str = "dataset"
 
 
 @dataclass(frozen=True)
@@ -235,6 +240,10 @@ def _validate(cfg: Config) -> Config:
     c, r = cfg.cliper, cfg.refine
     if c.window is not None and c.window <= 0:
         raise ValueError(f"config cliper.window must be positive or null, got {c.window}")
+    if c.candidates not in ("dataset", "tags"):
+        raise ValueError(f"config cliper.candidates must be 'dataset' or 'tags', got {c.candidates!r}")
+    if c.window_stride < 1:
+        raise ValueError(f"config cliper.window_stride must be at least 1, got {c.window_stride}")
     if c.max_aspect_ratio < 1:
         raise ValueError(f"config cliper.max_aspect_ratio must be at least 1, got {c.max_aspect_ratio}")
     if r.pooling not in ("mean", "median"):

@@ -14,9 +14,19 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image this labeler can use; the message says why."""
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> [H, W, 3] uint8 RGB, rotated upright per its EXIF orientation.
+class SizeMismatchError(ImageDecodeError):
+    """The image matches the size its manifest record states in neither orientation."""
 
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 expected_size: tuple[int, int] | None = None) -> np.ndarray:  # fmt: skip
+    """Encoded image bytes -> [H, W, 3] uint8 RGB.
+
+    Orientation: with ``expected_size`` (width, height), as a manifest record (COCO) states it,
+    the orientation that has that size wins: the stored pixels when they match (ground truth
+    such as COCO's is drawn on them, and the published CLIPer code reads them without EXIF),
+    else the EXIF-rotated pixels; a size neither matches raises ``SizeMismatchError``. Without
+    it, the image is rotated upright per its EXIF orientation.
     Palette, grayscale, alpha, 16-bit and CMYK inputs are converted; images over ``max_pixels``
     pixels are refused before their pixels are decoded.
     """
@@ -27,8 +37,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
             if im.width * im.height > max_pixels:
                 raise ImageDecodeError(f"{im.width}x{im.height} exceeds the pixel limit of {max_pixels}")
             im.load()
-            im = ImageOps.exif_transpose(im)
-            return _to_rgb(im)
+            return _to_rgb(_oriented(im, expected_size))
     except ImageDecodeError:
         raise
     except Image.UnidentifiedImageError:
@@ -36,6 +45,18 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
         raise ImageDecodeError("cannot decode image: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ImageDecodeError(f"cannot decode image: {err}") from None
+
+
+def _oriented(im: Image.Image, expected_size: tuple[int, int] | None) -> Image.Image:
+    if expected_size is not None and tuple(im.size) == tuple(expected_size):
+        return im
+    upright = ImageOps.exif_transpose(im)
+    if expected_size is not None and tuple(upright.size) != tuple(expected_size):
+        raise SizeMismatchError(
+            f"the image is {im.width}x{im.height} (upright per EXIF: {upright.width}x{upright.height}), but its "
+            f"manifest record says {expected_size[0]}x{expected_size[1]}: fix the record or the file"
+        )
+    return upright
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:

@@ -44,7 +44,8 @@ class LabelResult:
     """Everything the labeler computed for one image.
 
     label_map: [H, W] uint8 (0 background, category ids, 255 ignore).
-    class_ids: the C candidate categories, in the order of the maps below.
+    class_ids: the C categories whose maps are held below (the image's tags, or every category
+        in open-vocabulary mode). The softmax ran over every candidate (``cliper.candidates``).
     coarse: [C, h, w] float32 CLIPer coarse map on the ViT grid.
     refined: [C, s, s] float32 compensated map (s = 64 for SD 2.1); the coarse map when
         compensation is off.
@@ -72,8 +73,10 @@ class LabelResult:
 @dataclass
 class _Work:
     request: LabelRequest
-    class_ids: tuple[int, ...]
-    text: torch.Tensor  # [T, E]: foreground, background, foreground mean
+    class_ids: tuple[int, ...]  # the classes whose maps are computed past the softmax
+    text: torch.Tensor  # [T, E]: candidate foreground classes, background classes, foreground mean
+    n_fg: int = 0  # foreground rows of ``text``
+    channels: tuple[int, ...] = ()  # position of each of ``class_ids`` among the foreground rows
     coarse: torch.Tensor | None = None
     refined: torch.Tensor | None = None
     coarse_scores: torch.Tensor | None = None
@@ -100,6 +103,15 @@ class Labeler:
         self._text_cache: dict[str, torch.Tensor] = {}
         bg = background_classes(config.cliper.background)
         self._background = torch.stack([self._embed(p) for p in bg]) if bg else None
+        if config.cliper.window is not None and (
+            config.cliper.window % clip.patch_size or config.cliper.window_stride % clip.patch_size
+        ):
+            raise ValueError(
+                f"cliper.window ({config.cliper.window}) and cliper.window_stride ({config.cliper.window_stride}) "
+                f"must be multiples of the ViT patch size {clip.patch_size}, so windows fall on the patch grid"
+            )  # fmt: skip
+        self._all_ids = tuple(self.categories)
+        self._all_text = self._text(self._all_ids) if self._all_ids else None
 
     @classmethod
     def from_config(cls, config: Config, categories: Sequence[Category]) -> Labeler:
@@ -118,6 +130,12 @@ class Labeler:
             self._text_cache[prompt] = mean / mean.norm()
         return self._text_cache[prompt]
 
+    def _text(self, ids: Sequence[int]) -> torch.Tensor:
+        """[T, E] candidate list: the classes ``ids``, the background classes, their mean."""
+        fg = torch.stack([self._embed(self.categories[i].prompt) for i in ids])
+        parts = [fg, self._background, fg.mean(dim=0, keepdim=True)]
+        return torch.cat([p for p in parts if p is not None])
+
     def _clock(self) -> float:
         """``time.perf_counter``, after a device synchronisation when ``sync_timings`` is on."""
         device = self.clip.model.logit_scale.device
@@ -132,12 +150,15 @@ class Labeler:
         unknown = [t for t in req.tags if t not in self.categories]
         if unknown:
             raise ValueError(f"image {req.image_id}: tags {unknown} are not in the category list")
-        ids = tuple(self.categories) if self.config.cliper.open_vocab else tuple(dict.fromkeys(req.tags))
+        c = self.config.cliper
+        ids = self._all_ids if c.open_vocab else tuple(dict.fromkeys(req.tags))
         if not ids:
             return _Work(req, ids, torch.zeros(0))
-        fg = torch.stack([self._embed(self.categories[i].prompt) for i in ids])
-        parts = [fg, self._background, fg.mean(dim=0, keepdim=True)]
-        return _Work(req, ids, torch.cat([p for p in parts if p is not None]))
+        if c.candidates == "tags" and not c.open_vocab:
+            return _Work(req, ids, self._text(ids), len(ids), tuple(range(len(ids))))
+        assert self._all_text is not None  # ids is non-empty, so categories are too
+        position = {cid: k for k, cid in enumerate(self._all_ids)}
+        return _Work(req, ids, self._all_text, len(self._all_ids), tuple(position[i] for i in ids))
 
     def label(self, requests: Sequence[LabelRequest]) -> list[LabelResult]:
         """Label a batch; results come back in the order of ``requests``."""
@@ -172,38 +193,44 @@ class Labeler:
                 batch = torch.stack([pixels[i] for i in chunk]).to(device, dtype)
                 fusion = cliper.early_layer_fusion(visual, batch)
                 for j, i in enumerate(chunk):
-                    coarse = self._coarse_one(fusion, j, work[i])
-                    if c.window:
-                        coarse = 0.5 * coarse + 0.5 * self._window_mean(pixels[i].to(device, dtype), work[i])
+                    coarse = self._coarse_one(fusion, j, work[i], pixels[i])
                     work[i].coarse = coarse
                     work[i].coarse_scores = cliper.class_scores(coarse[None])[0]
                 per = (self._clock() - t0) / len(chunk)
                 for i in chunk:
                     work[i].timings["clip_coarse"] = per
 
-    def _coarse_one(self, fusion: cliper.FusionOutput, j: int, w: _Work) -> torch.Tensor:
+    def _coarse_one(self, fusion: cliper.FusionOutput, j: int, w: _Work, pixels: torch.Tensor) -> torch.Tensor:
+        """[C, h, w] coarse map of image ``j`` of ``fusion`` for the classes of ``w``: per-layer
+        probabilities over the whole candidate list (mixed 0.5 / 0.5 with the sliding window's
+        when it is on, as the published ``forward``), then section 2 step 6 on the kept classes."""
         c = self.config.cliper
         one = cliper.FusionOutput(fusion.embeddings[:, j : j + 1], fusion.attn_last[j : j + 1], fusion.grid)
         text = w.text.to(fusion.embeddings.device)
-        return cliper.coarse_map(one, text, len(w.class_ids), c.logit_scale, c.select_layer, c.attention_thr)[0]
+        probs = torch.softmax(cliper.layer_logits(one, text, c.logit_scale), dim=-1)[..., : w.n_fg]  # [N, 1, hw, C]
+        if c.window:
+            slide = self._slide_logits(pixels.to(fusion.embeddings.device, fusion.embeddings.dtype), text)
+            probs = 0.5 * torch.softmax(slide, dim=-2)[:, None, : w.n_fg].transpose(-1, -2) + 0.5 * probs
+        if w.channels != tuple(range(w.n_fg)):
+            probs = probs[..., list(w.channels)]  # the classes kept: every later step is per class
+        attn = cliper.patch_attention(one.attn_last)
+        return cliper.fuse_layers(probs.transpose(-1, -2), attn, c.select_layer, c.attention_thr, fusion.grid)[0]
 
-    def _window_mean(self, pixels: torch.Tensor, w: _Work) -> torch.Tensor:
-        """Sliding-window coarse map [C, h, w]: windows averaged where they overlap."""
+    def _slide_logits(self, pixels: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """[N, T, h*w] window logits of one [3, H', W'] input (the published ``forward_slide``):
+        windows batched ``batch_size`` at a time, combined by ``cliper.slide_logits``."""
         c, p = self.config.cliper, self.clip.patch_size
         _, height, width = pixels.shape
-        ch, cw = min(c.window, height), min(c.window, width)
-        origins = [(y, x) for y in cliper.window_origins(height, ch, c.window_stride)
-                   for x in cliper.window_origins(width, cw, c.window_stride)]  # fmt: skip
-        total = torch.zeros(len(w.class_ids), height // p, width // p, device=pixels.device)
-        count = torch.zeros(1, height // p, width // p, device=pixels.device)
-        for start in range(0, len(origins), self.config.batch_size):
-            chunk = origins[start : start + self.config.batch_size]
-            crops = torch.stack([pixels[:, y : y + ch, x : x + cw] for y, x in chunk])
+        assert c.window is not None
+        boxes = cliper.window_boxes(height, width, c.window, c.window_stride)
+        logits, attns = [], []
+        for start in range(0, len(boxes), self.config.batch_size):
+            chunk = boxes[start : start + self.config.batch_size]
+            crops = torch.stack([pixels[:, y1:y2, x1:x2] for y1, y2, x1, x2 in chunk])
             fusion = cliper.early_layer_fusion(self.clip.model.visual, crops)
-            for j, (y, x) in enumerate(chunk):
-                total[:, y // p : (y + ch) // p, x // p : (x + cw) // p] += self._coarse_one(fusion, j, w)
-                count[:, y // p : (y + ch) // p, x // p : (x + cw) // p] += 1
-        return total / count
+            logits += list(cliper.layer_logits(fusion, text, c.logit_scale).unbind(1))
+            attns += list(cliper.patch_attention(fusion.attn_last).unbind(0))
+        return cliper.slide_logits(logits, attns, boxes, (height // p, width // p), p)
 
     def _compensate(self, work: Sequence[_Work]) -> None:
         c = self.config.cliper

@@ -64,9 +64,12 @@ def assemble_label_map(
 ) -> np.ndarray:
     """[K, H, W] decision scores of the kept classes -> [H, W] uint8 label map.
 
-    Scores below ``bkg_thre`` become 0; each pixel takes the id of its best class, or background
-    (0) where every kept class is 0. With ``labels.ignore_margin`` set, pixels whose two best
-    candidates (background counting as ``bkg_thre``) are closer than the margin become 255.
+    ``bkg_thre > 0``: scores below ``bkg_thre`` become 0; each pixel takes the id of its best
+    class, or background (0) where every kept class is 0. ``bkg_thre <= 0`` (the published
+    ``cam_to_label``'s other branch): background scores (1 - best class score)**2 and competes
+    in the argmax, winning ties. With ``labels.ignore_margin`` set, pixels whose two best
+    candidates (background counting as ``bkg_thre``, or as its score in the second branch) are
+    closer than the margin become 255. Ties between classes go to the earlier one.
     """
     ids = np.asarray(class_ids, dtype=np.int64)
     if len(ids) != len(scores):
@@ -76,11 +79,15 @@ def assemble_label_map(
     h, w = scores.shape[1:]
     if not len(ids):
         return np.zeros((h, w), dtype=np.uint8)
-    kept = np.where(scores < bkg_thre, 0.0, scores)
-    best = kept.argmax(axis=0)
-    label = np.where(kept.max(axis=0) > 0, ids[best], 0).astype(np.uint8)
+    if bkg_thre > 0:
+        kept = np.where(scores < bkg_thre, 0.0, scores)
+        best = kept.argmax(axis=0)
+        label = np.where(kept.max(axis=0) > 0, ids[best], 0).astype(np.uint8)
+        background = np.full((1, h, w), bkg_thre, dtype=scores.dtype)
+    else:
+        background = np.square(1 - scores.max(axis=0, keepdims=True)).astype(scores.dtype)
+        label = np.concatenate([[0], ids])[np.concatenate([background, scores]).argmax(axis=0)].astype(np.uint8)
     if labels.ignore_margin is not None:
-        with_bg = np.concatenate([np.full((1, h, w), bkg_thre, dtype=scores.dtype), scores])
-        top2 = np.sort(with_bg, axis=0)[-2:]
+        top2 = np.sort(np.concatenate([background, scores]), axis=0)[-2:]
         label[(top2[1] - top2[0]) < labels.ignore_margin] = IGNORE
     return label

@@ -50,12 +50,14 @@ BACKGROUND_SETS: dict[str, tuple[str, ...]] = {
     "coco": tuple(w for w in _VOC_BACKGROUND if w not in ("keyboard", "sign")),
 }
 
-# Dataset class name -> the prompt string the published settings use for it.
+# Dataset class name -> the prompt string the published settings use for it (checked line by line
+# against the published class files data/voc/cls_voc21.txt and data/coco14/cls_coco81.txt).
 CLASS_PROMPTS: dict[str, dict[str, str]] = {
     "voc": {
         "bird": "bird avian",
         "chair": "chair seat",
         "person": "person with clothes, people, human",
+        "tvmonitor": "tvmonitor screen",
     },
     "coco": {
         "person": "person with cloth people human",
@@ -74,6 +76,24 @@ VOC_CLASSES: tuple[str, ...] = (
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 )  # fmt: skip
+
+
+# The 80 COCO category names in category-id order (instances_*.json), as the COCO presets'
+# default class list where no manifest gives one (jobs/explain.py).
+COCO_CLASSES: tuple[str, ...] = (
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+)  # fmt: skip
+
+DATASET_CLASSES: dict[str, tuple[str, ...]] = {"voc": VOC_CLASSES, "coco": COCO_CLASSES}
 
 
 def templates(name: str) -> tuple[str, ...]:

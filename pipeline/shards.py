@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline import cliper, redact, refine, retry, storage
 from pipeline.config import Config
-from pipeline.decode import ImageDecodeError, decode_image
+from pipeline.decode import ImageDecodeError, SizeMismatchError, decode_image
 from pipeline.labeler import Labeler, LabelRequest, LabelResult
 from pipeline.manifest import Shard
 from pipeline.stats import Failure
@@ -40,7 +40,9 @@ def _load(record: dict[str, Any], max_pixels: int, storage_options: dict[str, An
           policy: retry.RetryPolicy = retry.DEFAULT) -> np.ndarray | Failure:  # fmt: skip
     """Decoded image (HWC uint8 RGB), or the Failure that says why there is none. Transient read
     faults are retried under ``policy``; one outlasting it, or a permanent one, is a ``read_error``
-    row, a missing file a ``missing`` row (not retried)."""
+    row, a missing file a ``missing`` row (not retried). A record's ``width`` and ``height``, when
+    given, pick the orientation (``decode_image``); an image matching them in neither is a
+    ``size_mismatch`` row."""
     uri = record["uri"]
     try:
         data = retry.call(lambda: _read_bytes(uri, storage_options), f"read {uri}", policy)
@@ -50,8 +52,11 @@ def _load(record: dict[str, Any], max_pixels: int, storage_options: dict[str, An
         return Failure(record["id"], "read_error", str(err))
     except OSError as err:
         return Failure(record["id"], "read_error", f"cannot read {uri}: {err}")
+    size = (record["width"], record["height"]) if record.get("width") and record.get("height") else None
     try:
-        return decode_image(data, max_pixels)
+        return decode_image(data, max_pixels, size)
+    except SizeMismatchError as err:
+        return Failure(record["id"], "size_mismatch", f"{uri}: {err}")
     except ImageDecodeError as err:
         return Failure(record["id"], "decode_error", f"{uri}: {err}")
 

@@ -111,12 +111,18 @@ def test_early_layer_fusion_matches_a_reference_written_from_the_method(tiny_vis
 
 @torch.no_grad()
 def test_candidate_k_sees_k_sinkhorn_rounds(tiny_visual):
-    """The published in-place rounds are not a rounding detail: one shared round differs."""
+    """The published in-place rounds are not a rounding detail: candidate k >= 2 differs from what
+    one shared round gives, and matches k rounds (candidate 1 sees one round either way)."""
     torch.manual_seed(1)
     pixels = torch.randn(1, 3, 64, 64)
     fusion = cliper.early_layer_fusion(tiny_visual, pixels)
+    k_rounds, attn_k = _reference_fusion(tiny_visual, pixels)
     one_round, attn_one = _reference_fusion(tiny_visual, pixels, one_round=True)
     np.testing.assert_allclose(fusion.embeddings[0, 0].double().numpy(), one_round[0], rtol=1e-4, atol=1e-4)
+    for k in range(1, len(k_rounds)):
+        np.testing.assert_allclose(fusion.embeddings[k, 0].double().numpy(), k_rounds[k], rtol=1e-4, atol=1e-4)
+        assert np.abs(fusion.embeddings[k, 0].double().numpy() - one_round[k]).max() > 1e-3
+    np.testing.assert_allclose(fusion.attn_last[0].double().numpy(), attn_k, atol=1e-5)
     assert np.abs(fusion.attn_last[0].double().numpy() - attn_one).max() > 1e-3
 
 
@@ -139,19 +145,26 @@ def test_coarse_map_keeps_only_foreground_channels_and_thresholds_the_selected_l
     torch.manual_seed(0)
     n, hw, e, c = 3, 6, 8, 2
     emb = torch.randn(n, 1, 1 + hw, e)
-    attn = torch.eye(1 + hw).expand(1, 2, -1, -1)  # identity propagation
+    # Two heads of row-stochastic, non-symmetric attention: sel @ A and A @ sel differ.
+    attn = torch.softmax(torch.randn(1, 2, 1 + hw, 1 + hw) * 3, dim=-1)
     fusion = cliper.FusionOutput(emb, attn, (2, 3))
     text = torch.randn(c + 3 + 1, e)
     out = cliper.coarse_map(fusion, text, c, logit_scale=10.0, select_layer=-1, attention_thr=0.5)
     assert out.shape == (1, c, 2, 3)
-    # Independent computation: softmax over all text rows, keep fg, threshold last layer.
-    x = emb[:, 0, 1:] / emb[:, 0, 1:].norm(dim=-1, keepdim=True)
-    t = text / text.norm(dim=-1, keepdim=True)
-    seg = torch.softmax(10.0 * x @ t.T, dim=-1)[..., :c].permute(0, 2, 1)  # [n, C, hw]
-    sel = seg[-1].clone()
-    sel[sel < 0.5 * sel.max(dim=-1, keepdim=True).values] = 0
-    expected = sel + (seg[0] + seg[1] + sel) / 3  # propagation by identity is sel itself
-    assert torch.allclose(out[0].reshape(c, hw), expected, atol=1e-6)
+    # Independent computation in float64 numpy: softmax over all text rows, keep fg, threshold the
+    # last layer, propagate as the published seg_last.flatten(-2, -1) @ attn.mean(0)[1:, 1:].
+    x = emb[:, 0, 1:].double().numpy()
+    x = x / np.linalg.norm(x, axis=-1, keepdims=True)
+    t = text.double().numpy() / np.linalg.norm(text.double().numpy(), axis=-1, keepdims=True)
+    logits = 10.0 * x @ t.T
+    prob = np.exp(logits - logits.max(-1, keepdims=True))
+    seg = (prob / prob.sum(-1, keepdims=True))[..., :c].transpose(0, 2, 1)  # [n, C, hw]
+    sel = seg[-1].copy()
+    sel[sel < 0.5 * sel.max(-1, keepdims=True)] = 0
+    a = attn[0].double().numpy().mean(0)[1:, 1:]
+    expected = sel @ a + (seg[0] + seg[1] + sel) / 3
+    np.testing.assert_allclose(out[0].reshape(c, hw).double().numpy(), expected, rtol=1e-5, atol=1e-6)
+    assert np.abs((a @ sel.T).T - sel @ a).max() > 1e-3  # the test can tell the two directions apart
 
 
 @pytest.mark.parametrize(

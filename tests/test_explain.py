@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tests.conftest import blob_image
@@ -35,5 +36,20 @@ def test_explain_writes_heatmaps_overlay_and_arrays(tiny_paths, tmp_path):
     assert maps["refined"].shape == (2, 64, 64)
     assert maps["coarse_scores"].shape == maps["final_scores"].shape == (2,)
     assert maps["label_map"].shape == (150, 200) and maps["label_map"].dtype == np.uint8
-    assert set(np.unique(maps["label_map"]).tolist()) <= {0, 1, 2}
+    # Candidates: VOC's 20 classes (the preset's), so the ids are VOC's: cat 8, dog 12.
+    assert maps["class_ids"].tolist() == [8, 12]
+    assert set(np.unique(maps["label_map"]).tolist()) <= {0, 8, 12}
     assert maps["class_names"].tolist() == ["cat", "dog"]
+
+
+@pytest.mark.slow
+def test_explain_refuses_tags_outside_the_candidate_classes(tmp_path):
+    image = tmp_path / "rgb_20x20.png"
+    Image.fromarray(blob_image(20, 20)).save(image)
+    proc = subprocess.run(
+        [sys.executable, "jobs/explain.py", "--image", str(image), "--tags", "cat,zebra", "--categories", "cat,dog",
+         "--out", str(tmp_path / "out"), "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--tags ['zebra'] are not candidate classes; add them to --categories (candidates: cat, dog)" in proc.stderr

@@ -69,3 +69,17 @@ def test_open_vocabulary_keeps_classes_above_the_score_threshold():
         1,
         2,
     ]
+
+
+def test_non_positive_bkg_thre_scores_background_as_squared_complement_of_the_best_class():
+    # The published cam_to_label branch for bkg_thre <= 0, by hand per pixel:
+    # (0.9, 0.2): bg (1-0.9)^2 = 0.01 -> class 3; (0.3, 0.4): bg 0.36 < 0.4 -> class 9;
+    # (0.1, 0.2): bg 0.64 -> 0; (0.5, 0.5): bg 0.25, tie between classes -> the first, 3;
+    # (0.0, 0.0): bg 1 -> 0.
+    scores = np.array([[[0.9, 0.3, 0.1, 0.5, 0.0]], [[0.2, 0.4, 0.2, 0.5, 0.0]]], dtype=np.float32)
+    for thre in (0.0, -1.0):
+        out = labels.assemble_label_map(scores, [3, 9], bkg_thre=thre, labels=LabelConfig())
+        assert out.tolist() == [[3, 9, 0, 3, 0]]
+    # The margin compares the best class with that background score: 0.4 vs 0.36 is close.
+    out = labels.assemble_label_map(scores, [3, 9], bkg_thre=0.0, labels=LabelConfig(ignore_margin=0.05))
+    assert out.tolist() == [[3, 255, 0, 255, 0]]
