@@ -193,17 +193,28 @@ def _image_probs(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor) ->
     return (model.logit_scale.exp().float() * feat @ t.T).softmax(dim=-1)
 
 
-def clip_es_from_text(
-    model: torch.nn.Module,
-    pixels: torch.Tensor,
-    text: torch.Tensor,
-    n_fg: int,
-    size: tuple[int, int],
-    box_threshold: float = 0.4,
-) -> ClipEsOutput:
-    """CLIP-ES maps of one image: ``pixels`` [1, 3, H', W'] normalised (``clip_es_input``),
-    ``text`` [T, E] whose first ``n_fg`` rows are the image's tags and the rest the background
-    classes, ``size`` (H, W) of the original image."""
+@dataclass(frozen=True)
+class ClipEsForward:
+    """What one forward/backward pass of CLIP-ES yields for one image.
+
+    activations: [h*w, D] float32 last-block ln_1 output at the patch tokens (row-major grid);
+    gradients: [C, h*w, D] float32 d(softmax prob of tag c) / d activations;
+    attention: [h*w, h*w] float32 head-averaged patch-to-patch attention, mean of the last 8 blocks;
+    scores: [C] float32 softmax probabilities of the tags (among tags + background); grid: (h, w).
+    """
+
+    activations: torch.Tensor
+    gradients: torch.Tensor
+    attention: torch.Tensor
+    scores: torch.Tensor
+    grid: tuple[int, int]
+
+
+def clip_es_forward(model: torch.nn.Module, pixels: torch.Tensor, text: torch.Tensor, n_fg: int) -> ClipEsForward:
+    """The model passes of CLIP-ES for ``pixels`` [1, 3, H', W'] (``clip_es_input``) and ``text``
+    [T, E] whose first ``n_fg`` rows are the image's tags and the rest the background classes.
+    Blocks before the last run without gradients, as published; gradients are taken locally even
+    when the caller runs under ``torch.no_grad``."""
     if pixels.ndim != 4 or pixels.shape[0] != 1:
         raise ValueError(f"CLIP-ES takes one image at a time ([1, 3, H, W]), got {tuple(pixels.shape)}")
     if not 0 <= n_fg <= text.shape[0]:
@@ -224,20 +235,41 @@ def clip_es_from_text(
         probs = _image_probs(model, out, text.to(x.device))
         attns.append(a[0].detach())
         grads = [torch.autograd.grad(probs[0, c], y, retain_graph=True)[0][0, 1:] for c in range(n_fg)]
-    mean_attn = torch.stack([a[1:, 1:].float() for a in attns[-CAA_LAYERS:]]).mean(dim=0)
-    transition = caa_transition(mean_attn)
+    d = y.shape[-1]
+    return ClipEsForward(
+        activations=y.detach()[0, 1:].float(),
+        gradients=torch.stack(grads).float() if grads else torch.zeros(0, grid[0] * grid[1], d),
+        attention=torch.stack([a[1:, 1:].float() for a in attns[-CAA_LAYERS:]]).mean(dim=0),
+        scores=probs.detach()[0, :n_fg].float(),
+        grid=grid,
+    )
+
+
+def clip_es_from_text(
+    model: torch.nn.Module,
+    pixels: torch.Tensor,
+    text: torch.Tensor,
+    n_fg: int,
+    size: tuple[int, int],
+    box_threshold: float = 0.4,
+) -> ClipEsOutput:
+    """CLIP-ES maps of one image (see ``clip_es_forward`` for the inputs); ``size`` (H, W) of the
+    original image, which the refined maps are resized to."""
+    fwd = clip_es_forward(model, pixels, text, n_fg)
+    transition = caa_transition(fwd.attention)
     cams, masks, refined = [], [], []
-    for g in grads:
-        cam = grad_cam(y.detach()[0, 1:], g, grid)
+    for g in fwd.gradients:
+        cam = grad_cam(fwd.activations, g, fwd.grid)
         mask = box_mask(cam, box_threshold)
         cams.append(cam)
         masks.append(mask)
         refined.append(upscale(caa_refine(transition, cam, mask), size))
+    grid = fwd.grid
     return ClipEsOutput(
         cam=torch.from_numpy(np.stack(cams)) if cams else torch.zeros(0, *grid),
         box_mask=torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, *grid, dtype=torch.bool),
         refined=torch.from_numpy(np.stack(refined)) if refined else torch.zeros(0, *size),
-        scores=probs.detach()[0, :n_fg].float().cpu(),
+        scores=fwd.scores.cpu(),
     )
 
 
