@@ -307,3 +307,51 @@ def label_map(refined: np.ndarray, class_ids: Sequence[int], bg_exponent: float 
     bg = np.power(1 - np.max(cams, axis=0, keepdims=True), bg_exponent).astype(np.float16)
     keys = np.concatenate([[0], ids])
     return keys[np.argmax(np.concatenate([bg, cams]), axis=0)].astype(np.uint8)
+
+
+# eval_cam_with_crf.py: DenseCRF(iter_max=10, pos_xy_std=1, pos_w=3, bi_xy_std=67, bi_rgb_std=3, bi_w=4),
+# background (1 - max) ** 1, pixels below 0.95 confidence set to 255 in the saved pseudo masks.
+CRF_ITERATIONS = 10
+CRF_GAUSSIAN = {"sxy": 1, "compat": 3}
+CRF_BILATERAL = {"sxy": 67, "srgb": 3, "compat": 4}
+CRF_CONFIDENCE = 0.95
+CRF_BG_EXPONENT = 1
+CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
+IGNORE = 255
+
+
+def crf_image(image: np.ndarray) -> np.ndarray:
+    """HWC uint8 RGB -> the HWC uint8 image the published CRF's bilateral kernel sees: BGR minus
+    the Caffe mean, cast back to uint8, so negative values wrap modulo 256 (``astype(np.uint8)``
+    on the mean-subtracted float image; written out here so no platform cast decides it)."""
+    bgr = image[..., ::-1].astype(np.float32) - np.asarray(CAFFE_MEAN_BGR, dtype=np.float32)
+    return np.ascontiguousarray((np.trunc(bgr).astype(np.int64) % 256).astype(np.uint8))
+
+
+def crf_label_map(image: np.ndarray, refined: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
+    """eval_cam_with_crf.py's pseudo mask: [H, W] uint8 labels from the HWC uint8 RGB ``image``
+    and its [C, H, W] refined maps (float16 as stored): dense CRF on [background, tags]
+    probabilities, argmax, and ``IGNORE`` where the CRF's probability is below 0.95.
+    Needs ``pydensecrf2`` (``pip install tag2mask[crf]``)."""
+    try:
+        import pydensecrf.densecrf as dcrf
+        from pydensecrf.utils import unary_from_softmax
+    except ImportError as err:
+        raise ImportError("the CLIP-ES dense CRF needs pydensecrf2: pip install 'tag2mask[crf]'") from err
+    if image.shape[:2] != refined.shape[1:] or refined.shape[0] != len(class_ids):
+        raise ValueError(f"image {image.shape} and {len(class_ids)} class ids do not fit maps of shape {refined.shape}")
+    ids = np.asarray(class_ids, dtype=np.int64)
+    if ((ids < 1) | (ids > 254)).any():
+        raise ValueError(f"class ids must lie in 1..254 (0 is background, 255 ignore), got {ids.tolist()}")
+    cams = np.asarray(refined).astype(np.float16)
+    bg = np.power(1 - np.max(cams, axis=0, keepdims=True), CRF_BG_EXPONENT).astype(np.float16)
+    prob = np.concatenate([bg, cams])
+    c, h, w = prob.shape
+    crf = dcrf.DenseCRF2D(w, h, c)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary_from_softmax(prob)))
+    crf.addPairwiseGaussian(**CRF_GAUSSIAN)
+    crf.addPairwiseBilateral(rgbim=crf_image(image), **CRF_BILATERAL)
+    q = np.array(crf.inference(CRF_ITERATIONS)).reshape(c, h, w)
+    labels = np.concatenate([[0], ids])[np.argmax(q, axis=0)]
+    labels[np.max(q, axis=0) < CRF_CONFIDENCE] = IGNORE
+    return labels.astype(np.uint8)

@@ -264,3 +264,36 @@ def test_published_synonyms_and_background_lists() -> None:
         class_prompts(["couch"], "voc")
     with pytest.raises(ValueError, match="prompts exist for"):
         background_prompts("ade20k")
+
+
+# --- dense CRF (pydensecrf2) ---------------------------------------------------------------------
+
+
+def test_crf_image_is_bgr_minus_caffe_mean_wrapped_to_uint8() -> None:
+    img = np.array([[[255, 0, 130], [200, 120, 110]]], dtype=np.uint8)
+    # BGR (130, 0, 255) - (104.008, 116.669, 122.675) = (25.99, -116.67, 132.33) -> (25, 140, 132)
+    # BGR (110, 120, 200) - mean = (5.99, 3.33, 77.33) -> (5, 3, 77)
+    np.testing.assert_array_equal(clip_es.crf_image(img), [[[25, 140, 132], [5, 3, 77]]])
+
+
+def test_crf_label_map_keeps_confident_regions_and_ignores_a_tie() -> None:
+    img = np.zeros((12, 16, 3), dtype=np.uint8)
+    img[:, 8:] = 255
+    halves = np.zeros((2, 12, 16), dtype=np.float32)
+    halves[0, :, :8] = 0.9  # background 1 - 0.9 = 0.1 there
+    halves[1, :, 8:] = 0.9
+    expected = np.full((12, 16), 3, dtype=np.uint8)
+    expected[:, 8:] = 9
+    np.testing.assert_array_equal(clip_es.crf_label_map(img, halves, [3, 9]), expected)
+    # background 1 - 0.5 = 0.5 against the tag's 0.5 everywhere: the CRF cannot break the tie -> 255
+    tie = clip_es.crf_label_map(img, np.full((1, 12, 16), 0.5, np.float32), [7])
+    np.testing.assert_array_equal(tie, np.full((12, 16), 255))
+
+
+def test_crf_background_is_one_minus_max_to_the_power_one() -> None:
+    img = np.zeros((12, 16, 3), dtype=np.uint8)
+    # a flat 0.45: background 0.55 wins (with the power 2 of eval_cam.py it would be 0.3025 and lose)
+    got = clip_es.crf_label_map(img, np.full((1, 12, 16), 0.45, np.float32), [7])
+    np.testing.assert_array_equal(got, np.zeros((12, 16)))
+    got = clip_es.crf_label_map(img, np.full((1, 12, 16), 0.55, np.float32), [7])
+    np.testing.assert_array_equal(got, np.full((12, 16), 7))
