@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,8 +34,11 @@ import torch.nn.functional as F
 from PIL import Image
 from scipy import ndimage
 
-from pipeline.cliper import _heads, _tokens
 from pipeline.clip_es_prompts import TEMPLATE
+from pipeline.cliper import _heads, _tokens
+
+if TYPE_CHECKING:
+    from pipeline.models import ClipModels
 
 _CAM_EPS = 1e-7  # pytorch_grad_cam's scale_cam_image: x / (1e-7 + max); its value moves the uint8 threshold
 CAA_LAYERS = 8  # attention of the last 8 blocks
@@ -80,7 +84,7 @@ def clip_es_input(image: np.ndarray, patch: int, mean: Sequence[float], std: Seq
 
 
 @torch.no_grad()
-def text_features(model: torch.nn.Module, tokenizer: object, prompts: Sequence[str], template: str = TEMPLATE) -> torch.Tensor:
+def text_features(model: Any, tokenizer: Any, prompts: Sequence[str], template: str = TEMPLATE) -> torch.Tensor:
     """[T, E] float32 unit-norm text embeddings of ``template.format(p)`` (``zeroshot_classifier``
     with one template: normalise, mean over templates, normalise)."""
     if not prompts:
@@ -165,7 +169,7 @@ def upscale(cam: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()
 
 
-def _attend(block: torch.nn.Module, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend(block: Any, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """nn.MultiheadAttention of one block on its ln_1 output y [1, L, D]: (output, probs [1, heads, L, L])."""
     attn = block.attn
     if not isinstance(attn, torch.nn.MultiheadAttention):
@@ -175,14 +179,14 @@ def _attend(block: torch.nn.Module, y: torch.Tensor) -> tuple[torch.Tensor, torc
     return attn.out_proj((probs @ v).transpose(1, 2).reshape(y.shape)), probs
 
 
-def _block(block: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _block(block: Any, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One residual block from its input x and ln_1(x) = y: (output, head-averaged attention [1, L, L])."""
     out, probs = _attend(block, y)
     x = x + block.ls_1(out)
     return x + block.ls_2(block.mlp(block.ln_2(x))), probs.mean(dim=1)
 
 
-def _image_probs(model: torch.nn.Module, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+def _image_probs(model: Any, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """Last-block output [1, L, D] -> [1, T] softmax over cosine logits (``forward_last_layer``)."""
     visual = model.visual
     feat = visual.ln_post(x)[:, 1:].mean(dim=1)  # mean of the patch tokens, before proj as published
@@ -210,7 +214,7 @@ class ClipEsForward:
     grid: tuple[int, int]
 
 
-def clip_es_forward(model: torch.nn.Module, pixels: torch.Tensor, text: torch.Tensor, n_fg: int) -> ClipEsForward:
+def clip_es_forward(model: Any, pixels: torch.Tensor, text: torch.Tensor, n_fg: int) -> ClipEsForward:
     """The model passes of CLIP-ES for ``pixels`` [1, 3, H', W'] (``clip_es_input``) and ``text``
     [T, E] whose first ``n_fg`` rows are the image's tags and the rest the background classes.
     Blocks before the last run without gradients, as published; gradients are taken locally even
@@ -221,8 +225,8 @@ def clip_es_forward(model: torch.nn.Module, pixels: torch.Tensor, text: torch.Te
         raise ValueError(f"n_fg={n_fg} tags but only {text.shape[0]} text rows")
     visual = model.visual
     blocks = list(visual.transformer.resblocks)
-    patch = visual.conv1.stride[0]
-    grid = (pixels.shape[-2] // patch, pixels.shape[-1] // patch)
+    patch = int(visual.conv1.stride[0])
+    grid = (int(pixels.shape[-2]) // patch, int(pixels.shape[-1]) // patch)
     with torch.no_grad():
         x = _tokens(visual, pixels.to(next(model.parameters()).device))
         attns = []
@@ -246,7 +250,7 @@ def clip_es_forward(model: torch.nn.Module, pixels: torch.Tensor, text: torch.Te
 
 
 def clip_es_from_text(
-    model: torch.nn.Module,
+    model: Any,
     pixels: torch.Tensor,
     text: torch.Tensor,
     n_fg: int,
@@ -274,7 +278,7 @@ def clip_es_from_text(
 
 
 def clip_es_maps(
-    clip: object,
+    clip: ClipModels,
     image: np.ndarray,
     class_prompts: Sequence[str],
     background_prompts: Sequence[str],

@@ -28,7 +28,13 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 @pytest.mark.parametrize(
     ("wh", "expected"),
-    [((500, 375), (512, 384)), ((16, 16), (16, 16)), ((17, 1), (32, 16)), ((224, 224), (224, 224)), ((1, 33), (16, 48))],
+    [
+        ((500, 375), (512, 384)),
+        ((16, 16), (16, 16)),
+        ((17, 1), (32, 16)),
+        ((224, 224), (224, 224)),
+        ((1, 33), (16, 48)),
+    ],
 )
 def test_input_size_rounds_each_side_up_to_16(wh: tuple[int, int], expected: tuple[int, int]) -> None:
     assert clip_es.input_size(*wh) == expected
@@ -159,7 +165,9 @@ def tiny_clip(tiny_paths: dict):
     """The tiny CLIP saved with the real save code and loaded back through production's loader."""
     from pipeline import models
 
-    cfg = ClipConfig(model=str(tiny_paths["clip_config"]), pretrained=None, checkpoint=str(tiny_paths["clip_checkpoint"]))
+    cfg = ClipConfig(
+        model=str(tiny_paths["clip_config"]), pretrained=None, checkpoint=str(tiny_paths["clip_checkpoint"])
+    )
     return models.build_clip(models._resolve_clip(cfg, {}, fetch=True), torch.device("cpu"), torch.float32)
 
 
@@ -184,7 +192,10 @@ def _reference(model: torch.nn.Module, pixels: torch.Tensor, text: torch.Tensor,
     probs = (ref.logit_scale.exp() * feat @ (text / text.norm(dim=-1, keepdim=True)).T).softmax(dim=-1)
     last = seen["ln_1"][-1]
     grads = torch.stack([torch.autograd.grad(probs[0, c], last, retain_graph=True)[0][0, 1:] for c in range(n_fg)])
-    attn = [b.attn(y, y, y, need_weights=True)[1][0, 1:, 1:] for b, y in zip(visual.transformer.resblocks, seen["ln_1"])]
+    attn = [
+        b.attn(y, y, y, need_weights=True)[1][0, 1:, 1:]
+        for b, y in zip(visual.transformer.resblocks, seen["ln_1"], strict=True)
+    ]
     return {
         "activations": last[0, 1:].detach(),
         "gradients": grads,
