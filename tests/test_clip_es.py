@@ -219,7 +219,8 @@ def test_forward_equals_open_clip_with_hooks_on_the_real_last_ln_1(tiny_clip) ->
     ref = _reference(tiny_clip.model, pixels, text, n_fg=2)
     assert got.grid == (3, 5)
     for key in ("activations", "gradients", "attention", "scores"):
-        torch.testing.assert_close(getattr(got, key), ref[key], rtol=1e-4, atol=1e-6, msg=key)
+        atol = 1e-5 * float(ref[key].abs().max())  # gradients are ~1e-4: an absolute 1e-6 would hide errors
+        torch.testing.assert_close(getattr(got, key), ref[key], rtol=1e-4, atol=atol, msg=key)
     # the maps: Grad-CAM from the reference gradients, by the published formula written out here
     out = clip_es.clip_es_from_text(tiny_clip.model, pixels, text, 2, (40, 75))
     for c in range(2):
