@@ -227,6 +227,18 @@ def test_forward_equals_open_clip_with_hooks_on_the_real_last_ln_1(tiny_clip) ->
         weights = ref["gradients"][c].mean(dim=0)
         raw = np.maximum((ref["activations"] @ weights).reshape(3, 5).numpy(), 0)
         np.testing.assert_allclose(out.cam[c].numpy(), _scaled(_scaled(raw)), atol=1e-5)
+        # CAA from the reference attention, each tag with its own box mask (box_mask is tested above)
+        mask = out.box_mask[c].numpy()
+        np.testing.assert_array_equal(mask, clip_es.box_mask(out.cam[c].numpy(), 0.4))
+        t = ref["attention"].double()
+        for _ in range(3):
+            t = t / t.sum(dim=0, keepdim=True)
+            t = t / t.sum(dim=1, keepdim=True)
+        t = (t + t.T) / 2
+        t = (t @ t) * torch.from_numpy(mask.reshape(1, -1))
+        small = (t @ out.cam[c].double().reshape(-1, 1)).reshape(1, 1, 3, 5).numpy()
+        up = F.interpolate(torch.from_numpy(_scaled(small)), size=(40, 75), mode="bilinear", align_corners=False)
+        np.testing.assert_allclose(out.refined[c].numpy(), up[0, 0].numpy(), atol=1e-4)  # float32 vs float64
     assert out.refined.shape == (2, 40, 75) and out.box_mask.shape == (2, 3, 5)
     assert float(out.refined.min()) >= 0 and float(out.refined.max()) <= 1
 
