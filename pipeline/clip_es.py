@@ -63,6 +63,23 @@ class ClipEsOutput:
     scores: torch.Tensor
 
 
+@dataclass(frozen=True)
+class ClipEsForward:
+    """What one forward/backward pass of CLIP-ES yields for one image.
+
+    activations: [h*w, D] float32 last-block ln_1 output at the patch tokens (row-major grid);
+    gradients: [C, h*w, D] float32 d(softmax prob of tag c) / d activations;
+    attention: [h*w, h*w] float32 head-averaged patch-to-patch attention, mean of the last 8 blocks;
+    scores: [C] float32 softmax probabilities of the tags (among tags + background); grid: (h, w).
+    """
+
+    activations: torch.Tensor
+    gradients: torch.Tensor
+    attention: torch.Tensor
+    scores: torch.Tensor
+    grid: tuple[int, int]
+
+
 def input_size(width: int, height: int, patch: int = 16) -> tuple[int, int]:
     """(W', H'): each side rounded up to a multiple of ``patch`` (``np.ceil(side / 16) * 16``)."""
     if width < 1 or height < 1:
@@ -195,23 +212,6 @@ def _image_probs(model: Any, x: torch.Tensor, text: torch.Tensor) -> torch.Tenso
     feat = feat.float() / feat.float().norm(dim=1, keepdim=True)
     t = text.float() / text.float().norm(dim=1, keepdim=True)
     return (model.logit_scale.exp().float() * feat @ t.T).softmax(dim=-1)
-
-
-@dataclass(frozen=True)
-class ClipEsForward:
-    """What one forward/backward pass of CLIP-ES yields for one image.
-
-    activations: [h*w, D] float32 last-block ln_1 output at the patch tokens (row-major grid);
-    gradients: [C, h*w, D] float32 d(softmax prob of tag c) / d activations;
-    attention: [h*w, h*w] float32 head-averaged patch-to-patch attention, mean of the last 8 blocks;
-    scores: [C] float32 softmax probabilities of the tags (among tags + background); grid: (h, w).
-    """
-
-    activations: torch.Tensor
-    gradients: torch.Tensor
-    attention: torch.Tensor
-    scores: torch.Tensor
-    grid: tuple[int, int]
 
 
 def clip_es_forward(model: Any, pixels: torch.Tensor, text: torch.Tensor, n_fg: int) -> ClipEsForward:
