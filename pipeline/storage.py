@@ -338,8 +338,8 @@ class ShardFiles:
 
 
 def _ordered(
-    results: Sequence[LabelResult], failures: Sequence[Failure | tuple[str, str, str]]
-) -> tuple[list[LabelResult], list[Failure]]:
+    results: Sequence[Any], failures: Sequence[Failure | tuple[str, str, str]]
+) -> tuple[list[Any], list[Failure]]:
     fails = [f if isinstance(f, Failure) else Failure(*f) for f in failures]
     ids = [r.image_id for r in results] + [f.image_id for f in fails]
     names = [safe_name(i) for i in ids]
@@ -350,18 +350,20 @@ def _ordered(
     return sorted(results, key=lambda r: r.image_id), sorted(fails, key=lambda f: f.image_id)
 
 
-def build_shard(shard_id: str, results: Sequence[LabelResult], failures: Sequence[Failure | tuple[str, str, str]],
-                categories: Sequence[Any], fingerprint: str) -> ShardFiles:  # fmt: skip
+def build_shard(shard_id: str, results: Sequence[LabelResult | stats.ImageEntry],
+                failures: Sequence[Failure | tuple[str, str, str]], categories: Sequence[Any],
+                fingerprint: str) -> ShardFiles:  # fmt: skip
     """The shard's files as bytes, by path relative to the prefix (pure; no I/O)."""
     folder = shard_dir(shard_id)
     results, fails = _ordered(results, failures)
-    items = [(r.image_id, r.label_map, dict(zip(r.class_ids, map(float, r.final_scores), strict=True)),
-              label_path(r.image_id)) for r in results]  # fmt: skip
+    # An ImageEntry (label_shard reduces each result as it finishes) or a whole LabelResult.
+    entries = [r if isinstance(r, stats.ImageEntry) else stats.entry(r, shard_id, label_path(r.image_id))
+               for r in results]  # fmt: skip
+    items = [(e.image_id, e.label_map, e.class_scores, label_path(e.image_id)) for e in entries]
     doc = coco.build_coco(items, categories, {"description": "tag2mask pseudo-labels", "fingerprint": fingerprint})
-    image_rows = [stats.image_row(r, shard_id, label_path(r.image_id)) for r in results]
-    image_rows += [stats.failed_row(f, shard_id) for f in fails]
-    class_rows = [row for r in results for row in stats.class_rows(r, shard_id)]
-    timing_rows = [row for r in results for row in stats.timing_rows(r, shard_id)]
+    image_rows = [e.image_row for e in entries] + [stats.failed_row(f, shard_id) for f in fails]
+    class_rows = [row for e in entries for row in e.class_rows]
+    timing_rows = [row for e in entries for row in e.timing_rows]
     files = {label_path(r.image_id): pngs.encode_png(r.label_map) for r in results}
     files[f"{folder}/annotations.json"] = json.dumps(doc, separators=(",", ":")).encode()
     files[f"{folder}/stats_images.parquet"] = stats.parquet_bytes(stats.to_table("stats_images", image_rows))
@@ -385,7 +387,7 @@ def marker_doc(shard_id: str, built: ShardFiles, fingerprint: str) -> dict[str, 
     return doc
 
 
-def write_shard(store: Store, shard_id: str, results: Sequence[LabelResult],
+def write_shard(store: Store, shard_id: str, results: Sequence[LabelResult | stats.ImageEntry],
                 failures: Sequence[Failure | tuple[str, str, str]], categories: Sequence[Any],
                 fingerprint: str) -> dict[str, Any]:  # fmt: skip
     """Write one shard from scratch and commit it; returns the marker.
