@@ -211,7 +211,7 @@ class Backend(Protocol):
     def kill(self, actor: Any) -> None: ...
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: two tries of one shard are different tasks
 class _Task:
     shard: Shard
     attempt: int = 1
@@ -220,7 +220,7 @@ class _Task:
     started: float | None = None  # when its actor began it (it became the head of the actor's queue)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Slot:
     actor: Any
     tasks: deque[_Task] = field(default_factory=deque)
@@ -260,7 +260,7 @@ class _Driver:
                 self.sleep(timeout)
             for future in done:
                 slot, task = futures[future]
-                if task in slot.tasks:  # not dropped by a replacement earlier in this round
+                if task in slot.tasks and not self.summary.stopped_early:  # not dropped earlier in this round
                     self._handle(slot, task, self.backend.outcome(future))
             self._expire()
             self.summary.seconds = self.clock() - start
@@ -391,7 +391,7 @@ class _Driver:
             deadline = self._deadline(slot)
             if deadline is not None and now >= deadline:
                 head = slot.tasks[0]
-                limit = deadline - (head.started or now)
+                limit = deadline - head.started if head.started is not None else 0.0
                 self.summary.timeouts += 1
                 log.warning("shard %s: no result after %.0f s; replacing its actor", head.shard.shard_id, limit)
                 self._replace(slot, culprit=head)
