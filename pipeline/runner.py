@@ -356,7 +356,7 @@ class _Driver:
         s.images_failed += counts.get("failed", 0)
         if task.batch_size is not None:
             s.smaller_batches[task.shard.shard_id] = task.batch_size
-        if task.started is not None:
+        if task.started is not None and slot.finished_any:  # an actor's first shard includes loading the models
             per_image = (now - task.started) / max(len(task.shard.records), 1)
             self.slowest = per_image if self.slowest is None else max(self.slowest, per_image)
         slot.finished_any, slot.errors_in_row = True, 0
