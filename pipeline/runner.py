@@ -278,9 +278,9 @@ class _Driver:
         return {t.future: (slot, t) for slot in self.slots for t in slot.tasks}
 
     def _deadline(self, slot: _Slot) -> float | None:
-        if not slot.tasks or slot.tasks[0].started is None:
+        head = slot.tasks[0] if slot.tasks else None
+        if head is None or head.started is None:
             return None
-        head = slot.tasks[0]
         return head.started + shard_deadline(len(head.shard.records), self.slowest, not slot.finished_any,
                                              self.options)  # fmt: skip
 
