@@ -62,20 +62,12 @@ class _LabelActor:
                                  batch_size=batch_size)  # fmt: skip
         return marker["counts"]
 
-    def threads(self) -> dict[str, Any]:
-        """What the actor's process runs with: torch's thread counts and the OMP/MKL variables."""
-        import os
-
-        import torch
-
-        env = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-        return {"torch_threads": torch.get_num_threads(), "torch_interop": torch.get_num_interop_threads(), **env}
-
 
 def _set_threads(threads: int | None) -> None:
     """Size torch's CPU thread pool to the actor's ``num_cpus`` on purpose. Ray exports
-    ``OMP_NUM_THREADS`` = the actor's ``num_cpus`` (1 unless asked) to its workers, so without this
-    the CPU half of labeling (full-resolution scores, label maps) runs on one core."""
+    ``OMP_NUM_THREADS`` = the actor's ``num_cpus`` to its worker (measured, Ray 2.60), which torch
+    follows; with the old ``num_cpus=1`` the CPU half of labeling (full-resolution scores, label
+    maps) ran on one core. Setting it here keeps the count explicit whatever the environment says."""
     if threads:
         import torch
 
