@@ -261,21 +261,6 @@ def test_a_shard_that_keeps_failing_is_reported_and_the_others_finish(ray_cluste
     assert len(list((tmp_path / "out" / "shards").glob("*/_COMMITTED.json"))) == 2
 
 
-def test_the_whole_cluster_killed_mid_run_resumes_to_identical_outputs(
-    cluster, dataset, tiny_paths, clean_run, tmp_path
-):
-    """Last in this file: it takes the module's cluster down (`ray stop --force` kills every Ray
-    process at once, mid-write or not) and brings a new one up for the rerun."""
-    out = tmp_path / "out"
-    args = _job_args(dataset, tiny_paths, out)
-    _submit(cluster.address, cluster.env, args, wait=False)
-    _wait_for_commit(out)
-    cluster.stop()
-    assert not _actor_processes()
-    cluster.restart_on_new_ports()
-    _resume_and_compare(cluster.address, cluster.env, args, out, clean_run[0])
-
-
 def test_a_hung_read_is_abandoned_at_the_shard_deadline_and_the_run_ends(ray_cluster, dataset, tiny_paths, tmp_path):
     """A named pipe as an image: opening it blocks forever (a stuck read). The shard's deadline
     kills and replaces the actor, the retry hangs too, the shard is reported failed and the other
@@ -299,3 +284,18 @@ def test_a_hung_read_is_abandoned_at_the_shard_deadline_and_the_run_ends(ray_clu
     assert "shards done 2" in text and "failed 1;" in text and "no result after" in text
     assert "shards past their deadline" in text and "actor restarts 2" in text
     assert len(list((tmp_path / "out" / "shards").glob("*/_COMMITTED.json"))) == 2
+
+
+def test_the_whole_cluster_killed_mid_run_resumes_to_identical_outputs(
+    cluster, dataset, tiny_paths, clean_run, tmp_path
+):
+    """Last in this file: it takes the module's cluster down (`ray stop --force` kills every Ray
+    process at once, mid-write or not) and brings a new one up for the rerun."""
+    out = tmp_path / "out"
+    args = _job_args(dataset, tiny_paths, out)
+    _submit(cluster.address, cluster.env, args, wait=False)
+    _wait_for_commit(out)
+    cluster.stop()
+    assert not _actor_processes()
+    cluster.restart_on_new_ports()
+    _resume_and_compare(cluster.address, cluster.env, args, out, clean_run[0])
