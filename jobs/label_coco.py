@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import manifest, redact, storage  # noqa: E402
+from pipeline import lease, manifest, redact, storage  # noqa: E402
 from pipeline.cli import add_model_arguments, config_from_args  # noqa: E402
 from pipeline.config import build_config  # noqa: E402
 from pipeline.labeler import Category  # noqa: E402
@@ -42,6 +42,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--num-actors", type=int, help="labeling actors (default: one per GPU, else one)")
     run.add_argument("--max-attempts", type=int, default=3, help="tries per shard before it is reported failed")
     run.add_argument("--max-failure-rate", type=float, default=0.9, help="stop early above this failed-image share")
+    run.add_argument("--shard-timeout", type=float, metavar="S",
+                     help="give up on a shard (kill and replace its actor, retry the shard) after S seconds, or "
+                          "5 x the slowest seconds per image seen so far times its images when longer "
+                          "(default 900)")  # fmt: skip
+    run.add_argument("--startup-timeout", type=float, metavar="S",
+                     help="extra seconds for an actor's first shard: loading the models (default 1800)")  # fmt: skip
+    run.add_argument("--actor-cpus", type=int, help="CPU cores and torch threads per actor (default: the cluster's "
+                                                    "CPUs per actor, at most 4)")  # fmt: skip
+    run.add_argument("--lease-ttl", type=float, default=300.0, metavar="S",
+                     help="the lease on --output expires S seconds after its last renewal (every S/3)")  # fmt: skip
     run.add_argument("--dry-run", action="store_true", help="print the plan and stop")
     run.add_argument("--overwrite", action="store_true", help="accept a changed config/weights/manifest")
     run.add_argument("--no-merge", action="store_true", help="skip the final merge (very large datasets)")
@@ -150,6 +160,15 @@ def _check_image_root(records, opts: dict) -> None:
         ) from None
 
 
+def eta_s(summary, total_images: int | None) -> float | None:
+    """Seconds left: images not yet labeled (this run's and those of shards committed before it
+    excepted) at this run's own rate; None until there is a rate."""
+    rate = summary.images / summary.seconds if summary.seconds else 0.0
+    if not total_images or not rate:
+        return None
+    return max(0, total_images - summary.images - summary.images_skipped) / rate
+
+
 def _progress(total_images: int | None):
     last = [0.0]
 
@@ -159,9 +178,11 @@ def _progress(total_images: int | None):
             return
         last[0] = now
         rate = s.images / s.seconds if s.seconds else 0.0
-        eta = f", ETA {(total_images - s.images) / rate:.0f} s" if total_images and rate else ""
-        print(f"[progress] shards done {s.shards_done} skipped {s.shards_skipped} failed {len(s.shards_failed)} | "
-              f"images {s.images} ({s.images_failed} failed) | {rate:.2f} img/s{eta}", flush=True)  # fmt: skip
+        left = eta_s(s, total_images)
+        eta = f", ETA {left:.0f} s" if left is not None else ""
+        print(f"[progress] shards done {s.shards_done} skipped {s.shards_skipped} ({s.images_skipped} images) "
+              f"failed {len(s.shards_failed)} | images {s.images} ({s.images_failed} failed) | "
+              f"{rate:.2f} img/s{eta}", flush=True)  # fmt: skip
 
     return show
 
@@ -176,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.shard_size is not None:
             config = build_config(config.preset, {**config.to_dict(), "shard_size": args.shard_size})
         inputs = _inputs(args, config.cliper.prompt_set, opts)
-        cats, records, manifest_fp = inputs.categories, inputs.records, inputs.fingerprint
+        records, manifest_fp = inputs.records, inputs.fingerprint
         _check_image_root(records, opts)
         pinned, models_fp = pin_weights(config.model, opts)  # hub commits pinned for the actors
         config = dataclasses.replace(config, model=pinned)
@@ -192,37 +213,53 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'same run' if same else 'A DIFFERENT RUN is stored'}")  # fmt: skip
             return 0
         storage.check_access(store)
-        storage.write_run(store, run_fp, config.to_dict(), models_fp, overwrite=args.overwrite)
+        keeper = lease.Keeper(store, args.lease_ttl)
+        with keeper:  # one driver per prefix: a second one is refused here (LeaseHeldError, exit 2)
+            storage.write_run(store, run_fp, config.to_dict(), models_fp, overwrite=args.overwrite)
+            return _run(args, config, inputs, run_fp.digest, models_fp, store, opts, keeper)
     except (WeightsUnavailableError, ValueError, OSError) as err:  # ValueError: ManifestError, StorageAccessError
         print(f"error: {redact.redact(str(err), redact.secret_values())}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace, config, inputs: Inputs, fingerprint: str, models_fp: dict, store, opts: dict,
+         keeper: lease.Keeper) -> int:  # fmt: skip
+    """Label under the lease; exit status 0 (done), 1 (shards failed) or 3 (stopped early).
+    Raises ValueError when the cluster cannot place the actors."""
     from pipeline import runner  # imports Ray only once the inputs are known to be good
 
+    timeouts = {"shard_timeout_s": args.shard_timeout, "startup_timeout_s": args.startup_timeout}
     options = runner.RunOptions(num_actors=args.num_actors, max_attempts=args.max_attempts,
                                 max_failure_rate=args.max_failure_rate, storage_options=opts,
-                                model_fingerprint=models_fp)  # fmt: skip
-    summary = runner.run(config, cats, manifest.shards(records(), config.shard_size), args.output, run_fp.digest,
-                         options, _progress(inputs.count))  # fmt: skip
+                                actor_cpus=args.actor_cpus, model_fingerprint=models_fp,
+                                **{k: v for k, v in timeouts.items() if v is not None})  # fmt: skip
+    summary = runner.run(config, inputs.categories, manifest.shards(inputs.records(), config.shard_size), args.output,
+                         fingerprint, options, _progress(inputs.count), stop=keeper.lost)  # fmt: skip
     rate = summary.images / summary.seconds if summary.seconds else 0.0
     print(f"summary: shards done {summary.shards_done}, skipped (already committed) {summary.shards_skipped}, "
           f"failed {len(summary.shards_failed)}; images {summary.images}, failed images {summary.images_failed}; "
           f"actor restarts {summary.actor_restarts}; {summary.seconds:.1f} s")  # fmt: skip
     rows = [("shards labeled", summary.shards_done), ("shards skipped (committed before)", summary.shards_skipped),
+            ("  their images (not in the rate)", summary.images_skipped),
             ("shards failed", len(summary.shards_failed)), ("images labeled or recorded", summary.images),
             ("images failed (rows with status/error)", summary.images_failed),
-            ("actor restarts", summary.actor_restarts), ("seconds", f"{summary.seconds:.1f}"),
+            ("actor restarts", summary.actor_restarts), ("actor start failures", summary.actor_start_failures),
+            ("shards past their deadline", summary.timeouts), ("seconds", f"{summary.seconds:.1f}"),
             ("images per second", f"{rate:.2f}")]  # fmt: skip
     for name, value in rows:
         print(f"  {name:<42}{value:>12}")
     for sid, err in summary.shards_failed.items():
         print(f"  failed shard {sid}: {err}")
+    for sid, size in sorted(summary.smaller_batches.items()):
+        print(f"  shard {sid} ran out of memory and was labeled at batch size {size} (its pixels may differ slightly "
+              f"from batch size {config.batch_size}; see docs/RELIABILITY.md)")  # fmt: skip
     if summary.stopped_early:
         print(f"stopped early: {summary.stopped_early}", file=sys.stderr)
         return 3
     if summary.shards_failed:
         return 1
     if not args.no_merge and summary.committed:
-        merged = storage.merge(store, sorted(summary.committed), run_fp.digest)
+        merged = storage.merge(store, sorted(summary.committed), fingerprint)
         print(f"merged {len(merged['shards'])} shards into {args.output}/merged/")
     return 0
 

@@ -16,7 +16,8 @@ The stages, in the order an image meets them (one module each):
     storage.py       the only module that knows paths: shard files, commit marker, merge
     manifest.py      JSONL / COCO manifests streamed into content-named shards
     shards.py        one shard end to end with a labeler in hand (I/O threads overlap the models)
-    runner.py        the only module that talks to Ray: actors, retries, resume, progress
+    runner.py        the only module that talks to Ray: actors, deadlines, retries, resume, progress
+    lease.py         one driver per output prefix: a lease object with owner and expiry
 
 and, beside it, audit and comparison: pseudo labels vs ground truth, runs vs runs
 

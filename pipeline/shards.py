@@ -5,21 +5,25 @@ actors call ``label_shard``, and so do tests.
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import fsspec
 import numpy as np
 
-from pipeline import cliper, redact, refine, retry, storage
+from pipeline import cliper, redact, refine, retry, stats, storage
 from pipeline.config import Config
 from pipeline.decode import ImageDecodeError, SizeMismatchError, decode_image
-from pipeline.labeler import Labeler, LabelRequest, LabelResult
+from pipeline.labeler import Labeler, LabelRequest
 from pipeline.manifest import Shard
 from pipeline.stats import Failure
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _request(record: dict[str, Any], config: Config, max_pixels: int,
@@ -66,6 +70,19 @@ def _read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
         return f.read()
 
 
+def _prefetched(io: ThreadPoolExecutor, fn: Callable[[dict[str, Any]], T], records: Iterable[dict[str, Any]],
+                window: int) -> Iterator[T]:  # fmt: skip
+    """``fn(record)`` for each record, in order, computed on ``io`` at most ``window`` records
+    ahead of the consumer (``Executor.map`` would queue the whole shard at once)."""
+    it = iter(records)
+    pending = deque(io.submit(fn, r) for r in itertools.islice(it, window))
+    while pending:
+        item = pending.popleft().result()
+        for r in itertools.islice(it, 1):
+            pending.append(io.submit(fn, r))
+        yield item
+
+
 def label_shard(
     labeler: Labeler,
     store: storage.Store,
@@ -74,33 +91,53 @@ def label_shard(
     *,
     storage_options: dict[str, Any] | None = None,
     io_threads: int = 4,
+    batch_size: int | None = None,
 ) -> dict[str, Any]:
     """Label every image of ``shard`` and commit it under ``store``; returns the marker.
 
-    Three things overlap: ``io_threads`` threads read, decode and segment images ahead; the
-    calling thread runs the models on one batch; one more thread finishes (pools scores, builds
-    label maps) the previous batch.
+    Three things overlap: ``io_threads`` threads read, decode and segment images ahead (at most
+    ``prefetch_window`` records ahead); the calling thread runs the models on one batch; one more
+    thread finishes the previous batch (pools scores, builds label maps) and reduces each result
+    to its ``stats.ImageEntry`` at once, so the float maps of at most two batches are alive.
+
+    Batches are fixed by record position (records ``[k * B, (k + 1) * B)``, ``B`` = ``batch_size``,
+    default the config's), whatever fails: an image that fails leaves its own batch one short and
+    moves no other image to another batch, so a redone shard batches its images as before.
     """
     opts = storage_options or {}
     max_pixels = labeler.config.max_pixels
+    size = batch_size or labeler.config.batch_size
     failures: list[Failure] = []
-    finished: list[Future[LabelResult]] = []
-    batch_size = labeler.config.batch_size
+    entries: list[stats.ImageEntry] = []
+
+    def finish(work: Any) -> stats.ImageEntry:
+        result = labeler.finish(work)
+        return stats.entry(result, shard.shard_id, storage.label_file(shard.names[result.image_id].label))
+
     with ThreadPoolExecutor(io_threads) as io, ThreadPoolExecutor(1) as post:
-        loaded = io.map(lambda r: _request(r, labeler.config, max_pixels, opts), shard.records)  # queued at once
-        batch: list[LabelRequest] = []
-        for item in loaded:
-            if isinstance(item, Failure):
-                failures.append(item)
-                continue
-            batch.append(item)
-            if len(batch) == batch_size:
-                finished += [post.submit(labeler.finish, w) for w in labeler.infer(batch)]
-                batch = []
-        if batch:
-            finished += [post.submit(labeler.finish, w) for w in labeler.infer(batch)]
-        results = [f.result() for f in finished]
+        loaded = _prefetched(io, lambda r: _request(r, labeler.config, max_pixels, opts), shard.records,
+                             prefetch_window(size, io_threads))  # fmt: skip
+        previous: list[Future[stats.ImageEntry]] = []
+        for chunk in _batches(loaded, size):
+            failures += [x for x in chunk if isinstance(x, Failure)]
+            batch = [x for x in chunk if not isinstance(x, Failure)]
+            if batch:
+                work = labeler.infer(batch)  # the post thread finishes the previous batch meanwhile
+                entries += [f.result() for f in previous]
+                previous = [post.submit(finish, w) for w in work]
+        entries += [f.result() for f in previous]
     secrets = redact.secret_values(opts)  # error texts from storage libraries must not carry credentials
     failures = [Failure(f.image_id, f.status, redact.redact(f.error, secrets)) for f in failures]
     categories = list(labeler.categories.values())
-    return storage.write_shard(store, shard.shard_id, results, failures, categories, fingerprint, shard.names)
+    return storage.write_shard(store, shard.shard_id, entries, failures, categories, fingerprint, shard.names)
+
+
+def prefetch_window(batch_size: int, io_threads: int) -> int:
+    """Records read ahead of the models: two batches, and enough to keep every reader busy."""
+    return max(2 * batch_size, io_threads)
+
+
+def _batches(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk

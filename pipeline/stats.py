@@ -127,6 +127,28 @@ def class_rows(result: LabelResult, shard_id: str) -> list[dict[str, Any]]:
     return rows
 
 
+@dataclass(frozen=True)
+class ImageEntry:
+    """What a shard's files need of one labelled image, without its float maps: the label map
+    ([H, W] uint8), the class scores (category id -> final score) and its rows of the three tables.
+    ``entry`` makes one as soon as an image is finished, so a shard holds these, not whole results."""
+
+    image_id: str
+    label_map: np.ndarray
+    class_scores: dict[int, float]
+    image_row: dict[str, Any]
+    class_rows: list[dict[str, Any]]
+    timing_rows: list[dict[str, Any]]
+
+
+def entry(result: LabelResult, shard_id: str, label_file: str | None) -> ImageEntry:
+    """The ``ImageEntry`` of a labelled image (the same rows ``image_row``, ``class_rows`` and
+    ``timing_rows`` give)."""
+    scores = dict(zip(result.class_ids, map(float, result.final_scores), strict=True))
+    return ImageEntry(result.image_id, result.label_map, scores, image_row(result, shard_id, label_file),
+                      class_rows(result, shard_id), timing_rows(result, shard_id))  # fmt: skip
+
+
 def timing_rows(result: LabelResult, shard_id: str) -> list[dict[str, Any]]:
     """``timings`` rows: one per stage in ``result.timings``, stages sorted by name."""
     return [

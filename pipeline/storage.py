@@ -401,8 +401,8 @@ class ShardFiles:
 
 
 def _ordered(
-    results: Sequence[LabelResult], failures: Sequence[Failure | tuple[str, str, str]], names: Mapping[str, ImageName]
-) -> tuple[list[LabelResult], list[Failure]]:
+    results: Sequence[Any], failures: Sequence[Failure | tuple[str, str, str]], names: Mapping[str, ImageName]
+) -> tuple[list[Any], list[Failure]]:
     fails = [f if isinstance(f, Failure) else Failure(*f) for f in failures]
     ids = [r.image_id for r in results] + [f.image_id for f in fails]
     if len(set(ids)) != len(ids):
@@ -427,24 +427,26 @@ def _names_for(ids: Iterable[str], names: Mapping[str, ImageName] | None) -> dic
     return dict(names)
 
 
-def build_shard(shard_id: str, results: Sequence[LabelResult], failures: Sequence[Failure | tuple[str, str, str]],
-                categories: Sequence[Any], fingerprint: str,
+def build_shard(shard_id: str, results: Sequence[LabelResult | stats.ImageEntry],
+                failures: Sequence[Failure | tuple[str, str, str]], categories: Sequence[Any], fingerprint: str,
                 names: Mapping[str, ImageName] | None = None) -> ShardFiles:  # fmt: skip
-    """The shard's files as bytes, by path relative to the prefix (pure; no I/O). ``names``: the
-    label stem and image file name of each image (``image_names``); see ``_names_for`` without."""
+    """The shard's files as bytes, by path relative to the prefix (pure; no I/O). ``results``: an
+    ``ImageEntry`` per image (label_shard reduces each result as it finishes) or whole
+    LabelResults. ``names``: the label stem and image file name of each image (``image_names``);
+    see ``_names_for`` without."""
     folder = shard_dir(shard_id)
     ids = [r.image_id for r in results] + [f[0] if isinstance(f, tuple) else f.image_id for f in failures]
     names = _names_for(ids, names)
     results, fails = _ordered(results, failures, names)
     path = {r.image_id: label_file(names[r.image_id].label) for r in results}
-    items = [(r.image_id, r.label_map, dict(zip(r.class_ids, map(float, r.final_scores), strict=True)),
-              names[r.image_id].file_name) for r in results]  # fmt: skip
+    entries = [r if isinstance(r, stats.ImageEntry) else stats.entry(r, shard_id, path[r.image_id])
+               for r in results]  # fmt: skip
+    items = [(e.image_id, e.label_map, e.class_scores, names[e.image_id].file_name) for e in entries]
     doc = coco.build_coco(items, categories, {"description": "tag2mask pseudo-labels", "fingerprint": fingerprint})
-    image_rows = [stats.image_row(r, shard_id, path[r.image_id]) for r in results]
-    image_rows += [stats.failed_row(f, shard_id) for f in fails]
-    class_rows = [row for r in results for row in stats.class_rows(r, shard_id)]
-    timing_rows = [row for r in results for row in stats.timing_rows(r, shard_id)]
-    files = {path[r.image_id]: pngs.encode_png(r.label_map) for r in results}
+    image_rows = [e.image_row for e in entries] + [stats.failed_row(f, shard_id) for f in fails]
+    class_rows = [row for e in entries for row in e.class_rows]
+    timing_rows = [row for e in entries for row in e.timing_rows]
+    files = {path[e.image_id]: pngs.encode_png(e.label_map) for e in entries}
     files[f"{folder}/annotations.json"] = json.dumps(doc, separators=(",", ":")).encode()
     files[f"{folder}/stats_images.parquet"] = stats.parquet_bytes(stats.to_table("stats_images", image_rows))
     files[f"{folder}/stats_classes.parquet"] = stats.parquet_bytes(stats.to_table("stats_classes", class_rows))
@@ -467,7 +469,7 @@ def marker_doc(shard_id: str, built: ShardFiles, fingerprint: str) -> dict[str, 
     return doc
 
 
-def write_shard(store: Store, shard_id: str, results: Sequence[LabelResult],
+def write_shard(store: Store, shard_id: str, results: Sequence[LabelResult | stats.ImageEntry],
                 failures: Sequence[Failure | tuple[str, str, str]], categories: Sequence[Any],
                 fingerprint: str, names: Mapping[str, ImageName] | None = None) -> dict[str, Any]:  # fmt: skip
     """Write one shard from scratch and commit it; returns the marker.

@@ -261,6 +261,31 @@ def test_a_shard_that_keeps_failing_is_reported_and_the_others_finish(ray_cluste
     assert len(list((tmp_path / "out" / "shards").glob("*/_COMMITTED.json"))) == 2
 
 
+def test_a_hung_read_is_abandoned_at_the_shard_deadline_and_the_run_ends(ray_cluster, dataset, tiny_paths, tmp_path):
+    """A named pipe as an image: opening it blocks forever (a stuck read). The shard's deadline
+    kills and replaces the actor, the retry hangs too, the shard is reported failed and the other
+    shards commit. Without a deadline the run never ends."""
+    import os
+
+    address, env = ray_cluster
+    os.mkfifo(tmp_path / "stuck.jpg")
+    lines = [{"id": "a", "uri": str(dataset / "img" / f"{1:012d}.jpg"), "tags": [1]},
+             {"id": "stuck", "uri": str(tmp_path / "stuck.jpg"), "tags": [1]},
+             {"id": "b", "uri": str(dataset / "img" / f"{2:012d}.jpg"), "tags": [3]}]  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "cats.json").write_text(json.dumps([{"id": 1, "name": "cat"}, {"id": 3, "name": "person"}]))
+    args = _job_args(dataset, tiny_paths, tmp_path / "out", "--shard-size", "1", "--max-attempts", "2",
+                     "--shard-timeout", "3", "--startup-timeout", "60")  # fmt: skip
+    i = args.index("--annotations")
+    args[i : i + 4] = ["--manifest", str(tmp_path / "m.jsonl"), "--categories", str(tmp_path / "cats.json")]
+    proc = subprocess.run(_submit_cmd(address, args), env=env, capture_output=True, text=True, timeout=500)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text[-3000:]
+    assert "shards done 2" in text and "failed 1;" in text and "no result after" in text
+    assert "shards past their deadline" in text and "actor restarts 2" in text
+    assert len(list((tmp_path / "out" / "shards").glob("*/_COMMITTED.json"))) == 2
+
+
 def test_the_whole_cluster_killed_mid_run_resumes_to_identical_outputs(
     cluster, dataset, tiny_paths, clean_run, tmp_path
 ):

@@ -113,3 +113,87 @@ def test_the_overlapped_shard_path_gives_the_labeler_s_own_label_maps(labeler, c
     for r, d in zip(good, direct, strict=True):
         stored = pngs.decode_png(store.read(storage.label_file(shard.names[r["id"]].label)))
         assert stored.tobytes() == d.label_map.tobytes()
+
+
+def _many(n: int, bad: tuple[int, ...] = ()) -> list[dict]:
+    """``n`` small images on the memory filesystem; the positions in ``bad`` are not images."""
+    fs, root = fsspec.filesystem("memory"), f"memory://many-{n}-{len(bad)}"
+    fs.pipe({f"{root}/{i}.jpg": b"not an image" if i in bad else _jpeg(20, 24, i) for i in range(n)})
+    return [{"id": f"im{i:03d}", "uri": f"{root}/{i}.jpg", "tags": [1 + 6 * (i % 2)]} for i in range(n)]
+
+
+@pytest.mark.slow
+def test_reading_ahead_is_bounded_and_float_maps_are_dropped_before_the_write(labeler, monkeypatch):
+    import gc
+    import time
+    import weakref
+
+    from pipeline import shards as shards_mod
+
+    records, size = _many(12), 2
+    requested, at_infer, maps, alive = [0], [], [], []
+    real_request, real_infer, real_finish, real_write = (shards_mod._request, labeler.infer, labeler.finish,
+                                                         storage.write_shard)  # fmt: skip
+
+    def request(*args):
+        requested[0] += 1
+        return real_request(*args)
+
+    def infer(batch):
+        time.sleep(0.2)  # time enough for unbounded readers to read the whole shard
+        at_infer.append(requested[0])
+        return real_infer(batch)
+
+    def finish(work):
+        result = real_finish(work)
+        maps.append(weakref.ref(result.decision))
+        return result
+
+    def write_shard(*args):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in maps))
+        return real_write(*args)
+
+    monkeypatch.setattr(shards_mod, "_request", request)
+    monkeypatch.setattr(labeler, "infer", infer)
+    monkeypatch.setattr(labeler, "finish", finish)
+    monkeypatch.setattr(shards_mod.storage, "write_shard", write_shard)
+    shard = next(manifest.shards(records, 12))
+    marker = label_shard(labeler, storage.Store.open("memory://bounded"), shard, "a" * 64, batch_size=size)
+    monkeypatch.undo()
+    assert marker["counts"]["ok"] == 12 and len(maps) == 12
+    window = shards_mod.prefetch_window(size, 4)
+    # Before the first batch runs: what the window holds, plus one refill per image taken.
+    assert at_infer[0] <= window + size < 12
+    assert alive == [0]  # every [K, H, W] decision map was reduced to its rows and freed
+
+
+@pytest.mark.slow
+def test_a_streamed_shard_batches_by_position_and_writes_what_whole_results_would(labeler, monkeypatch):
+    """Batches are records [4k, 4k + 4) whatever fails (a failed image moves no other image to
+    another batch, so a redone shard batches as before); the files equal those built from whole
+    LabelResults of the same batches."""
+    from pipeline.decode import decode_image
+    from pipeline.labeler import LabelRequest
+    from pipeline.stats import Failure
+
+    records = _many(10, bad=(1,))
+    shard = next(manifest.shards(records, 10))
+    seen: list[list[str]] = []
+    real_infer = labeler.infer
+    monkeypatch.setattr(labeler, "infer", lambda batch: seen.append([r.image_id for r in batch]) or real_infer(batch))
+    streamed = storage.Store.open("memory://streamed")
+    label_shard(labeler, streamed, shard, "b" * 64, batch_size=4)
+    monkeypatch.undo()
+    assert seen == [["im000", "im002", "im003"], ["im004", "im005", "im006", "im007"], ["im008", "im009"]]
+    fs = fsspec.filesystem("memory")
+    results = []
+    for chunk in ([0, 2, 3], [4, 5, 6, 7], [8, 9]):
+        reqs = [LabelRequest(records[i]["id"], decode_image(fs.cat(records[i]["uri"])), tuple(records[i]["tags"]))
+                for i in chunk]  # fmt: skip
+        results += labeler.label(reqs)
+    whole = storage.build_shard(shard.shard_id, results, [Failure("im001", "decode_error", "x")],
+                                list(labeler.categories.values()), "b" * 64, shard.names)  # fmt: skip
+    for rel, data in whole.files.items():
+        if "stats_images" not in rel:  # the failed row's message differs (ours is a stand-in)
+            assert streamed.read(rel) == data, rel
