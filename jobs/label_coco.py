@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline import lease, manifest, redact, storage  # noqa: E402
-from pipeline.cli import add_model_arguments, config_from_args  # noqa: E402
+from pipeline.cli import add_model_arguments, config_from_args, storage_options_from_arg  # noqa: E402
 from pipeline.config import build_config  # noqa: E402
 from pipeline.labeler import Category  # noqa: E402
 from pipeline.models import WeightsUnavailableError, pin_weights  # noqa: E402
@@ -70,34 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 MAX_SHOWN = 20  # manifest problems printed before "... and N more"
-
-
-def _storage_options(text: str | None) -> dict:
-    """``--storage-options``: inline JSON, or the path of a JSON file (the place for credentials:
-    a command line is visible in ``ps`` and stored in Ray's job history)."""
-    if not text:
-        return {}
-    inline = text.lstrip().startswith("{")
-    if inline:
-        try:
-            opts = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--storage-options: not valid JSON ({err.msg})") from None
-    else:
-        path = Path(text)
-        if not path.is_file():
-            raise ValueError(f"--storage-options: {text} is neither inline JSON nor an existing file")
-        try:
-            opts = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--storage-options file {text}: not valid JSON ({err.msg})") from None
-    if not isinstance(opts, dict):
-        raise ValueError("--storage-options must be a JSON object of fsspec options")
-    secret = redact.secret_option_keys(opts) if inline else []
-    if secret:
-        raise ValueError(f"--storage-options: {secret} hold credentials; put them in a JSON file and pass its "
-                         "path, or use the environment (AWS_ACCESS_KEY_ID, ...): a command line is stored")  # fmt: skip
-    return opts
 
 
 @dataclass(frozen=True)
@@ -191,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        opts = _storage_options(args.storage_options)
+        opts = storage_options_from_arg(args.storage_options)
         redact.install(redact.secret_values(opts))
         config = config_from_args(args)
         if args.shard_size is not None:
