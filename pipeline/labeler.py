@@ -8,6 +8,7 @@ superpixel pooling and label map (``finish``, per image, shared by every method)
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,16 @@ class Labeler:
     def from_config(cls, config: Config, categories: Sequence[Category]) -> Labeler:
         clip, sd = load_models(config.model, need_sd=methods.needs_sd(config))
         return cls(clip, sd, config, categories)
+
+    @property
+    def _all_text(self) -> torch.Tensor | None:
+        """CLIPer's dataset-wide candidate text (benchmark and tests swap in a stale one)."""
+        return getattr(self.method, "_all_text", None)
+
+    @_all_text.setter
+    def _all_text(self, value: torch.Tensor | None) -> None:
+        self.method = copy.copy(self.method)  # a shallow copy of this labeler must leave the original's alone
+        self.method._all_text = value  # type: ignore[attr-defined]
 
     def _clock(self) -> float:
         """``time.perf_counter``, after a device synchronisation when ``sync_timings`` is on."""
