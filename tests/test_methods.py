@@ -218,3 +218,22 @@ def test_clip_es_labels_a_coco_dataset_without_sd_resumes_and_refuses_a_changed_
     assert 'method "clip-es" -> "cliper"' in changed.stderr
     assert {p.name: p.read_bytes() for p in (out / "labels").iterdir()} == labels
     assert json.loads((out / "run.json").read_text()) == run
+
+
+def test_explain_dumps_clip_es_own_maps_without_sd(tiny_paths, tmp_path):
+    image = tmp_path / "rgb_50x70.png"
+    Image.fromarray(blob_image(50, 70, 5)).save(image)
+    out = tmp_path / "explain"
+    proc = subprocess.run(
+        [sys.executable, "jobs/explain.py", "--preset", "clip-es-voc", "--image", str(image), "--tags", "cat,dog",
+         "--clip-model", str(tiny_paths["clip_config"]), "--clip-checkpoint", str(tiny_paths["clip_checkpoint"]),
+         "--device", "cpu", "--out", str(out), "--dump", str(out / "maps.npz")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert all((out / f"{name}.png").is_file() for name in ("cam", "refined", "box_mask", "overlay"))
+    maps = np.load(out / "maps.npz")
+    assert str(maps["method"]) == "clip-es" and maps["maps"].tolist() == ["cam", "refined", "box_mask"]
+    assert maps["cam"].shape == (2, 4, 5) and maps["refined"].shape == (2, 50, 70)  # 50x70 -> 64x80 input
+    assert maps["class_ids"].tolist() == [8, 12]
+    assert maps["label_map"].tobytes() == clip_es.label_map(maps["refined"], (8, 12)).tobytes()
