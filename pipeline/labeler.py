@@ -97,6 +97,19 @@ class Labeler:
         return cls(clip, sd, config, categories)
 
     @property
+    def config(self) -> Config:
+        return self._config
+
+    @config.setter
+    def config(self, value: Config) -> None:
+        """A new config reaches the method too; on a shallow copy of a labeler (another batch size,
+        as the benchmark makes) the copy gets its own method object, sharing models and caches."""
+        self._config = value
+        if "method" in self.__dict__:
+            self.method = copy.copy(self.method)
+            self.method.config = value
+
+    @property
     def _all_text(self) -> torch.Tensor | None:
         """CLIPer's dataset-wide candidate text (benchmark and tests swap in a stale one)."""
         return getattr(self.method, "_all_text", None)
