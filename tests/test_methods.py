@@ -237,3 +237,12 @@ def test_explain_dumps_clip_es_own_maps_without_sd(tiny_paths, tmp_path):
     assert maps["cam"].shape == (2, 4, 5) and maps["refined"].shape == (2, 50, 70)  # 50x70 -> 64x80 input
     assert maps["class_ids"].tolist() == [8, 12]
     assert maps["label_map"].tobytes() == clip_es.label_map(maps["refined"], (8, 12)).tobytes()
+
+
+def test_a_labeler_copy_with_another_config_gives_its_method_that_config(labeler):
+    import copy
+
+    other = copy.copy(labeler)  # as jobs/benchmark.py's with_batch_size
+    other.config = dataclasses.replace(labeler.config, batch_size=3)
+    assert other.method.config.batch_size == 3 and other.method is not labeler.method
+    assert labeler.method.config.batch_size == labeler.config.batch_size != 3
