@@ -918,8 +918,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="CUDA: float32 matmuls on TF32 tensor cores (convolutions already are, by PyTorch's default)",
     )
     p.add_argument("--json", type=Path, help="also write every number to this JSON file")
-    p.add_argument("--method", choices=sorted(set(methods.REGISTRY) - {"cliper"}),
-                   help="also time this method against CLIPer (the methods section)")
+    p.add_argument(
+        "--method",
+        choices=sorted(set(methods.REGISTRY) - {"cliper"}),
+        help="also time this method against CLIPer (the methods section)",
+    )
     args = p.parse_args(argv)
     if args.method and "--compare" not in " ".join(argv if argv is not None else sys.argv):
         args.compare = "methods"

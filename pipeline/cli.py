@@ -46,8 +46,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "jobs/stage_weights.py (copied once per node, checked against its sha256 manifest)",
     )
     g.add_argument("--preset", choices=sorted(PRESETS), help="published settings (default: voc-vit-b16)")
-    g.add_argument("--method", choices=sorted(methods.REGISTRY),
-                   help="labeling method (default: the preset's; clip-es-voc / clip-es-coco hold CLIP-ES's published settings)")
+    g.add_argument(
+        "--method",
+        choices=sorted(methods.REGISTRY),
+        help="labeling method (default: the preset's; presets clip-es-voc / clip-es-coco "
+        "hold CLIP-ES's published settings)",
+    )
     g.add_argument("--config", metavar="FILE", help="JSON/YAML file of setting overrides")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
 

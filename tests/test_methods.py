@@ -141,7 +141,8 @@ def test_method_settings_are_validated_and_fingerprinted(tiny_paths):
     assert voc.fingerprint() != coco.fingerprint()
     assert build_config("voc-vit-b16", {"method": "clip-es"}).fingerprint() != build_config("voc-vit-b16").fingerprint()
     # Another method's settings cannot change CLIPer's labels, so they leave its fingerprint alone.
-    assert build_config("voc-vit-b16", {"clip_es": {"box_threshold": 0.5}}).fingerprint() == build_config().fingerprint()
+    other_settings = build_config("voc-vit-b16", {"clip_es": {"box_threshold": 0.5}})
+    assert other_settings.fingerprint() == build_config().fingerprint()
     assert build_config("clip-es-voc", {"clip_es": {"box_threshold": 0.5}}).fingerprint() != voc.fingerprint()
     for bad, message in [({"box_threshold": 1.5}, "clip_es.box_threshold must lie in"),
                          ({"dataset": "ade"}, "clip_es.dataset must be one of"),
@@ -187,10 +188,11 @@ def coco_dir(tmp_path_factory):
 
 
 def _label_coco(coco_dir: Path, tiny: dict, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """jobs/label_coco.py on the tiny CLIP, with no --sd-checkpoint (CLIP-ES needs none)."""
     args = [sys.executable, str(ROOT / "jobs" / "label_coco.py"), "--annotations", str(coco_dir / "instances.json"),
             "--images", str(coco_dir / "img"), "--output", str(out), "--shard-size", "2", "--num-actors", "1",
             "--clip-model", str(tiny["clip_config"]), "--clip-checkpoint", str(tiny["clip_checkpoint"]),
-            "--device", "cpu", *extra]  # fmt: skip — no --sd-checkpoint: CLIP-ES needs none
+            "--device", "cpu", *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "HF_HUB_OFFLINE": "1"}  # fmt: skip
     return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)

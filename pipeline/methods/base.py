@@ -87,7 +87,7 @@ class Method(ABC):
         for, loaded or fingerprinted)."""
         return False
 
-    @classmethod
+    @classmethod  # noqa: B027 (an optional hook: most methods accept any config)
     def validate(cls, config: Config) -> None:
         """Raise ValueError for settings this method cannot run with."""
 

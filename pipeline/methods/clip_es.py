@@ -29,18 +29,20 @@ class ClipEs(Method):
         # The published synonym names for the dataset's classes; a class the published list does
         # not hold keeps its own prompt.
         self._prompts = {cid: synonyms.get(cat.name, cat.prompt) for cid, cat in categories.items()}
-        self._background = list(c.background if c.background is not None else clip_es_prompts.background_prompts(c.dataset))
+        published = clip_es_prompts.background_prompts(c.dataset)
+        self._background = list(c.background if c.background is not None else published)
         self._text_cache: dict[tuple[int, ...], torch.Tensor] = {}
 
     @classmethod
     def validate(cls, config: Config) -> None:
         c = config.clip_es
         if c.dataset not in clip_es_prompts.SYNONYMS:
-            raise ValueError(f"config clip_es.dataset must be one of {sorted(clip_es_prompts.SYNONYMS)}, got {c.dataset!r}")
+            known = sorted(clip_es_prompts.SYNONYMS)
+            raise ValueError(f"config clip_es.dataset must be one of {known}, got {c.dataset!r}")
         if not 0 < c.box_threshold < 1:
             raise ValueError(f"config clip_es.box_threshold must lie in (0, 1), got {c.box_threshold}")
         if c.background is not None and not c.background:
-            raise ValueError("config clip_es.background is empty: give background names, or null for the published list")
+            raise ValueError("config clip_es.background is empty: give background names, or null for the published one")
         if config.cliper.open_vocab:
             raise ValueError("CLIP-ES labels the image's tags only: set cliper.open_vocab to false for method clip-es")
 
