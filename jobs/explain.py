@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -136,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                      final_scores=result.final_scores, label_map=result.label_map,
                      class_ids=np.array(result.class_ids), class_names=np.array(shown),
                      method=np.array(config.method), maps=np.array(list(maps)))  # fmt: skip
-        np.savez_compressed(args.dump, **{**fixed, **maps})
+        arrays: dict[str, Any] = {**fixed, **maps}
+        np.savez_compressed(args.dump, **arrays)
     for k, cid in enumerate(result.class_ids):
         share = float((result.label_map == cid).mean())
         print(f"{cid:>3} {names[cid]:<20} final score {result.final_scores[k]:.3f}  area {share:.1%}")

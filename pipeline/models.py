@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from fnmatch import fnmatch
 from pathlib import Path
@@ -384,7 +384,7 @@ def resolve_weights(cfg: ModelConfig, storage_options: Mapping[str, Any] | None 
     opts = dict(storage_options or {})
     problems: list[str] = []
     resolved: list[Any] = []
-    steps = [lambda: _resolve_clip(cfg.clip, opts, fetch)]
+    steps: list[Callable[[], Any]] = [lambda: _resolve_clip(cfg.clip, opts, fetch)]
     if need_sd:
         steps.append(lambda: _resolve_sd(cfg.sd, opts, fetch))
     for step in steps:
@@ -542,6 +542,7 @@ def stage_weights(cfg: ModelConfig, dest: str, storage_options: Mapping[str, Any
     if weights.is_remote(cfg.clip.checkpoint) or weights.is_remote(cfg.sd.checkpoint):
         raise ValueError("stage weights from local files or the hub cache, not from a URL (they are staged already)")
     clip, sd = resolve_weights(cfg)
+    assert sd is not None  # need_sd defaults to True
     sd_root = Path(sd.path)
     sd_files = {f.relative_to(sd_root).as_posix(): f for f in sorted(sd_root.rglob("*")) if f.is_file()}
     sd_files = {rel: f for rel, f in sd_files.items() if _sd_selected(rel)}
