@@ -758,25 +758,34 @@ METHOD_PRESETS = {"clip-es": "clip-es-voc"}
 
 def method_rows(base: Models, method: str, blobs: Sequence[bytes], n_tags: int, repeats: int) -> list[dict[str, Any]]:
     """ms/image of CLIPer (the size's preset) and of ``method`` (its VOC preset) labelling the same
-    decoded images at batch 1 on the same CLIP: the model stages (``infer``) and the whole label
-    (with superpixels and assembly where the preset has them), the median of ``repeats`` passes,
-    after one warm-up image. A method without SD gets no SD model."""
+    decoded images at batch 1 on the same CLIP: the whole ``label`` (with superpixels and assembly
+    where the preset has them) and its model stages alone (the labeler's synchronised per-stage
+    timings, superpixels and assembly left out). One warm-up image each, then ``repeats`` rounds
+    with the methods interleaved (so load on a shared machine hits both alike); medians. A method
+    without SD gets no SD model."""
     device = str(base.clip.model.logit_scale.device)
     over = {"batch_size": 1, "model": {"device": device, "dtype": base.dtype}}
     cats = categories(n_tags)
     chosen = {"cliper": make_labeler(base, 1, n_tags)}
     other_cfg = build_config(METHOD_PRESETS.get(method), {**over, "method": method})
-    chosen[method] = Labeler(base.clip, base.sd if methods.needs_sd(other_cfg) else None, other_cfg, cats,
-                             sync_timings=True)  # fmt: skip
+    other_sd = base.sd if methods.needs_sd(other_cfg) else None
+    chosen[method] = Labeler(base.clip, other_sd, other_cfg, cats, sync_timings=True)
     tags = tuple(c.id for c in cats)
     requests = [LabelRequest(f"m{i}", decode_image(b), tags) for i, b in enumerate(blobs)]
-    rows = []
-    for name, labeler in chosen.items():
+    whole: dict[str, list[float]] = {name: [] for name in chosen}
+    model: dict[str, list[float]] = {name: [] for name in chosen}
+    for labeler in chosen.values():
         labeler.label(requests[:1])  # warm-up
-        infer = median_seconds(lambda lab=labeler: lab.infer(requests), repeats, device) / len(requests)
-        whole = median_seconds(lambda lab=labeler: lab.label(requests), repeats, device) / len(requests)
-        rows.append({"method": name, "preset": labeler.config.preset, "model_ms_per_image": infer * 1e3,
-                     "label_ms_per_image": whole * 1e3})  # fmt: skip
+    for _ in range(max(1, repeats)):
+        for name, labeler in chosen.items():
+            t0 = synced_clock(device)
+            results = labeler.label(requests)
+            whole[name].append((synced_clock(device) - t0) / len(requests))
+            cpu = ("superpixels", "label_assembly")
+            stages = [sum(v for k, v in r.timings.items() if k not in cpu) for r in results]
+            model[name].append(sum(stages) / len(stages))
+    rows = [{"method": name, "preset": lab.config.preset, "model_ms_per_image": statistics.median(model[name]) * 1e3,
+             "label_ms_per_image": statistics.median(whole[name]) * 1e3} for name, lab in chosen.items()]  # fmt: skip
     for r in rows:
         r["model_ratio_to_cliper"] = r["model_ms_per_image"] / rows[0]["model_ms_per_image"]
         r["label_ratio_to_cliper"] = r["label_ms_per_image"] / rows[0]["label_ms_per_image"]
