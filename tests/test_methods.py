@@ -248,3 +248,33 @@ def test_a_labeler_copy_with_another_config_gives_its_method_that_config(labeler
     other.config = dataclasses.replace(labeler.config, batch_size=3)
     assert other.method.config.batch_size == 3 and other.method is not labeler.method
     assert labeler.method.config.batch_size == labeler.config.batch_size != 3
+
+
+def test_cliper_behind_the_registry_is_the_pure_functions_composed(labeler):
+    """The registry's CLIPer = cliper.* then compensation.* then labels.*, called directly here in
+    the published order (one image, batch 1, the VOC preset: dataset candidates, compensation on)."""
+    from pipeline import cliper, compensation, labels, refine
+
+    cfg, clip = labeler.config, labeler.clip
+    c = cfg.cliper
+    image, tags = blob_image(40, 52, 6), (15, 1)
+    got = labeler.label([LabelRequest("img-6", image, tags)])[0]
+    text = labeler._work(LabelRequest("img-6", image, tags)).text  # pinned in test_fidelity
+    pixels = cliper.clip_input(image, clip.patch_size, clip.mean, clip.std, c.short_side)[None]
+    fusion = cliper.early_layer_fusion(clip.model.visual, pixels)
+    probs = torch.softmax(cliper.layer_logits(fusion, text, c.logit_scale), dim=-1)[..., :3][..., [2, 0]]
+    attn = cliper.patch_attention(fusion.attn_last)
+    coarse = cliper.fuse_layers(probs.transpose(-1, -2), attn, c.select_layer, c.attention_thr, fusion.grid)[0]
+    maps = compensation.capture_attention(labeler.sd, compensation.sd_pixels(image)[None], ["img-6"], c.sd_layers,
+                                          c.sd_timestep_index, c.sd_num_inference_steps)  # fmt: skip
+    chain = compensation.attention_chain([maps[name][0] for name in c.sd_layers], c.attention_thr)
+    refined = compensation.compensate(chain, coarse)
+    final = 0.5 * cliper.class_scores(refined[None])[0] + 0.5 * cliper.class_scores(coarse[None])[0]
+    full = labels.full_resolution_scores(refined, final, image.shape[:2])
+    decision = labels.decision_scores(full, is_normalize=c.is_normalize,
+                                      segments=refine.superpixels(image, cfg.refine), refine=cfg.refine)  # fmt: skip
+    label_map = labels.assemble_label_map(decision, tags, c.bkg_thre, cfg.labels)
+    assert got.coarse.tobytes() == coarse.numpy().tobytes()
+    assert got.refined.tobytes() == refined.numpy().tobytes()
+    assert got.final_scores.tobytes() == final.numpy().tobytes()
+    assert got.label_map.tobytes() == label_map.tobytes()
