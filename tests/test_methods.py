@@ -222,6 +222,7 @@ def test_clip_es_labels_a_coco_dataset_without_sd_resumes_and_refuses_a_changed_
     assert json.loads((out / "run.json").read_text()) == run
 
 
+@pytest.mark.slow
 def test_explain_dumps_clip_es_own_maps_without_sd(tiny_paths, tmp_path):
     image = tmp_path / "rgb_50x70.png"
     Image.fromarray(blob_image(50, 70, 5)).save(image)
