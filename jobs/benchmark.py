@@ -5,6 +5,7 @@ the GPU time. No Ray, no downloads: timing does not depend on the weights' value
     python jobs/benchmark.py --size tiny --images 8
     python jobs/benchmark.py --size vit-b16 --images 2 --batch-sizes 1,2 --dtypes float32,bfloat16
     python jobs/benchmark.py --size vit-b16 --device cuda --dtypes float32,bfloat16 --batch-sizes 1,4,16,32
+    python jobs/benchmark.py --size vit-b16 --images 2 --method clip-es   # CLIP-ES against CLIPer
 
 Sections (``--compare``, comma-separated, default all):
   stages     ms/image of every stage, images/s and peak GPU memory, per batch size x dtype
@@ -20,6 +21,8 @@ Sections (``--compare``, comma-separated, default all):
              the exact scale folding, the one-pass threshold, no stacked copy, text cache
   flops      FLOPs (torch FlopCounterMode on the real modules, batch 1) and bytes per image,
              and the H100 ceilings they imply
+  methods    (``--method NAME``; alone unless --compare is given) ms/image of that method and of
+             CLIPer on the same models and images, each under its own preset, and their ratio
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from pipeline import cliper, compensation, refine, storage  # noqa: E402
+from pipeline import cliper, compensation, methods, refine, storage  # noqa: E402
 from pipeline.architectures import clip_models, sd_models  # noqa: E402
 from pipeline.config import Config, build_config  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
@@ -747,6 +750,48 @@ def text_cache_identical(labeler: Labeler, req: LabelRequest) -> bool:
                for name in ("label_map", "coarse", "refined", "coarse_scores", "final_scores", "decision"))  # fmt: skip
 
 
+# ---------------------------------------------------------------- methods
+
+
+METHOD_PRESETS = {"clip-es": "clip-es-voc"}
+
+
+def method_rows(base: Models, method: str, blobs: Sequence[bytes], n_tags: int, repeats: int) -> list[dict[str, Any]]:
+    """ms/image of CLIPer (the size's preset) and of ``method`` (its VOC preset) labelling the same
+    decoded images at batch 1 on the same CLIP: the whole ``label`` (with superpixels and assembly
+    where the preset has them) and its model stages alone (the labeler's synchronised per-stage
+    timings, superpixels and assembly left out). One warm-up image each, then ``repeats`` rounds
+    with the methods interleaved (so load on a shared machine hits both alike); medians. A method
+    without SD gets no SD model."""
+    device = str(base.clip.model.logit_scale.device)
+    over = {"batch_size": 1, "model": {"device": device, "dtype": base.dtype}}
+    cats = categories(n_tags)
+    chosen = {"cliper": make_labeler(base, 1, n_tags)}
+    other_cfg = build_config(METHOD_PRESETS.get(method), {**over, "method": method})
+    other_sd = base.sd if methods.needs_sd(other_cfg) else None
+    chosen[method] = Labeler(base.clip, other_sd, other_cfg, cats, sync_timings=True)
+    tags = tuple(c.id for c in cats)
+    requests = [LabelRequest(f"m{i}", decode_image(b), tags) for i, b in enumerate(blobs)]
+    whole: dict[str, list[float]] = {name: [] for name in chosen}
+    model: dict[str, list[float]] = {name: [] for name in chosen}
+    for labeler in chosen.values():
+        labeler.label(requests[:1])  # warm-up
+    for _ in range(max(1, repeats)):
+        for name, labeler in chosen.items():
+            t0 = synced_clock(device)
+            results = labeler.label(requests)
+            whole[name].append((synced_clock(device) - t0) / len(requests))
+            cpu = ("superpixels", "label_assembly")
+            stages = [sum(v for k, v in r.timings.items() if k not in cpu) for r in results]
+            model[name].append(sum(stages) / len(stages))
+    rows = [{"method": name, "preset": lab.config.preset, "model_ms_per_image": statistics.median(model[name]) * 1e3,
+             "label_ms_per_image": statistics.median(whole[name]) * 1e3} for name, lab in chosen.items()]  # fmt: skip
+    for r in rows:
+        r["model_ratio_to_cliper"] = r["model_ms_per_image"] / rows[0]["model_ms_per_image"]
+        r["label_ratio_to_cliper"] = r["label_ms_per_image"] / rows[0]["label_ms_per_image"]
+    return rows
+
+
 # ---------------------------------------------------------------- FLOPs and bytes
 
 
@@ -882,14 +927,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="CUDA: float32 matmuls on TF32 tensor cores (convolutions already are, by PyTorch's default)",
     )
     p.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    p.add_argument(
+        "--method",
+        choices=sorted(set(methods.REGISTRY) - {"cliper"}),
+        help="also time this method against CLIPer (the methods section)",
+    )
     args = p.parse_args(argv)
+    if args.method and "--compare" not in " ".join(argv if argv is not None else sys.argv):
+        args.compare = "methods"
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     args.dtypes = args.dtypes.split(",")
     args.compare = set(args.compare.split(","))
-    unknown = (args.compare - set(SECTIONS)) | (set(args.dtypes) - set(DTYPES))
+    unknown = (args.compare - set(SECTIONS) - {"methods"}) | (set(args.dtypes) - set(DTYPES))
     if unknown:
         p.error(f"unknown section or dtype: {sorted(unknown)}")
-    if args.images < max(args.batch_sizes):
+    if args.compare != {"methods"} and args.images < max(args.batch_sizes):
         p.error(f"--images {args.images} is less than the largest batch size {max(args.batch_sizes)}")
     return args
 
@@ -974,6 +1026,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         section_busy(args, labelers, blobs, out)
     if "speedwork" in args.compare:
         section_speedwork(args, labelers, out)
+    if "methods" in args.compare and args.method:
+        out["methods"] = method_rows(base, args.method, blobs, args.tags, args.repeats)
+        print_rows(f"{args.method} against CLIPer: ms/image, same models and images, each under its own preset",
+                   out["methods"])  # fmt: skip
     if "flops" in args.compare:
         flops, nbytes = model_flops(base, args.tags), byte_counts(base)
         out["flops"], out["bytes"], out["ceilings"] = flops, nbytes, ceilings(flops, nbytes)

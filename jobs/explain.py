@@ -1,12 +1,15 @@
 """Show what the labeler sees for one image and its tags.
 
     python jobs/explain.py --image cat.jpg --tags cat,dog --out explain/ [--dump explain/maps.npz]
+    python jobs/explain.py --preset clip-es-voc --image cat.jpg --tags cat --out explain/   # CLIP-ES
 
 The text candidates are the preset's dataset classes (VOC's 20 or COCO's 80, as the published
 evaluation embeds them), or the names given with --categories; the tags must be among them.
 
-Writes coarse.png and refined.png (per-class heatmaps over the image), overlay.png (the label map
-over the image) and, with --dump, the raw arrays as .npz.
+Writes one heatmap PNG per map the method keeps (CLIPer: coarse.png, refined.png; CLIP-ES:
+cam.png at token resolution, refined.png at image size, box_mask.png), overlay.png (the label map
+over the image) and, with --dump, the raw arrays as .npz: those maps by the same names, plus
+coarse / refined / scores / label map under fixed names for every method.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -123,20 +127,23 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     names = {c.id: c.name for c in categories}
     shown = [names[c] for c in result.class_ids]
-    _heatmaps(image, result.coarse, shown, "coarse", out / "coarse.png")
-    _heatmaps(image, result.refined, shown, "refined", out / "refined.png")
+    maps = result.maps or {"coarse": result.coarse, "refined": result.refined}
+    for name, m in maps.items():
+        _heatmaps(image, m.astype(np.float32), shown, name, out / f"{name}.png")
     _overlay(image, result, names, out / "overlay.png")
     if args.dump:
         Path(args.dump).parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(
-            args.dump, coarse=result.coarse, refined=result.refined, coarse_scores=result.coarse_scores,
-            final_scores=result.final_scores, label_map=result.label_map,
-            class_ids=np.array(result.class_ids), class_names=np.array(shown),
-        )  # fmt: skip
+        fixed = dict(coarse=result.coarse, refined=result.refined, coarse_scores=result.coarse_scores,
+                     final_scores=result.final_scores, label_map=result.label_map,
+                     class_ids=np.array(result.class_ids), class_names=np.array(shown),
+                     method=np.array(config.method), maps=np.array(list(maps)))  # fmt: skip
+        arrays: dict[str, Any] = {**fixed, **maps}
+        np.savez_compressed(args.dump, **arrays)
     for k, cid in enumerate(result.class_ids):
         share = float((result.label_map == cid).mean())
         print(f"{cid:>3} {names[cid]:<20} final score {result.final_scores[k]:.3f}  area {share:.1%}")
-    print(f"wrote {out}/coarse.png, refined.png, overlay.png" + (f" and {args.dump}" if args.dump else ""))
+    pngs = ", ".join(f"{name}.png" for name in maps)
+    print(f"wrote {out}/{pngs}, overlay.png" + (f" and {args.dump}" if args.dump else ""))
     return 0
 
 

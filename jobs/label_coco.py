@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import lease, manifest, redact, storage  # noqa: E402
+from pipeline import lease, manifest, methods, redact, storage  # noqa: E402
 from pipeline.cli import add_model_arguments, config_from_args, storage_options_from_arg  # noqa: E402
 from pipeline.config import build_config  # noqa: E402
 from pipeline.labeler import Category  # noqa: E402
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = _inputs(args, config.cliper.prompt_set, opts)
         records, manifest_fp = inputs.records, inputs.fingerprint
         _check_image_root(records, opts)
-        pinned, models_fp = pin_weights(config.model, opts)  # hub commits pinned for the actors
+        pinned, models_fp = pin_weights(config.model, opts, need_sd=methods.needs_sd(config))  # hub commits pinned
         config = dataclasses.replace(config, model=pinned)
         run_fp = storage.run_fingerprint(config.fingerprint(), models_fp, manifest_fp)
         store = storage.Store.open(args.output, **opts)

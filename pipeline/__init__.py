@@ -1,4 +1,4 @@
-"""Pseudo-labels from image-level tags: CLIPer + Felzenszwalb, at dataset scale.
+"""Pseudo-labels from image-level tags: CLIPer (or another registered method) + Felzenszwalb, at dataset scale.
 
 The stages, in the order an image meets them (one module each):
 
@@ -7,11 +7,14 @@ The stages, in the order an image meets them (one module each):
     decode.py        bytes -> upright HWC uint8 RGB, bad images -> ImageDecodeError
     models.py        load CLIP (open_clip) and SD (diffusers); model fingerprint
     weights.py       staged weights in a bucket: sha256 manifest, per-node content-keyed cache
+    methods/         the method registry: a method turns images + candidate classes into score maps
+                     (cliper: cliper.py + compensation.py; clip-es: clip_es.py + clip_es_prompts.py)
     cliper.py        CLIPer coarse map: early-layer fusion inside the ViT
     compensation.py  SD self-attention capture and the right-to-left fusion chain
+    clip_es.py       CLIP-ES: softmax-GradCAM and class-aware attention affinity
     refine.py        Felzenszwalb superpixels and score pooling
     labels.py        scores -> label map (background threshold, argmax, ignore)
-    labeler.py       holds the models and runs the stages above on a batch
+    labeler.py       holds the configured method, runs it on a batch, assembles each label map
     coco.py, pngs.py, stats.py   label map -> COCO RLE, indexed PNG, Parquet quality rows
     storage.py       the only module that knows paths: shard files, commit marker, merge
     manifest.py      JSONL / COCO manifests streamed into content-named shards

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline import redact
+from pipeline import methods, redact
 from pipeline.config import (
     PRESETS,
     SD21_BASE,
@@ -46,6 +46,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "jobs/stage_weights.py (copied once per node, checked against its sha256 manifest)",
     )
     g.add_argument("--preset", choices=sorted(PRESETS), help="published settings (default: voc-vit-b16)")
+    g.add_argument(
+        "--method",
+        choices=sorted(methods.REGISTRY),
+        help="labeling method (default: the preset's; presets clip-es-voc / clip-es-coco "
+        "hold CLIP-ES's published settings)",
+    )
     g.add_argument("--config", metavar="FILE", help="JSON/YAML file of setting overrides")
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
 
@@ -73,6 +79,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "model.sd.model": args.sd_model,
         "model.sd.checkpoint": args.sd_checkpoint,
         "model.device": args.device,
+        "method": getattr(args, "method", None),
     })  # fmt: skip
     if args.clip_checkpoint and args.clip_pretrained is None and args.clip_model and args.clip_model.endswith(".json"):
         # A custom architecture has no open_clip tag: its checkpoint stands alone.

@@ -95,6 +95,18 @@ class CLIPerConfig:
 
 
 @dataclass(frozen=True)
+class ClipEsConfig:
+    """CLIP-ES settings (``method: clip-es``; docs/METHODS.md). ``dataset`` picks the published
+    synonym names and background list (``clip_es_prompts``); ``background`` overrides that list
+    when set. The label rule is the published one (``eval_cam.py``): background scores
+    (1 - best class)**2 against the CAA-refined maps of the image's tags."""
+
+    dataset: str = "voc"
+    box_threshold: float = 0.4  # scoremap2bbox threshold of the CAA box mask: 0.4 VOC, 0.7 COCO
+    background: tuple[str, ...] | None = None  # None = the published list of ``dataset``
+
+
+@dataclass(frozen=True)
 class RefineConfig:
     """Felzenszwalb superpixel refinement. ``scale`` and ``min_size`` are given for an image of
     ``reference_pixels`` pixels (500 x 375) and grow linearly with the image's pixel count, so a
@@ -120,8 +132,10 @@ class LabelConfig:
 @dataclass(frozen=True)
 class Config:
     preset: str = "voc-vit-b16"
+    method: str = "cliper"  # a name in pipeline.methods.REGISTRY
     model: ModelConfig = field(default_factory=ModelConfig)
     cliper: CLIPerConfig = field(default_factory=CLIPerConfig)
+    clip_es: ClipEsConfig = field(default_factory=ClipEsConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
     batch_size: int = 8
@@ -138,6 +152,12 @@ class Config:
         weights live (hub ids, revisions, checkpoint paths, a CLIP config's path): the run
         fingerprint names weights by content (``models.model_fingerprint``) instead."""
         data = self.to_dict()
+        # Another method's settings cannot change a label; left out, CLIPer runs keep the
+        # fingerprints they had before methods were selectable.
+        if self.method != "clip-es":
+            data.pop("clip_es")
+        if self.method == "cliper":
+            data.pop("method")
         for part in ("clip", "sd"):
             for key in LOCATION_FIELDS[part]:
                 data["model"][part].pop(key)
@@ -181,6 +201,23 @@ PRESETS: dict[str, dict[str, Any]] = {
                    "score_threshold": 0.5, "bkg_thre": 0.5, "is_normalize": False,
                    "templates": "imagenet80", "prompt_set": "coco",
                    "background": BACKGROUND_SETS["coco"], "window": None},
+    },
+    # CLIP-ES (Lin et al., CVPR 2023) as published: generate_cams_voc12.py / generate_cams_coco14.py
+    # and eval_cam.py. The published pseudo masks use no superpixels and no ignore margin; both
+    # stay available (refine.enabled, labels.ignore_margin) as for any method.
+    "clip-es-voc": {
+        "method": "clip-es",
+        "model": {"clip": {"model": "ViT-B-16"}},
+        "clip_es": {"dataset": "voc", "box_threshold": 0.4, "background": None},
+        "cliper": {"prompt_set": "voc"},
+        "refine": {"enabled": False},
+    },
+    "clip-es-coco": {
+        "method": "clip-es",
+        "model": {"clip": {"model": "ViT-B-16"}},
+        "clip_es": {"dataset": "coco", "box_threshold": 0.7, "background": None},
+        "cliper": {"prompt_set": "coco"},
+        "refine": {"enabled": False},
     },
 }  # fmt: skip
 DEFAULT_PRESET = "voc-vit-b16"
@@ -237,6 +274,9 @@ def _from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
 
 
 def _validate(cfg: Config) -> Config:
+    from pipeline import methods  # here: the methods import this module
+
+    methods.get(cfg.method).validate(cfg)
     c, r = cfg.cliper, cfg.refine
     if c.window is not None and c.window <= 0:
         raise ValueError(f"config cliper.window must be positive or null, got {c.window}")

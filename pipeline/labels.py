@@ -91,3 +91,11 @@ def assemble_label_map(
         top2 = np.sort(np.concatenate([background, scores]), axis=0)[-2:]
         label[(top2[1] - top2[0]) < labels.ignore_margin] = IGNORE
     return label
+
+
+def resized_scores(maps: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """[C, h, w] maps -> [C, H, W] float32 as they are (a method whose maps are its scores):
+    bilinearly resized to ``size`` (H, W) only when they are not at that size already."""
+    if tuple(maps.shape[1:]) != tuple(size):
+        maps = F.interpolate(maps[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    return maps.float().cpu().numpy().astype(np.float32)

@@ -24,7 +24,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from fnmatch import fnmatch
 from pathlib import Path
@@ -376,14 +376,17 @@ def _resolve_sd(cfg: SDConfig, storage_options: Mapping[str, Any], fetch: bool) 
 
 
 def resolve_weights(cfg: ModelConfig, storage_options: Mapping[str, Any] | None = None,
-                    fetch: bool = True) -> tuple[_ClipWeights, _SDWeights]:  # fmt: skip
+                    fetch: bool = True, need_sd: bool = True) -> tuple[_ClipWeights, _SDWeights | None]:  # fmt: skip
     """Where both models' weights are, downloading where allowed; raises one error that lists
     everything missing. ``fetch=False`` leaves staged URLs in place and reads only their manifests
-    (enough to fingerprint them)."""
+    (enough to fingerprint them). ``need_sd=False`` (a method without SD: ``methods.needs_sd``)
+    neither looks for nor downloads SD, and gives None in its place."""
     opts = dict(storage_options or {})
     problems: list[str] = []
     resolved: list[Any] = []
-    steps = (lambda: _resolve_clip(cfg.clip, opts, fetch), lambda: _resolve_sd(cfg.sd, opts, fetch))
+    steps: list[Callable[[], Any]] = [lambda: _resolve_clip(cfg.clip, opts, fetch)]
+    if need_sd:
+        steps.append(lambda: _resolve_sd(cfg.sd, opts, fetch))
     for step in steps:
         try:
             resolved.append(step())
@@ -391,7 +394,7 @@ def resolve_weights(cfg: ModelConfig, storage_options: Mapping[str, Any] | None 
             problems.append(str(err))
     if problems:
         raise WeightsUnavailableError("Missing model weights:\n  - " + "\n  - ".join(problems))
-    return resolved[0], resolved[1]
+    return resolved[0], (resolved[1] if need_sd else None)
 
 
 def build_clip(weights: _ClipWeights, device: torch.device, dtype: torch.dtype) -> ClipModels:
@@ -445,23 +448,27 @@ def build_sd(path: Path, device: torch.device, dtype: torch.dtype) -> SDModels:
 
 
 def load_models(cfg: ModelConfig, expected: Mapping[str, Any] | None = None,
-                storage_options: Mapping[str, Any] | None = None) -> tuple[ClipModels, SDModels]:  # fmt: skip
-    """Both models on ``cfg.device`` in ``cfg.dtype``, resolving all weights before loading any.
+                storage_options: Mapping[str, Any] | None = None,
+                need_sd: bool = True) -> tuple[ClipModels, SDModels | None]:  # fmt: skip
+    """Both models on ``cfg.device`` in ``cfg.dtype``, resolving all weights before loading any;
+    with ``need_sd=False`` CLIP only (SD is None, and never looked for).
 
     ``expected``: the driver's ``model_fingerprint``; when given, the content of the files about to
     be loaded must match it, or WeightsMismatchError names the part that differs."""
     device, dtype = resolve_device(cfg.device), DTYPES[cfg.dtype]
-    clip_weights, sd_weights = resolve_weights(cfg, storage_options)
+    clip_weights, sd_weights = resolve_weights(cfg, storage_options, need_sd=need_sd)
     if expected is not None:
         _check_expected(_fingerprint(cfg, clip_weights, sd_weights), expected, clip_weights, sd_weights)
-    sd_path = Path(sd_weights.path)
-    return build_clip(clip_weights, device, dtype), build_sd(sd_path, device, dtype)
+    sd = build_sd(Path(sd_weights.path), device, dtype) if sd_weights is not None else None
+    return build_clip(clip_weights, device, dtype), sd
 
 
-def _check_expected(got: Mapping[str, Any], expected: Mapping[str, Any], clip: _ClipWeights, sd: _SDWeights) -> None:
+def _check_expected(got: Mapping[str, Any], expected: Mapping[str, Any], clip: _ClipWeights,
+                    sd: _SDWeights | None) -> None:  # fmt: skip
     if dict(got) == dict(expected):
         return
-    where = {"clip": f"CLIP weights {clip.path}", "sd": f"Stable Diffusion weights {sd.path}", "dtype": "dtype"}
+    sd_where = f"Stable Diffusion weights {sd.path}" if sd is not None else "Stable Diffusion weights (none here)"
+    where = {"clip": f"CLIP weights {clip.path}", "sd": sd_where, "dtype": "dtype"}
     changed = [
         f"{where.get(part, part)}: here {json.dumps(got.get(part), sort_keys=True)}, "
         f"driver {json.dumps(expected.get(part), sort_keys=True)}"
@@ -490,37 +497,41 @@ def _dir_digest(path: Path) -> str:
                        if _sd_selected(f.relative_to(path).as_posix())})  # fmt: skip
 
 
-def _fingerprint(cfg: ModelConfig, clip: _ClipWeights, sd: _SDWeights) -> dict[str, Any]:
+def _fingerprint(cfg: ModelConfig, clip: _ClipWeights, sd: _SDWeights | None) -> dict[str, Any]:
+    """SD is left out (no "sd" key) when the method does not use it."""
     clip_model = cfg.clip.model
     if clip_model.endswith(".json"):
         clip_model = f"{Path(clip_model).stem}@{file_sha256(clip_model)[:16]}"
-    return {
+    out: dict[str, Any] = {
         "clip": {"model": clip_model, "pretrained": cfg.clip.pretrained,
                  "sha256": clip.sha256 or file_sha256(clip.path)},
-        "sd": {"sha256": sd.digest or _dir_digest(Path(sd.path))},
-        "dtype": cfg.dtype,
     }  # fmt: skip
+    if sd is not None:
+        out["sd"] = {"sha256": sd.digest or _dir_digest(Path(sd.path))}
+    out["dtype"] = cfg.dtype
+    return out
 
 
-def pin_weights(cfg: ModelConfig, storage_options: Mapping[str, Any] | None = None) -> tuple[ModelConfig, dict]:
+def pin_weights(cfg: ModelConfig, storage_options: Mapping[str, Any] | None = None,
+                need_sd: bool = True) -> tuple[ModelConfig, dict]:  # fmt: skip
     """For the driver: ``cfg`` with the hub revisions (commits) it resolved filled in, so every
-    actor loads the same snapshot, and the fingerprint of those weights by content.
+    actor loads the same snapshot, and the fingerprint of those weights by content. With
+    ``need_sd=False`` SD is neither resolved, pinned nor fingerprinted.
 
     Staged URLs are fingerprinted from their manifests without copying the weights."""
-    clip, sd = resolve_weights(cfg, storage_options, fetch=False)
-    pinned = replace(
-        cfg,
-        clip=replace(cfg.clip, revision=clip.revision),
-        sd=replace(cfg.sd, model=sd.repo or cfg.sd.model, revision=sd.revision),
-    )
+    clip, sd = resolve_weights(cfg, storage_options, fetch=False, need_sd=need_sd)
+    sd_cfg = cfg.sd if sd is None else replace(cfg.sd, model=sd.repo or cfg.sd.model, revision=sd.revision)
+    pinned = replace(cfg, clip=replace(cfg.clip, revision=clip.revision), sd=sd_cfg)
     return pinned, _fingerprint(cfg, clip, sd)
 
 
-def model_fingerprint(cfg: ModelConfig, storage_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def model_fingerprint(cfg: ModelConfig, storage_options: Mapping[str, Any] | None = None,
+                      need_sd: bool = True) -> dict[str, Any]:  # fmt: skip
     """What identifies the weights: the CLIP architecture and tag, content hashes of the files
-    used, and dtype. Never a repo id or a path: equal fingerprints mean equal weights, wherever
-    the files live (under the old or the new hub id, in a bucket or a local folder)."""
-    return pin_weights(cfg, storage_options)[1]
+    used (SD's only when ``need_sd``), and dtype. Never a repo id or a path: equal fingerprints
+    mean equal weights, wherever the files live (under the old or the new hub id, in a bucket or a
+    local folder)."""
+    return pin_weights(cfg, storage_options, need_sd)[1]
 
 
 def stage_weights(cfg: ModelConfig, dest: str, storage_options: Mapping[str, Any] | None = None) -> dict[str, str]:
@@ -531,6 +542,7 @@ def stage_weights(cfg: ModelConfig, dest: str, storage_options: Mapping[str, Any
     if weights.is_remote(cfg.clip.checkpoint) or weights.is_remote(cfg.sd.checkpoint):
         raise ValueError("stage weights from local files or the hub cache, not from a URL (they are staged already)")
     clip, sd = resolve_weights(cfg)
+    assert sd is not None  # need_sd defaults to True
     sd_root = Path(sd.path)
     sd_files = {f.relative_to(sd_root).as_posix(): f for f in sorted(sd_root.rglob("*")) if f.is_file()}
     sd_files = {rel: f for rel, f in sd_files.items() if _sd_selected(rel)}

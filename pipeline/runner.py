@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from pipeline import redact, storage
+from pipeline import methods, redact, storage
 from pipeline.config import Config, build_config
 from pipeline.labeler import Category, Labeler
 from pipeline.manifest import Shard
@@ -53,8 +53,9 @@ class _LabelActor:
         _set_threads(threads)
         cfg = build_config(config["preset"], config)
         # The driver pinned hub revisions in ``config``; what this node loads must match its fingerprint.
-        clip, sd = load_models(cfg.model, expected=model_fingerprint, storage_options=storage_options)
-        self.labeler = Labeler(clip, sd if cfg.cliper.compensation else None, cfg, categories)
+        clip, sd = load_models(cfg.model, expected=model_fingerprint, storage_options=storage_options,
+                               need_sd=methods.needs_sd(cfg))  # fmt: skip
+        self.labeler = Labeler(clip, sd, cfg, categories)
         self.store = storage.Store.open(output, **storage_options)
         self.storage_options = storage_options
 

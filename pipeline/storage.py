@@ -373,13 +373,23 @@ def write_run(store: Store, run: RunFingerprint, config: Mapping[str, Any], mode
     old = read_run(store)
     if old is not None and old["fingerprint"] != run.digest and not overwrite:
         changed = [name for name, digest in doc["parts"].items() if old["parts"].get(name) != digest]
+        keys = _changed_keys(old.get("config", {}), doc["config"]) if "config" in changed else []
+        detail = f" (settings: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" if keys else ""
         raise ValueError(
-            f"{store.path(RUN_FILE)} belongs to another run: the {' and the '.join(changed)} changed "
+            f"{store.path(RUN_FILE)} belongs to another run: the {' and the '.join(changed)} changed{detail} "
             f"(fingerprint {old['fingerprint'][:12]}, this run {run.digest[:12]}). Use a new output "
             f"prefix, or --overwrite to redo every shard"
         )
     store.write_many({RUN_FILE: json.dumps(doc, indent=1, sort_keys=True).encode()})
     return doc
+
+
+def _changed_keys(old: Any, new: Any, where: str = "") -> list[str]:
+    """Dotted names of the settings that differ between two stored configs, with both values."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        return [k for key in sorted(set(old) | set(new))
+                for k in _changed_keys(old.get(key), new.get(key), f"{where}.{key}" if where else key)]  # fmt: skip
+    return [] if old == new else [f"{where} {json.dumps(old)} -> {json.dumps(new)}"]
 
 
 def read_run(store: Store) -> dict[str, Any] | None:

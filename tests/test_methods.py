@@ -1,0 +1,281 @@
+"""The method registry: lookup, a third method plugged in with one registry line, CLIPer and
+CLIP-ES through the shared assembly, SD only when a method needs it, and CLIP-ES end to end
+through jobs/label_coco.py without any SD weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline import clip_es, clip_es_prompts, manifest, methods, pngs, storage
+from pipeline.config import build_config
+from pipeline.labeler import Labeler, LabelRequest
+from pipeline.methods.base import Assembly, Method, MethodOutput
+from pipeline.models import WeightsUnavailableError, load_models, model_fingerprint
+from pipeline.shards import label_shard
+from tests.conftest import CATEGORIES, blob_image, tiny_overrides
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- registry ---------------------------------------------------------------------------------
+
+
+def test_the_registry_maps_names_to_methods_and_refuses_unknown_ones():
+    assert methods.get("cliper").name == "cliper" and methods.get("clip-es").name == "clip-es"
+    with pytest.raises(ValueError, match="unknown method 'clipes'; known methods: clip-es, cliper"):
+        methods.get("clipes")
+    with pytest.raises(ValueError, match="unknown method 'sam'"):
+        build_config("voc-vit-b16", {"method": "sam"})
+
+
+class Bands(Method):
+    """A third method, defined here: tag k scores 0.9 in the k-th quarter of the columns."""
+
+    name = "bands"
+
+    def assembly(self) -> Assembly:
+        return Assembly(scale_by_score=False, bkg_thre=0.5)
+
+    def infer(self, items, clock) -> None:
+        for item in items:
+            h, w = item.request.image.shape[:2]
+            maps = torch.zeros(len(item.class_ids), h, w)
+            for k in range(len(item.class_ids)):
+                maps[k, :, k * w // 4 : (k + 1) * w // 4] = 0.9
+            scores = torch.full((len(item.class_ids),), 0.8)
+            item.output = MethodOutput(maps, scores, maps, scores, {"bands": maps})
+
+
+def _jpeg_bytes(h: int, w: int, seed: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(blob_image(h, w, seed)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_a_method_registered_in_one_line_labels_a_shard(labeler, tiny_paths, monkeypatch):
+    monkeypatch.setitem(methods.REGISTRY, "bands", Bands)  # the "one registry line"
+    fs = fsspec.filesystem("memory")
+    root = "memory://methods-bands"
+    fs.pipe({f"{root}/a.png": _jpeg_bytes(30, 40, 1), f"{root}/b.png": _jpeg_bytes(24, 36, 2)})
+    records = [{"id": "a", "uri": f"{root}/a.png", "tags": [7, 1, 7]},
+               {"id": "b", "uri": f"{root}/b.png", "tags": [15]}]  # fmt: skip
+    cfg = build_config("voc-vit-b16", {**tiny_overrides(tiny_paths), "method": "bands", "refine": {"enabled": False}})
+    bands = Labeler(labeler.clip, None, cfg, CATEGORIES)
+    assert isinstance(bands.method, Bands)
+    store = storage.Store.open("memory://methods-bands-out")
+    shard = next(manifest.shards(records, 10))
+    label_shard(bands, store, shard, "b" * 64)
+    expected = {"a": np.zeros((30, 40), np.uint8), "b": np.zeros((24, 36), np.uint8)}
+    expected["a"][:, 0:10], expected["a"][:, 10:20] = 7, 1  # first tag, second tag (repeat dropped)
+    expected["b"][:, 0:9] = 15
+    for image_id, want in expected.items():
+        got = pngs.decode_png(store.read(storage.label_file(shard.names[image_id].label)))
+        assert np.array_equal(got, want), image_id
+    fs.rm(root, recursive=True)
+
+
+# --- CLIP-ES through the shared path ----------------------------------------------------------
+
+
+def _published(clip, image: np.ndarray, names: list[str], ids: tuple[int, ...], dataset: str):
+    maps = clip_es.clip_es_maps(clip, image, clip_es_prompts.class_prompts(names, dataset),
+                                clip_es_prompts.background_prompts(dataset),
+                                clip_es_prompts.BOX_THRESHOLDS[dataset])  # fmt: skip
+    return maps, clip_es.label_map(maps.refined.numpy(), ids)
+
+
+@pytest.mark.parametrize("preset,dataset", [("clip-es-voc", "voc"), ("clip-es-coco", "coco")])
+def test_clip_es_labels_equal_the_published_rule_on_the_same_maps(labeler, tiny_paths, preset, dataset):
+    cfg = build_config(preset, tiny_overrides(tiny_paths))
+    assert cfg.method == "clip-es" and not cfg.refine.enabled
+    es = Labeler(labeler.clip, None, cfg, CATEGORIES)  # no SD at all
+    distinct = 0
+    for seed in range(3):
+        image = blob_image(45 + seed, 61, seed)
+        got = es.label([LabelRequest("x", image, (15, 1, 15))])[0]
+        maps, want = _published(labeler.clip, image, ["person", "cat"], (15, 1), dataset)
+        assert got.class_ids == (15, 1)
+        assert got.label_map.tobytes() == want.tobytes()
+        assert np.array_equal(got.maps["cam"], maps.cam.numpy()) and got.maps["cam"].shape[1:] == (3, 4)
+        assert np.array_equal(got.maps["refined"], maps.refined.numpy()) and got.refined.shape == (2, *image.shape[:2])
+        assert np.array_equal(got.final_scores, maps.scores.numpy())
+        distinct += len(np.unique(want)) > 1
+    assert distinct  # the check compared label maps with more than one class in them
+
+
+def test_superpixels_and_ignore_margins_apply_to_clip_es(labeler, tiny_paths):
+    from pipeline import refine
+
+    cfg = build_config("clip-es-voc", {**tiny_overrides(tiny_paths), "refine": {"enabled": True}})
+    es = Labeler(labeler.clip, None, cfg, CATEGORIES)
+    image = blob_image(48, 64, 4)
+    got = es.label([LabelRequest("x", image, (1, 7))])[0]
+    segments = refine.superpixels(image, cfg.refine)
+    assert np.array_equal(got.segments, segments)
+    for s in np.unique(segments):
+        assert len(np.unique(got.label_map[segments == s])) == 1  # one label per superpixel
+    wide = build_config("clip-es-voc", {**tiny_overrides(tiny_paths), "labels": {"ignore_margin": 1.0}})
+    ignored = Labeler(labeler.clip, None, wide, CATEGORIES).label([LabelRequest("x", image, (1, 7))])[0]
+    assert (ignored.label_map == 255).mean() > 0.5
+
+
+# --- config and weights -----------------------------------------------------------------------
+
+
+def test_method_settings_are_validated_and_fingerprinted(tiny_paths):
+    voc, coco = build_config("clip-es-voc"), build_config("clip-es-coco")
+    assert (voc.clip_es.box_threshold, coco.clip_es.box_threshold) == (0.4, 0.7)
+    assert voc.fingerprint() != coco.fingerprint()
+    assert build_config("voc-vit-b16", {"method": "clip-es"}).fingerprint() != build_config("voc-vit-b16").fingerprint()
+    # Another method's settings cannot change CLIPer's labels, so they leave its fingerprint alone.
+    other_settings = build_config("voc-vit-b16", {"clip_es": {"box_threshold": 0.5}})
+    assert other_settings.fingerprint() == build_config().fingerprint()
+    assert build_config("clip-es-voc", {"clip_es": {"box_threshold": 0.5}}).fingerprint() != voc.fingerprint()
+    for bad, message in [({"box_threshold": 1.5}, "clip_es.box_threshold must lie in"),
+                         ({"dataset": "ade"}, "clip_es.dataset must be one of"),
+                         ({"background": []}, "clip_es.background is empty")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            build_config("clip-es-voc", {"clip_es": bad})
+    with pytest.raises(ValueError, match="CLIP-ES labels the image's tags only"):
+        build_config("clip-es-voc", {"cliper": {"open_vocab": True}})
+
+
+def test_sd_is_neither_looked_for_loaded_nor_fingerprinted_without_a_method_that_needs_it(tiny_paths, tmp_path):
+    cfg = build_config("clip-es-voc", tiny_overrides(tiny_paths))
+    absent = dataclasses.replace(cfg.model, sd=dataclasses.replace(cfg.model.sd, checkpoint=str(tmp_path / "no-sd")))
+    assert not methods.needs_sd(cfg)
+    assert not methods.needs_sd(build_config("voc-vit-b16", {"cliper": {"compensation": False}}))
+    assert methods.needs_sd(build_config("voc-vit-b16"))
+    fp = model_fingerprint(absent, need_sd=False)
+    assert set(fp) == {"clip", "dtype"}
+    clip, sd = load_models(absent, need_sd=False)
+    assert sd is None and clip.patch_size == 16
+    with pytest.raises(WeightsUnavailableError):
+        model_fingerprint(absent)  # CLIPer with compensation still wants SD
+    with_sd = model_fingerprint(cfg.model)
+    assert with_sd["clip"] == fp["clip"] and "sha256" in with_sd["sd"]
+
+
+# --- end to end -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def coco_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("coco-es")
+    (root / "img").mkdir()
+    images, anns = [], []
+    for i in range(1, 5):
+        Image.fromarray(blob_image(40 + 4 * i, 56, seed=i)).save(root / "img" / f"{i:012d}.jpg")
+        images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": 56, "height": 40 + 4 * i})
+        anns += [{"id": 2 * i, "image_id": i, "category_id": 1 + i % 2},
+                 {"id": 2 * i + 1, "image_id": i, "category_id": 3}]  # fmt: skip
+    cats = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "person"}]
+    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return root
+
+
+def _label_coco(coco_dir: Path, tiny: dict, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """jobs/label_coco.py on the tiny CLIP, with no --sd-checkpoint (CLIP-ES needs none)."""
+    args = [sys.executable, str(ROOT / "jobs" / "label_coco.py"), "--annotations", str(coco_dir / "instances.json"),
+            "--images", str(coco_dir / "img"), "--output", str(out), "--shard-size", "2", "--num-actors", "1",
+            "--clip-model", str(tiny["clip_config"]), "--clip-checkpoint", str(tiny["clip_checkpoint"]),
+            "--device", "cpu", *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "HF_HUB_OFFLINE": "1"}  # fmt: skip
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_clip_es_labels_a_coco_dataset_without_sd_resumes_and_refuses_a_changed_method(coco_dir, tiny_paths, tmp_path):
+    out = tmp_path / "run"
+    first = _label_coco(coco_dir, tiny_paths, out, "--preset", "clip-es-voc")
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["method"] == "clip-es" and "sd" not in run["model"]
+    labels = {p.name: p.read_bytes() for p in (out / "labels").iterdir()}
+    assert len(labels) == 4
+    again = _label_coco(coco_dir, tiny_paths, out, "--preset", "clip-es-voc")
+    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+    assert "skipped (already committed) 2" in again.stdout and "shards labeled" in again.stdout
+    assert {p.name: p.read_bytes() for p in (out / "labels").iterdir()} == labels
+    no_sd = tmp_path / "no-sd.json"  # CLIPer without compensation: no SD weights needed either
+    no_sd.write_text(json.dumps({"cliper": {"compensation": False}}))
+    changed = _label_coco(coco_dir, tiny_paths, out, "--preset", "clip-es-voc", "--method", "cliper",
+                          "--config", str(no_sd))  # fmt: skip
+    assert changed.returncode == 2
+    assert "belongs to another run: the config changed" in changed.stderr
+    assert 'method "clip-es" -> "cliper"' in changed.stderr
+    assert {p.name: p.read_bytes() for p in (out / "labels").iterdir()} == labels
+    assert json.loads((out / "run.json").read_text()) == run
+
+
+@pytest.mark.slow
+def test_explain_dumps_clip_es_own_maps_without_sd(tiny_paths, tmp_path):
+    image = tmp_path / "rgb_50x70.png"
+    Image.fromarray(blob_image(50, 70, 5)).save(image)
+    out = tmp_path / "explain"
+    proc = subprocess.run(
+        [sys.executable, "jobs/explain.py", "--preset", "clip-es-voc", "--image", str(image), "--tags", "cat,dog",
+         "--clip-model", str(tiny_paths["clip_config"]), "--clip-checkpoint", str(tiny_paths["clip_checkpoint"]),
+         "--device", "cpu", "--out", str(out), "--dump", str(out / "maps.npz")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert all((out / f"{name}.png").is_file() for name in ("cam", "refined", "box_mask", "overlay"))
+    maps = np.load(out / "maps.npz")
+    assert str(maps["method"]) == "clip-es" and maps["maps"].tolist() == ["cam", "refined", "box_mask"]
+    assert maps["cam"].shape == (2, 4, 5) and maps["refined"].shape == (2, 50, 70)  # 50x70 -> 64x80 input
+    assert maps["class_ids"].tolist() == [8, 12]
+    assert maps["label_map"].tobytes() == clip_es.label_map(maps["refined"], (8, 12)).tobytes()
+
+
+def test_a_labeler_copy_with_another_config_gives_its_method_that_config(labeler):
+    import copy
+
+    other = copy.copy(labeler)  # as jobs/benchmark.py's with_batch_size
+    other.config = dataclasses.replace(labeler.config, batch_size=3)
+    assert other.method.config.batch_size == 3 and other.method is not labeler.method
+    assert labeler.method.config.batch_size == labeler.config.batch_size != 3
+
+
+def test_cliper_behind_the_registry_is_the_pure_functions_composed(labeler):
+    """The registry's CLIPer = cliper.* then compensation.* then labels.*, called directly here in
+    the published order (one image, batch 1, the VOC preset: dataset candidates, compensation on)."""
+    from pipeline import cliper, compensation, labels, refine
+
+    cfg, clip = labeler.config, labeler.clip
+    c = cfg.cliper
+    image, tags = blob_image(40, 52, 6), (15, 1)
+    got = labeler.label([LabelRequest("img-6", image, tags)])[0]
+    text = labeler._work(LabelRequest("img-6", image, tags)).text  # pinned in test_fidelity
+    pixels = cliper.clip_input(image, clip.patch_size, clip.mean, clip.std, c.short_side)[None]
+    fusion = cliper.early_layer_fusion(clip.model.visual, pixels)
+    probs = torch.softmax(cliper.layer_logits(fusion, text, c.logit_scale), dim=-1)[..., :3][..., [2, 0]]
+    attn = cliper.patch_attention(fusion.attn_last)
+    coarse = cliper.fuse_layers(probs.transpose(-1, -2), attn, c.select_layer, c.attention_thr, fusion.grid)[0]
+    maps = compensation.capture_attention(labeler.sd, compensation.sd_pixels(image)[None], ["img-6"], c.sd_layers,
+                                          c.sd_timestep_index, c.sd_num_inference_steps)  # fmt: skip
+    chain = compensation.attention_chain([maps[name][0] for name in c.sd_layers], c.attention_thr)
+    refined = compensation.compensate(chain, coarse)
+    final = 0.5 * cliper.class_scores(refined[None])[0] + 0.5 * cliper.class_scores(coarse[None])[0]
+    full = labels.full_resolution_scores(refined, final, image.shape[:2])
+    decision = labels.decision_scores(full, is_normalize=c.is_normalize,
+                                      segments=refine.superpixels(image, cfg.refine), refine=cfg.refine)  # fmt: skip
+    label_map = labels.assemble_label_map(decision, tags, c.bkg_thre, cfg.labels)
+    assert got.coarse.tobytes() == coarse.numpy().tobytes()
+    assert got.refined.tobytes() == refined.numpy().tobytes()
+    assert got.final_scores.tobytes() == final.numpy().tobytes()
+    assert got.label_map.tobytes() == label_map.tobytes()
