@@ -51,7 +51,10 @@ def decision_scores(
     refine: RefineConfig,
 ) -> np.ndarray:
     """[K, H, W] kept-class scores -> the scores the threshold and argmax see: min-max normalised
-    if ``is_normalize``, then pooled inside superpixels when ``segments`` is given."""
+    if ``is_normalize``, then pooled inside superpixels when ``segments`` is given. K may be 0
+    (open vocabulary: no class passed ``score_threshold``)."""
+    if not len(scores):
+        return scores.astype(np.float32)
     if is_normalize:
         scores = minmax_normalize(scores)
     if segments is not None:

@@ -25,6 +25,19 @@ def test_ignore_margin_marks_close_calls_including_background():
     assert out.tolist() == [[3, 255, 255, 0]]
 
 
+def test_no_kept_class_with_normalisation_and_superpixels_gives_all_background():
+    """Open vocabulary: when no class passes score_threshold, nothing is kept (K = 0); the image
+    is all background instead of an error that would fail its whole shard."""
+    from pipeline.config import RefineConfig
+
+    none_kept = np.zeros((0, 5, 7), np.float32)
+    segments = (np.arange(35).reshape(5, 7) // 6).astype(np.int32)
+    decision = labels.decision_scores(none_kept, is_normalize=True, segments=segments, refine=RefineConfig())
+    assert decision.shape == (0, 5, 7)
+    out = labels.assemble_label_map(decision, [], bkg_thre=0.6, labels=LabelConfig(ignore_margin=0.1))
+    assert out.shape == (5, 7) and not out.any()
+
+
 def test_class_ids_outside_uint8_range_are_refused():
     with pytest.raises(ValueError, match="1..254"):
         labels.assemble_label_map(np.zeros((1, 2, 2), np.float32), [300], 0.5, LabelConfig())
