@@ -5,7 +5,6 @@ through jobs/label_coco.py without any SD weights."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -170,56 +169,6 @@ def test_sd_is_neither_looked_for_loaded_nor_fingerprinted_without_a_method_that
 
 
 # --- end to end -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def coco_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("coco-es")
-    (root / "img").mkdir()
-    images, anns = [], []
-    for i in range(1, 5):
-        Image.fromarray(blob_image(40 + 4 * i, 56, seed=i)).save(root / "img" / f"{i:012d}.jpg")
-        images.append({"id": i, "file_name": f"{i:012d}.jpg", "width": 56, "height": 40 + 4 * i})
-        anns += [{"id": 2 * i, "image_id": i, "category_id": 1 + i % 2},
-                 {"id": 2 * i + 1, "image_id": i, "category_id": 3}]  # fmt: skip
-    cats = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "person"}]
-    (root / "instances.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
-    return root
-
-
-def _label_coco(coco_dir: Path, tiny: dict, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    """jobs/label_coco.py on the tiny CLIP, with no --sd-checkpoint (CLIP-ES needs none)."""
-    args = [sys.executable, str(ROOT / "jobs" / "label_coco.py"), "--annotations", str(coco_dir / "instances.json"),
-            "--images", str(coco_dir / "img"), "--output", str(out), "--shard-size", "2", "--num-actors", "1",
-            "--clip-model", str(tiny["clip_config"]), "--clip-checkpoint", str(tiny["clip_checkpoint"]),
-            "--device", "cpu", *extra]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-           "HF_HUB_OFFLINE": "1"}  # fmt: skip
-    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
-
-
-@pytest.mark.slow
-def test_clip_es_labels_a_coco_dataset_without_sd_resumes_and_refuses_a_changed_method(coco_dir, tiny_paths, tmp_path):
-    out = tmp_path / "run"
-    first = _label_coco(coco_dir, tiny_paths, out, "--preset", "clip-es-voc")
-    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
-    run = json.loads((out / "run.json").read_text())
-    assert run["config"]["method"] == "clip-es" and "sd" not in run["model"]
-    labels = {p.name: p.read_bytes() for p in (out / "labels").iterdir()}
-    assert len(labels) == 4
-    again = _label_coco(coco_dir, tiny_paths, out, "--preset", "clip-es-voc")
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert "skipped (already committed) 2" in again.stdout and "shards labeled" in again.stdout
-    assert {p.name: p.read_bytes() for p in (out / "labels").iterdir()} == labels
-    no_sd = tmp_path / "no-sd.json"  # CLIPer without compensation: no SD weights needed either
-    no_sd.write_text(json.dumps({"cliper": {"compensation": False}}))
-    changed = _label_coco(coco_dir, tiny_paths, out, "--preset", "clip-es-voc", "--method", "cliper",
-                          "--config", str(no_sd))  # fmt: skip
-    assert changed.returncode == 2
-    assert "belongs to another run: the config changed" in changed.stderr
-    assert 'method "clip-es" -> "cliper"' in changed.stderr
-    assert {p.name: p.read_bytes() for p in (out / "labels").iterdir()} == labels
-    assert json.loads((out / "run.json").read_text()) == run
 
 
 @pytest.mark.slow

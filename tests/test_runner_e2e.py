@@ -286,6 +286,32 @@ def test_a_hung_read_is_abandoned_at_the_shard_deadline_and_the_run_ends(ray_clu
     assert len(list((tmp_path / "out" / "shards").glob("*/_COMMITTED.json"))) == 2
 
 
+def test_clip_es_job_needs_no_sd_resumes_and_refuses_a_changed_method(ray_cluster, dataset, tiny_paths, tmp_path):
+    """`--preset clip-es-voc` through `ray job submit` with no SD weights given: labels, records the
+    bad image, resumes (every shard skipped, labels unchanged) and a changed method is refused."""
+    address, env = ray_cluster
+    out = tmp_path / "es"
+    args = _job_args(dataset, tiny_paths, out, "--preset", "clip-es-voc")
+    i = args.index("--sd-checkpoint")
+    del args[i : i + 2]
+    first = _submit(address, env, args)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-4000:]
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["method"] == "clip-es" and "sd" not in run["model"]
+    labels = {p.name: p.read_bytes() for p in (out / "labels").iterdir()}
+    assert len(labels) == 8  # the ninth image is a decode_error row
+    again = _submit(address, env, args)
+    assert again.returncode == 0 and "skipped (already committed) 5" in again.stdout, again.stdout[-3000:]
+    assert {p.name: p.read_bytes() for p in (out / "labels").iterdir()} == labels
+    no_sd = tmp_path / "no-sd.json"  # CLIPer without compensation: no SD weights needed either
+    no_sd.write_text(json.dumps({"cliper": {"compensation": False}}))
+    changed = _submit(address, env, [*args, "--method", "cliper", "--config", str(no_sd)])
+    text = changed.stdout + changed.stderr
+    assert changed.returncode != 0 and 'method "clip-es" -> "cliper"' in text, text[-3000:]
+    assert {p.name: p.read_bytes() for p in (out / "labels").iterdir()} == labels
+    assert json.loads((out / "run.json").read_text()) == run
+
+
 def test_the_whole_cluster_killed_mid_run_resumes_to_identical_outputs(
     cluster, dataset, tiny_paths, clean_run, tmp_path
 ):
