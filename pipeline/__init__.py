@@ -31,5 +31,6 @@ and, beside it, audit and comparison: pseudo labels vs ground truth, runs vs run
     consensus.py     label maps where several runs agree (255 elsewhere), written as a run
 
 Beside them: prompts.py (prompt data), cli.py (options every job shares), architectures.py
-(model shapes for tests and benchmarks).
+(model shapes for tests and benchmarks), demo.py (the demo dataset: scikit-image photographs
+with a COCO instances file, and tiny random-weight models).
 """

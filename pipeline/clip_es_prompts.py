@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pipeline.prompts import COCO_CLASSES, VOC_CLASSES
+
 TEMPLATE = "a clean origami {}."
 
 VOC_BACKGROUND: tuple[str, ...] = (
@@ -21,11 +23,8 @@ VOC_BACKGROUND: tuple[str, ...] = (
 # BACKGROUND_CATEGORY_COCO: the VOC list without "keyboard" and "sign" (both are COCO classes or parts).
 COCO_BACKGROUND: tuple[str, ...] = tuple(w for w in VOC_BACKGROUND if w not in ("keyboard", "sign"))
 
-VOC_NAMES: tuple[str, ...] = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
-    "tvmonitor",
-)  # fmt: skip
+# The datasets' category names in category-id order (the same lists CLIPer's presets use).
+VOC_NAMES: tuple[str, ...] = VOC_CLASSES
 VOC_SYNONYMS: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird avian", "boat", "bottle", "bus", "car", "cat", "chair seat", "cow",
     "diningtable", "dog", "horse", "motorbike", "person with clothes,people,human", "pottedplant",
@@ -34,18 +33,7 @@ VOC_SYNONYMS: tuple[str, ...] = (
 
 # COCO's 80 official category names (the order of the published class_names_coco, which spells
 # five of them the VOC way: motorbike, aeroplane, sofa, pottedplant, diningtable, tvmonitor).
-COCO_NAMES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
-    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
-    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
-    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
-    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
-    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
-    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
-    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
+COCO_NAMES: tuple[str, ...] = COCO_CLASSES
 COCO_SYNONYMS: tuple[str, ...] = (
     "person with clothes,people,human", "bicycle", "car", "motorbike", "aeroplane", "bus", "train",
     "truck", "boat", "traffic light", "fire hydrant", "stop sign", "parking meter", "bench",

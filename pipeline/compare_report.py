@@ -18,7 +18,7 @@ import pyarrow as pa
 from matplotlib.figure import Figure
 
 from pipeline.labels import IGNORE
-from pipeline.report import STYLE, colorize, fmt, png_base64, table_html
+from pipeline.report import STYLE, colorize, fmt, panels_chart, png_base64, table_html
 
 SECTIONS = {
     "summary": "Summary",
@@ -116,15 +116,7 @@ def pair_chart(item: Pair) -> str:
     panels = [("run A", colorize(item.a)), ("run B", colorize(item.b))]
     if item.a.shape == item.b.shape:
         panels.append(("agreement", disagreement_map(item.a, item.b)))
-    fig = Figure(figsize=(3.2 * len(panels), 3.0))
-    for k, (title, pixels) in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), k + 1)
-        ax.imshow(pixels, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
-        ax.axis("off")
-    fig.suptitle(f"{item.image_id}  agreement {fmt(item.agreement)}", fontsize=10)
-    fig.tight_layout()
-    return png_base64(fig)
+    return panels_chart(panels, f"{item.image_id}  agreement {fmt(item.agreement)}")
 
 
 def _gt_sections(gt_classes: pa.Table, gt_images: Sequence[Mapping[str, Any]]) -> list[str]:

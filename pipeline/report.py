@@ -162,13 +162,18 @@ def overlay_chart(item: Overlay) -> str:
               ("errors", error_map(item.gt, item.pred))]  # fmt: skip
     if item.rgb is not None and item.rgb.shape[:2] == item.gt.shape:
         panels = [("image", item.rgb)] + [(t, (0.45 * item.rgb + 0.55 * p).astype(np.uint8)) for t, p in panels]
+    return panels_chart(panels, f"{item.image_id}  mIoU {fmt(item.miou)}")
+
+
+def panels_chart(panels: Sequence[tuple[str, np.ndarray]], title: str) -> str:
+    """HWC uint8 pictures side by side, each with its caption, under ``title``; a base64 PNG."""
     fig = Figure(figsize=(3.2 * len(panels), 3.0))
-    for k, (title, pixels) in enumerate(panels):
+    for k, (caption, pixels) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), k + 1)
         ax.imshow(pixels, interpolation="nearest")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(caption, fontsize=9)
         ax.axis("off")
-    fig.suptitle(f"{item.image_id}  mIoU {fmt(item.miou)}", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return png_base64(fig)
 
