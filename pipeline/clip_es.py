@@ -103,11 +103,13 @@ def clip_es_input(image: np.ndarray, patch: int, mean: Sequence[float], std: Seq
 @torch.no_grad()
 def text_features(model: Any, tokenizer: Any, prompts: Sequence[str], template: str = TEMPLATE) -> torch.Tensor:
     """[T, E] float32 unit-norm text embeddings of ``template.format(p)`` (``zeroshot_classifier``
-    with one template: normalise, mean over templates, normalise)."""
+    with one template: normalise, mean over templates, normalise). Each prompt is encoded on its
+    own, as the published loop does, so a row does not depend on which prompts share the call
+    (callers may cache rows per prompt)."""
     if not prompts:
         raise ValueError("no prompts to embed: give at least one class or background name")
     device = next(model.parameters()).device
-    emb = model.encode_text(tokenizer([template.format(p) for p in prompts]).to(device)).float()
+    emb = torch.cat([model.encode_text(tokenizer([template.format(p)]).to(device)).float() for p in prompts])
     emb = emb / emb.norm(dim=-1, keepdim=True)
     return emb / emb.norm(dim=-1, keepdim=True)
 

@@ -31,7 +31,7 @@ class ClipEs(Method):
         self._prompts = {cid: synonyms.get(cat.name, cat.prompt) for cid, cat in categories.items()}
         published = clip_es_prompts.background_prompts(c.dataset)
         self._background = list(c.background if c.background is not None else published)
-        self._text_cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self._text_cache: dict[str, torch.Tensor] = {}  # [1, E] per prompt: each embedded once per actor
 
     @classmethod
     def validate(cls, config: Config) -> None:
@@ -52,11 +52,14 @@ class ClipEs(Method):
         return Assembly(scale_by_score=False, is_normalize=False, bkg_thre=0.0, float16=True)
 
     def _text(self, ids: tuple[int, ...]) -> torch.Tensor:
-        """[C + B, E] embeddings of the tags' prompts then the background list (cached per tag set)."""
-        if ids not in self._text_cache:
-            prompts = [self._prompts[i] for i in ids] + self._background
-            self._text_cache[ids] = clip_es.text_features(self.clip.model, self.clip.tokenizer, prompts)
-        return self._text_cache[ids]
+        """[C + B, E] embeddings of the tags' prompts then the background list. Rows are cached per
+        prompt (``text_features`` encodes each prompt alone), so the background list is embedded once
+        per actor, not once per distinct tag set."""
+        prompts = [self._prompts[i] for i in ids] + self._background
+        for p in prompts:
+            if p not in self._text_cache:
+                self._text_cache[p] = clip_es.text_features(self.clip.model, self.clip.tokenizer, [p])
+        return torch.cat([self._text_cache[p] for p in prompts])
 
     def infer(self, items: Sequence[Item], clock: Clock) -> None:
         c = self.config.clip_es
