@@ -18,7 +18,7 @@ import pyarrow as pa
 from matplotlib.figure import Figure
 
 from pipeline.labels import IGNORE
-from pipeline.report import STYLE, colorize, fmt, panels_chart, png_base64, table_html
+from pipeline.report import colorize, fmt, html_page, panels_chart, png_base64, table_html
 
 SECTIONS = {
     "summary": "Summary",
@@ -161,6 +161,4 @@ def build_report(title: str, summary: Mapping[str, Any], categories: pa.Table, c
     unscored = [r for r in images if r["status"] != "ok"]
     parts.append(_section("missing", table_html(unscored, ["image_id", "status", "error"]) if unscored
                           else "<p>Every image was compared.</p>"))  # fmt: skip
-    head = f'<head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>'
-    page = f"<body><h1>{html.escape(title)}</h1>{''.join(parts)}</body>"
-    return f'<!DOCTYPE html>\n<html lang="en">{head}{page}</html>\n'
+    return html_page(title, parts)

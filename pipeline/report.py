@@ -203,6 +203,11 @@ def build_report(title: str, summary: Mapping[str, Any], classes: pa.Table, imag
     unscored = [r for r in images if r["status"] != "ok"]
     parts.append(_section("missing", table_html(unscored, ["image_id", "status", "error"]) if unscored
                           else "<p>Every image was scored.</p>"))  # fmt: skip
+    return html_page(title, parts)
+
+
+def html_page(title: str, sections: Sequence[str]) -> str:
+    """A self-contained HTML page: ``title`` as heading, then the sections, in the reports' style."""
     head = f'<head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{STYLE}</style></head>'
-    page = f"<body><h1>{html.escape(title)}</h1>{''.join(parts)}</body>"
+    page = f"<body><h1>{html.escape(title)}</h1>{''.join(sections)}</body>"
     return f'<!DOCTYPE html>\n<html lang="en">{head}{page}</html>\n'
