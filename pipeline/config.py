@@ -152,12 +152,9 @@ class Config:
         weights live (hub ids, revisions, checkpoint paths, a CLIP config's path): the run
         fingerprint names weights by content (``models.model_fingerprint``) instead."""
         data = self.to_dict()
-        # Another method's settings cannot change a label; left out, CLIPer runs keep the
-        # fingerprints they had before methods were selectable.
+        # CLIP-ES's own settings cannot change another method's labels.
         if self.method != "clip-es":
             data.pop("clip_es")
-        if self.method == "cliper":
-            data.pop("method")
         for part in ("clip", "sd"):
             for key in LOCATION_FIELDS[part]:
                 data["model"][part].pop(key)
