@@ -185,6 +185,9 @@ class Keeper:
                 if self.lease is not None and time.time() >= self.lease.expires:
                     self._lost = f"the lease on {self.store.url} expired: renewal kept failing ({err})"
                     return
+            except Exception as err:  # a renewal that cannot work again: stop the run, do not drop the lease silently
+                self._lost = f"renewing the lease on {self.store.url} failed: {type(err).__name__}: {err}"
+                return
 
     def lost(self) -> str | None:
         return self._lost

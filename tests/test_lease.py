@@ -136,3 +136,15 @@ def test_the_keeper_renews_reports_a_lost_lease_and_releases():
         threading.Event().wait(0.25)
         assert "no longer ours" in keeper.lost()
     assert lease.read(store).owner == "f" * 32  # a lost lease is not released
+
+
+def test_an_unexpected_renewal_error_stops_the_run_instead_of_ending_renewal_silently(monkeypatch):
+    store = _store()
+
+    def broken(*args, **kwargs):
+        raise ValueError("lease object holds no JSON")
+
+    with lease.Keeper(store, ttl_s=0.3, settle_s=0) as keeper:
+        monkeypatch.setattr(lease, "renew", broken)
+        threading.Event().wait(0.25)
+        assert "ValueError: lease object holds no JSON" in (keeper.lost() or "")
