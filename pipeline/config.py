@@ -59,7 +59,7 @@ class SDConfig:
 class ModelConfig:
     clip: ClipConfig = field(default_factory=ClipConfig)
     sd: SDConfig = field(default_factory=SDConfig)
-    device: str = "auto"  # "auto" = cuda when available, else cpu
+    device: str = "auto"  # "auto" = cuda when available, else cpu; how to run (RunSettings)
     dtype: str = "float32"
 
 
@@ -138,7 +138,7 @@ class Config:
     clip_es: ClipEsConfig = field(default_factory=ClipEsConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
-    batch_size: int = 8
+    batch_size: int = 8  # how to run (RunSettings), except where labels depend on it
     shard_size: int = 256  # images per shard: the unit of commit, retry and resume
     # Input guard: images with more pixels are refused (status decode_error) before their pixels
     # are decoded, so a decompression bomb costs a header read, not the actor's memory.
@@ -147,21 +147,69 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
-    def fingerprint(self) -> str:
-        """SHA-256 of the canonical JSON of everything that can change a label, except where the
-        weights live (hub ids, revisions, checkpoint paths, a CLIP config's path): the run
-        fingerprint names weights by content (``models.model_fingerprint``) instead."""
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the labels (what to compute), as a dict: ``to_dict()`` less the
+        how-to-run settings (``RUN_SETTINGS``; ``batch_size`` only for a method whose labels do not
+        depend on it, ``Method.batch_invariant``), less another method's settings and less where the
+        weights live (``LOCATION_FIELDS``: the model fingerprint names weights by content)."""
+        from pipeline import methods  # here: the methods import this module
+
         data = self.to_dict()
         # CLIP-ES's own settings cannot change another method's labels.
         if self.method != "clip-es":
             data.pop("clip_es")
+        for dotted in RUN_SETTINGS:
+            if dotted != "batch_size" or methods.get(self.method).batch_invariant:
+                *parents, key = dotted.split(".")
+                _part(data, parents).pop(key)
         for part in ("clip", "sd"):
             for key in LOCATION_FIELDS[part]:
                 data["model"][part].pop(key)
         if self.model.clip.model.endswith(".json"):  # the file's content is in the model fingerprint
             data["model"]["clip"].pop("model")
-        blob = json.dumps(data, sort_keys=True, separators=(",", ":"))
+        return data
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the canonical JSON of ``identity()``: equal for two configs that give the
+        same labels however they run (device, and the batch size where labels do not depend on it),
+        so a resume with another ``--device`` or batch size reuses committed shards."""
+        blob = json.dumps(self.identity(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
+
+    def run_settings(self) -> RunSettings:
+        """The how-to-run part of this config (not fingerprinted)."""
+        return RunSettings(batch_size=self.batch_size, device=self.model.device)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run computes, not what: these may change between a run and its resume. The fields
+    stay where config files and the CLI set them (``batch_size``, ``model.device``: ``RUN_SETTINGS``),
+    so ``run.json`` keeps its shape (schemas/config.v1); ``Config.identity`` leaves them out.
+
+    - device: ``auto`` and ``cuda`` name the same GPU on a GPU node; CPU and GPU arithmetic is not
+      bit-identical, and neither are two GPU models, which no setting could pin.
+    - batch_size: out of the identity only for methods whose labels are batch-invariant
+      (``Method.batch_invariant``; CLIP-ES). CLIPer's batched ViT and UNet round differently with
+      the batch composition (docs/METHODS.md), so its batch size stays in the identity.
+
+    Actors, CPUs per actor, retries and timeouts (``runner.RunOptions``) and I/O threads are not in
+    the config at all. ``shard_size`` stays in the identity although labels do not depend on it:
+    shard ids derive from shard membership, so a resume with another shard size could reuse no
+    shard; refusing it names the setting instead of silently relabelling everything."""
+
+    batch_size: int
+    device: str
+
+
+# Dotted keys of ``Config.to_dict()`` that say how to run, not what to compute (``RunSettings``).
+RUN_SETTINGS = ("batch_size", "model.device")
+
+
+def _part(data: dict[str, Any], path: list[str]) -> dict[str, Any]:
+    for key in path:
+        data = data[key]
+    return data
 
 
 # Fields of ModelConfig that say where weights are, not what they are: left out of

@@ -16,8 +16,9 @@ which sees Ray only through a small backend (``_RayBackend``), so tests drive it
   a row is replaced, not retried in place; its other queued shards move to the new actor without
   losing an attempt.
 - out of memory (``torch.cuda.OutOfMemoryError``, "out of memory") retries the shard with half
-  the batch, down to 1, before it counts as a failed attempt. A smaller batch can change label
-  pixels (batched float sums round differently), so it is reported in the run summary.
+  the batch, down to 1, before it counts as a failed attempt. For a method that is not
+  batch-invariant (``Method.batch_invariant``; CLIPer) a smaller batch can change label pixels
+  (batched float sums round differently), so it is reported in the run summary.
 - retries wait ``backoff_s`` (exponential, capped, jitter derived from the shard id: the same
   run waits the same).
 """
@@ -36,7 +37,7 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from pipeline import methods, redact, storage
-from pipeline.config import Config, build_config
+from pipeline.config import Config
 from pipeline.labeler import Category, Labeler
 from pipeline.manifest import Shard
 from pipeline.models import load_models
@@ -46,16 +47,16 @@ log = logging.getLogger(__name__)
 
 
 class _LabelActor:
-    def __init__(self, config: dict[str, Any], categories: list[Category], output: str,
+    def __init__(self, config: Config, categories: list[Category], output: str,
                  storage_options: dict[str, Any], threads: int | None = None,
                  model_fingerprint: dict[str, Any] | None = None) -> None:  # fmt: skip
         redact.install(redact.secret_values(storage_options))
         _set_threads(threads)
-        cfg = build_config(config["preset"], config)
-        # The driver pinned hub revisions in ``config``; what this node loads must match its fingerprint.
-        clip, sd = load_models(cfg.model, expected=model_fingerprint, storage_options=storage_options,
-                               need_sd=methods.needs_sd(cfg))  # fmt: skip
-        self.labeler = Labeler(clip, sd, cfg, categories)
+        # The frozen config arrives as the driver built it (Ray pickles the dataclass). The driver
+        # pinned hub revisions in it; what this node loads must match its model fingerprint.
+        clip, sd = load_models(config.model, expected=model_fingerprint, storage_options=storage_options,
+                               need_sd=methods.needs_sd(config))  # fmt: skip
+        self.labeler = Labeler(clip, sd, config, categories)
         self.store = storage.Store.open(output, **storage_options)
         self.storage_options = storage_options
 
@@ -446,7 +447,7 @@ def run(config: Config, categories: list[Category], shards: Iterable[Shard], out
     store = storage.Store.open(output, **options.storage_options)
     plan = plan_actors(options.num_actors, ray.cluster_resources(), options.actor_cpus)
     secrets = redact.secret_values(options.storage_options)
-    args = (config.to_dict(), categories, output, options.storage_options, plan.cpus,
+    args = (config, categories, output, options.storage_options, plan.cpus,
             options.model_fingerprint)
     driver = _Driver(_RayBackend(plan, args, fingerprint, secrets), plan.count, config.batch_size, options,
                      secrets=secrets)  # fmt: skip

@@ -103,7 +103,7 @@ def test_an_actor_asked_again_for_a_committed_shard_does_not_commit_it_twice(tin
 
     Image.fromarray(blob_image(30, 40)).save(tmp_path / "a.png")
     shard = next(manifest.shards([{"id": "a", "uri": str(tmp_path / "a.png"), "tags": [1]}], 1))
-    actor = _LabelActor(tiny_config.to_dict(), CATEGORIES, str(tmp_path / "out"), {})
+    actor = _LabelActor(tiny_config, CATEGORIES, str(tmp_path / "out"), {})
     first = actor.label(shard, FP)
     marker = tmp_path / "out" / "shards" / shard.shard_id / storage.MARKER
     stamp = (marker.stat().st_mtime_ns, marker.read_bytes())

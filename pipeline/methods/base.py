@@ -77,6 +77,10 @@ class Method(ABC):
     ``pipeline.methods.REGISTRY``."""
 
     name: ClassVar[str]
+    # True when the labels do not depend on ``config.batch_size`` (byte for byte): the batch size is
+    # then left out of the run's identity (``Config.identity``) and a resume may change it. Claim it
+    # only with a test (tests/test_methods.py checks every method that sets it).
+    batch_invariant: ClassVar[bool] = False
 
     def __init__(self, clip: ClipModels, sd: Any, config: Config, categories: Mapping[int, Category]) -> None:
         self.clip, self.sd, self.config, self.categories = clip, sd, config, categories

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 class ClipEs(Method):
     name = "clip-es"
+    batch_invariant = True  # one image at a time whatever the batch (``infer``)
 
     def __init__(self, clip: ClipModels, sd: Any, config: Config, categories: Mapping[int, Category]) -> None:
         super().__init__(clip, sd, config, categories)
