@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.config import PRESETS, build_config, load_config_file
+from pipeline.config import PRESETS, RunSettings, build_config, load_config_file
 
 # cliper-method.md section 5, typed from the table.
 PUBLISHED = {
@@ -64,3 +64,18 @@ def test_fingerprint_changes_with_any_setting():
     base = build_config()
     assert base.fingerprint() == build_config().fingerprint()
     assert base.fingerprint() != build_config(None, {"refine": {"sigma": 0.9}}).fingerprint()
+
+
+def test_the_identity_leaves_out_how_to_run_but_keeps_what_changes_labels_or_shards():
+    base = build_config()
+    for device in ("cpu", "cuda", "cuda:1"):
+        assert build_config(None, {"model": {"device": device}}).fingerprint() == base.fingerprint()
+    # CLIPer's batched passes round differently with the batch (docs/METHODS.md): its batch size stays.
+    assert build_config(None, {"batch_size": 2}).fingerprint() != base.fingerprint()
+    es = build_config("clip-es-voc")
+    assert build_config("clip-es-voc", {"batch_size": 2, "model": {"device": "cpu"}}).fingerprint() == es.fingerprint()
+    assert "batch_size" not in es.identity() and "device" not in es.identity()["model"]
+    # Shard ids follow shard membership: another shard size could reuse no shard, so it is refused.
+    assert build_config("clip-es-voc", {"shard_size": 64}).fingerprint() != es.fingerprint()
+    assert build_config("clip-es-voc", {"refine": {"scale": 90.0}}).fingerprint() != es.fingerprint()
+    assert build_config(None, {"batch_size": 3, "model": {"device": "cpu"}}).run_settings() == RunSettings(3, "cpu")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from pipeline import clip_es, clip_es_prompts, manifest, methods, pngs, storage
-from pipeline.config import build_config
+from pipeline.config import PRESETS, build_config
 from pipeline.labeler import Labeler, LabelRequest
 from pipeline.methods.base import Assembly, Method, MethodOutput
 from pipeline.models import WeightsUnavailableError, load_models, model_fingerprint
@@ -166,6 +166,27 @@ def test_sd_is_neither_looked_for_loaded_nor_fingerprinted_without_a_method_that
         model_fingerprint(absent)  # CLIPer with compensation still wants SD
     with_sd = model_fingerprint(cfg.model)
     assert with_sd["clip"] == fp["clip"] and "sha256" in with_sd["sd"]
+
+
+BATCH_INVARIANT = sorted(p for p, v in PRESETS.items() if methods.get(v.get("method", "cliper")).batch_invariant)
+
+
+@pytest.mark.parametrize("preset", BATCH_INVARIANT)
+def test_a_method_claiming_batch_invariance_labels_alike_at_every_batch_size(tiny_paths, preset):
+    """``Method.batch_invariant`` takes the batch size out of the run's identity, so a resume may
+    change it: the label maps must then be equal byte for byte at batch 1, 2 and 8."""
+    assert BATCH_INVARIANT == ["clip-es-coco", "clip-es-voc"]
+    cfg = build_config(preset, tiny_overrides(tiny_paths))
+    labeler = Labeler.from_config(cfg, CATEGORIES)
+    shapes, tags = [(48, 64), (64, 48), (48, 64), (40, 80), (48, 64)], [(1,), (1, 7), (7, 15), (15,), (15, 1)]
+    requests = [LabelRequest(f"im{i}", blob_image(h, w, seed=i), t) for i, ((h, w), t) in enumerate(zip(shapes, tags))]
+    maps = {}
+    for size in (1, 2, 8):
+        labeler.config = dataclasses.replace(cfg, batch_size=size)
+        results = [r for s in range(0, len(requests), size) for r in labeler.label(requests[s : s + size])]
+        maps[size] = [r.label_map.tobytes() for r in results]
+    assert maps[1] == maps[2] == maps[8]
+    assert len({v for m in maps[1] for v in set(m)}) > 2  # background and at least two classes: not a blank map
 
 
 # --- end to end -------------------------------------------------------------------------------
