@@ -152,22 +152,7 @@ class Config:
         how-to-run settings (``RUN_SETTINGS``; ``batch_size`` only for a method whose labels do not
         depend on it, ``Method.batch_invariant``), less another method's settings and less where the
         weights live (``LOCATION_FIELDS``: the model fingerprint names weights by content)."""
-        from pipeline import methods  # here: the methods import this module
-
-        data = self.to_dict()
-        # CLIP-ES's own settings cannot change another method's labels.
-        if self.method != "clip-es":
-            data.pop("clip_es")
-        for dotted in RUN_SETTINGS:
-            if dotted != "batch_size" or methods.get(self.method).batch_invariant:
-                *parents, key = dotted.split(".")
-                _part(data, parents).pop(key)
-        for part in ("clip", "sd"):
-            for key in LOCATION_FIELDS[part]:
-                data["model"][part].pop(key)
-        if self.model.clip.model.endswith(".json"):  # the file's content is in the model fingerprint
-            data["model"]["clip"].pop("model")
-        return data
+        return identity_of(self.to_dict())
 
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON of ``identity()``: equal for two configs that give the
@@ -206,9 +191,31 @@ class RunSettings:
 RUN_SETTINGS = ("batch_size", "model.device")
 
 
+def identity_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """``Config.identity`` of a stored ``Config.to_dict()`` (a ``run.json`` config, also one
+    written before methods existed: no ``method`` means CLIPer); keys it lacks are skipped."""
+    from pipeline import methods  # here: the methods import this module
+
+    data = json.loads(json.dumps(config))
+    method = data.get("method", "cliper")
+    if method != "clip-es":  # CLIP-ES's own settings cannot change another method's labels
+        data.pop("clip_es", None)
+    for dotted in RUN_SETTINGS:
+        if dotted != "batch_size" or (method in methods.REGISTRY and methods.get(method).batch_invariant):
+            *parents, key = dotted.split(".")
+            _part(data, parents).pop(key, None)
+    for part in ("clip", "sd"):
+        for key in LOCATION_FIELDS[part]:
+            _part(data, ["model", part]).pop(key, None)
+    clip = _part(data, ["model", "clip"])
+    if str(clip.get("model", "")).endswith(".json"):  # the file's content is in the model fingerprint
+        clip.pop("model")
+    return data
+
+
 def _part(data: dict[str, Any], path: list[str]) -> dict[str, Any]:
     for key in path:
-        data = data[key]
+        data = data.get(key) if isinstance(data.get(key), dict) else {}
     return data
 
 

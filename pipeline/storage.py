@@ -373,7 +373,10 @@ def write_run(store: Store, run: RunFingerprint, config: Mapping[str, Any], mode
     old = read_run(store)
     if old is not None and old["fingerprint"] != run.digest and not overwrite:
         changed = [name for name, digest in doc["parts"].items() if old["parts"].get(name) != digest]
-        keys = _changed_keys(old.get("config", {}), doc["config"]) if "config" in changed else []
+        from pipeline.config import identity_of  # here: config imports the model stack
+
+        # Only settings in the identity changed the fingerprint: device and the like are not named.
+        keys = _changed_keys(identity_of(old.get("config", {})), identity_of(doc["config"])) if "config" in changed else []
         detail = f" (settings: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" if keys else ""
         raise ValueError(
             f"{store.path(RUN_FILE)} belongs to another run: the {' and the '.join(changed)} changed{detail} "

@@ -247,3 +247,49 @@ def test_bad_run_options_are_refused_with_a_sentence():
         RunOptions(num_actors=0)
     with pytest.raises(ValueError, match="must be positive"):
         RunOptions(shard_timeout_s=0)
+
+
+def test_a_resume_with_another_device_and_batch_size_skips_committed_shards_and_a_changed_label_setting_is_refused(
+    tiny_paths, tmp_path
+):
+    """What ``jobs/label_coco.py`` does at a resume (run.json, then the driver with ``is_committed``),
+    on a real committed shard: batch 2 on "cpu", then batch 4 on "auto", CLIP-ES (batch-invariant)."""
+    from PIL import Image
+
+    from pipeline import methods, storage
+    from pipeline.config import build_config
+    from pipeline.labeler import Labeler
+    from pipeline.models import model_fingerprint
+    from pipeline.shards import label_shard
+    from tests.conftest import CATEGORIES, blob_image, tiny_overrides
+
+    records = []
+    for i in range(4):
+        Image.fromarray(blob_image(32, 40, seed=i)).save(tmp_path / f"{i}.png")
+        records.append({"id": f"im{i}", "uri": str(tmp_path / f"{i}.png"), "tags": [1, 7]})
+    shards = list(make_shards(records, 2))
+    store = storage.Store.open(str(tmp_path / "out"))
+
+    def run_fp(config):
+        models_fp = model_fingerprint(config.model, need_sd=methods.needs_sd(config))
+        return storage.run_fingerprint(config.fingerprint(), models_fp, storage.manifest_fingerprint(records)), models_fp
+
+    first = build_config("clip-es-voc", tiny_overrides(tiny_paths) | {"batch_size": 2})
+    fp, models_fp = run_fp(first)
+    storage.write_run(store, fp, first.to_dict(), models_fp)
+    label_shard(Labeler.from_config(first, CATEGORIES), store, shards[0], fp.digest)  # then the run stopped
+
+    over = tiny_overrides(tiny_paths)
+    again = build_config("clip-es-voc", over | {"batch_size": 4, "model": {**over["model"], "device": "auto"}})
+    fp2, models_fp2 = run_fp(again)
+    storage.write_run(store, fp2, again.to_dict(), models_fp2)  # accepted: the same labels
+    cluster = FakeCluster(lambda *a: ("ok", 1.0))
+    driver = _Driver(cluster, 1, again.batch_size, OPTIONS, clock=lambda: cluster.now, sleep=cluster.sleep)
+    summary = driver.run(shards, lambda s: storage.is_committed(store, s.shard_id, fp2.digest))
+    assert (summary.shards_skipped, summary.shards_done) == (1, 1)
+    assert [sid for _, _, sid, _ in cluster.submits] == [shards[1].shard_id]
+
+    changed = build_config("clip-es-voc", over | {"batch_size": 4, "refine": {"scale": 90.0}})
+    fp3, models_fp3 = run_fp(changed)
+    with pytest.raises(ValueError, match=r"config changed \(settings: refine.scale 100.0 -> 90.0"):
+        storage.write_run(store, fp3, changed.to_dict(), models_fp3)
