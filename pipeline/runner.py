@@ -447,8 +447,7 @@ def run(config: Config, categories: list[Category], shards: Iterable[Shard], out
     store = storage.Store.open(output, **options.storage_options)
     plan = plan_actors(options.num_actors, ray.cluster_resources(), options.actor_cpus)
     secrets = redact.secret_values(options.storage_options)
-    args = (config, categories, output, options.storage_options, plan.cpus,
-            options.model_fingerprint)
+    args = (config, categories, output, options.storage_options, plan.cpus, options.model_fingerprint)
     driver = _Driver(_RayBackend(plan, args, fingerprint, secrets), plan.count, config.batch_size, options,
                      secrets=secrets)  # fmt: skip
     return driver.run(shards, lambda s: storage.is_committed(store, s.shard_id, fingerprint), progress, stop)

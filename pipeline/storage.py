@@ -376,7 +376,8 @@ def write_run(store: Store, run: RunFingerprint, config: Mapping[str, Any], mode
         from pipeline.config import identity_of  # here: config imports the model stack
 
         # Only settings in the identity changed the fingerprint: device and the like are not named.
-        keys = _changed_keys(identity_of(old.get("config", {})), identity_of(doc["config"])) if "config" in changed else []
+        before, after = identity_of(old.get("config", {})), identity_of(doc["config"])
+        keys = _changed_keys(before, after) if "config" in changed else []
         detail = f" (settings: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" if keys else ""
         raise ValueError(
             f"{store.path(RUN_FILE)} belongs to another run: the {' and the '.join(changed)} changed{detail} "

@@ -179,7 +179,10 @@ def test_a_method_claiming_batch_invariance_labels_alike_at_every_batch_size(tin
     cfg = build_config(preset, tiny_overrides(tiny_paths))
     labeler = Labeler.from_config(cfg, CATEGORIES)
     shapes, tags = [(48, 64), (64, 48), (48, 64), (40, 80), (48, 64)], [(1,), (1, 7), (7, 15), (15,), (15, 1)]
-    requests = [LabelRequest(f"im{i}", blob_image(h, w, seed=i), t) for i, ((h, w), t) in enumerate(zip(shapes, tags))]
+    requests = [
+        LabelRequest(f"im{i}", blob_image(h, w, seed=i), t)
+        for i, ((h, w), t) in enumerate(zip(shapes, tags, strict=True))
+    ]
     maps = {}
     for size in (1, 2, 8):
         labeler.config = dataclasses.replace(cfg, batch_size=size)
@@ -187,6 +190,22 @@ def test_a_method_claiming_batch_invariance_labels_alike_at_every_batch_size(tin
         maps[size] = [r.label_map.tobytes() for r in results]
     assert maps[1] == maps[2] == maps[8]
     assert len({v for m in maps[1] for v in set(m)}) > 2  # background and at least two classes: not a blank map
+
+
+def test_an_actor_for_cliper_without_compensation_never_looks_for_loads_or_holds_sd(tiny_config, tmp_path):
+    """The runner's actor gets the frozen config as it is; with compensation off no SD is resolved
+    (its checkpoint here does not exist), fingerprinted or held."""
+    from pipeline.runner import _LabelActor
+
+    cfg = dataclasses.replace(
+        tiny_config, cliper=dataclasses.replace(tiny_config.cliper, compensation=False),
+        model=dataclasses.replace(tiny_config.model, sd=dataclasses.replace(tiny_config.model.sd,
+                                                                            checkpoint=str(tmp_path / "no-sd"))),
+    )  # fmt: skip
+    fp = model_fingerprint(cfg.model, need_sd=methods.needs_sd(cfg))
+    assert set(fp) == {"clip", "dtype"}
+    actor = _LabelActor(cfg, CATEGORIES, str(tmp_path / "out"), {}, None, fp)
+    assert actor.labeler.config is cfg and actor.labeler.sd is None and actor.labeler.method.sd is None
 
 
 # --- end to end -------------------------------------------------------------------------------

@@ -272,7 +272,8 @@ def test_a_resume_with_another_device_and_batch_size_skips_committed_shards_and_
 
     def run_fp(config):
         models_fp = model_fingerprint(config.model, need_sd=methods.needs_sd(config))
-        return storage.run_fingerprint(config.fingerprint(), models_fp, storage.manifest_fingerprint(records)), models_fp
+        manifest_fp = storage.manifest_fingerprint(records)
+        return storage.run_fingerprint(config.fingerprint(), models_fp, manifest_fp), models_fp
 
     first = build_config("clip-es-voc", tiny_overrides(tiny_paths) | {"batch_size": 2})
     fp, models_fp = run_fp(first)
