@@ -215,7 +215,8 @@ def identity_of(config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _part(data: dict[str, Any], path: list[str]) -> dict[str, Any]:
     for key in path:
-        data = data.get(key) if isinstance(data.get(key), dict) else {}
+        inner = data.get(key)
+        data = inner if isinstance(inner, dict) else {}
     return data
 
 

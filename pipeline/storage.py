@@ -376,8 +376,9 @@ def write_run(store: Store, run: RunFingerprint, config: Mapping[str, Any], mode
         from pipeline.config import identity_of  # here: config imports the model stack
 
         # Only settings in the identity changed the fingerprint: device and the like are not named.
-        before, after = identity_of(old.get("config", {})), identity_of(doc["config"])
+        before, after = identity_of(old.get("config", {})), identity_of(config)
         keys = _changed_keys(before, after) if "config" in changed else []
+        keys.sort(key=lambda k: not k.startswith("method "))  # another method changes many settings: it first
         detail = f" (settings: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" if keys else ""
         raise ValueError(
             f"{store.path(RUN_FILE)} belongs to another run: the {' and the '.join(changed)} changed{detail} "
