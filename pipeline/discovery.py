@@ -55,11 +55,12 @@ class Regions:
         (half-pixel centres, as the label map's scores are: ``F.interpolate(align_corners=False)``)
         and each pixel given to the largest, "none" winning ties; for one region this is
         bilinear-then-threshold at 0.5."""
-        h, w = self.masks.shape[1:] if len(self.masks) else (1, 1)
+        if not len(self.masks):
+            return np.zeros(size, np.uint16)
+        h, w = self.masks.shape[1:]
         ry, rx = _interp_matrix(size[0], h), _interp_matrix(size[1], w)
-        masks = self.masks.astype(np.float32)
-        none = 1.0 - masks.sum(axis=0, keepdims=True)
-        stack = np.concatenate([none if len(masks) else np.ones((1, h, w), np.float32), masks])
+        masks = self.masks.astype(np.float64)
+        stack = np.concatenate([1.0 - masks.sum(axis=0, keepdims=True), masks])
         up = np.einsum("Hh,khw,Ww->kHW", ry, stack, rx, optimize=True)
         return up.argmax(axis=0).astype(np.uint16)
 
@@ -83,13 +84,13 @@ def check_config(cfg: DiscoveryConfig) -> None:
 
 
 def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """[n_out, n_in] float32 weights of 1-D linear resizing with half-pixel centres (the
+    """[n_out, n_in] float64 weights of 1-D linear resizing with half-pixel centres (the
     convention of ``F.interpolate(mode="bilinear", align_corners=False)``)."""
     src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)
-    frac = (src - i0).astype(np.float32)
-    m = np.zeros((n_out, n_in), np.float32)
+    frac = src - i0
+    m = np.zeros((n_out, n_in), np.float64)
     np.add.at(m, (np.arange(n_out), i0), 1 - frac)
     np.add.at(m, (np.arange(n_out), i1), frac)
     return m
@@ -140,15 +141,15 @@ def cosine_kmeans(x: np.ndarray, centres: np.ndarray, iterations: int) -> tuple[
     normalised mean of its rows), stopping early once no assignment changes. A centre left
     without rows keeps its place and value. Returns ([n] int64 assignment, [K, D] centres)."""
     assign = np.full(len(x), -1, np.int64)
+    centres = centres.copy()
     for _ in range(iterations):
         new = (x @ centres.T).argmax(axis=1)
         if np.array_equal(new, assign):
             break
         assign = new
-        for k in range(len(centres)):
-            rows = x[assign == k]
-            if len(rows):
-                centres[k] = _normalise(rows.mean(axis=0))
+        onehot = (assign[None, :] == np.arange(len(centres))[:, None]).astype(np.float32)
+        used = onehot.any(axis=1)
+        centres[used] = _normalise(onehot[used] @ x)  # the sum's direction is the mean's
     return assign, centres
 
 
