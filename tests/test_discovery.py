@@ -66,6 +66,19 @@ def test_a_region_found_at_two_scales_is_reported_once():
     assert sum(discovery.iou(m, layout == 2) >= 0.9 for m in regions.masks) == 1
 
 
+def test_fusion_reports_a_coarse_and_a_fine_find_of_one_object_once(monkeypatch):
+    """A coarse scale's cluster that swallowed a ring of background, and a fine scale's exact one:
+    one region (the fine, more coherent one), not the object plus the leftover ring."""
+    layout = scene()
+    tokens, _ = planted(layout)
+    exact = layout == 2
+    coarse = np.zeros_like(exact)
+    coarse[3:13, 15:26] = True  # object 2 and a one-cell ring around it: IoU 72 / 110
+    monkeypatch.setattr(discovery, "_candidates", lambda tokens, free, cfg: [coarse, exact])
+    regions = discovery.discover(tokens, layout == 1, dataclasses.replace(ON, min_area=0.0, min_coherence=-1.0))
+    assert len(regions.masks) == 1 and np.array_equal(regions.masks[0], exact)
+
+
 def test_fusion_keeps_the_more_coherent_of_overlapping_masks():
     layout = scene()
     tokens, _ = planted(layout, noise=0.2)
