@@ -42,7 +42,9 @@ def planted_tokens(d: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     layout = np.zeros((GRID, GRID), int)
     layout[2:12, 2:14], layout[4:12, 17:26], layout[16:26, 5:20] = 1, 2, 3
     dirs = rng.normal(size=(4, d))
-    tok = dirs[layout] / np.linalg.norm(dirs, axis=1)[layout][..., None] + 0.3 * rng.normal(size=(GRID, GRID, d)) / d**0.5
+    tok = (
+        dirs[layout] / np.linalg.norm(dirs, axis=1)[layout][..., None] + 0.3 * rng.normal(size=(GRID, GRID, d)) / d**0.5
+    )
     return (tok / np.linalg.norm(tok, axis=-1, keepdims=True)).astype(np.float32), layout == 1
 
 

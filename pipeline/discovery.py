@@ -98,15 +98,15 @@ def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
 
 def grid_cells(mask: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """[H, W] bool pixel mask -> [h, w] bool: a cell is set when at least half of the pixels it
-    covers are (cell i spans pixel rows floor(i H / h) .. floor((i + 1) H / h), same for columns)."""
+    covers are (cell i spans pixel rows floor(i H / h) .. floor((i + 1) H / h), same for columns).
+    A mask smaller than the grid (a tiny image) is first repeated up to cover it."""
     h, w = grid
-    H, W = mask.shape
-    if H < h or W < w:
-        raise ValueError(f"a {H}x{W} mask cannot be reduced to a finer {h}x{w} grid")
-    ys = (np.arange(h) * H) // h
-    xs = (np.arange(w) * W) // w
+    mask = np.repeat(np.repeat(mask, -(-h // mask.shape[0]), axis=0), -(-w // mask.shape[1]), axis=1)
+    rows, cols = mask.shape
+    ys = (np.arange(h) * rows) // h
+    xs = (np.arange(w) * cols) // w
     sums = np.add.reduceat(np.add.reduceat(mask.astype(np.int64), ys, axis=0), xs, axis=1)
-    counts = np.diff(np.append(ys, H))[:, None] * np.diff(np.append(xs, W))[None, :]
+    counts = np.diff(np.append(ys, rows))[:, None] * np.diff(np.append(xs, cols))[None, :]
     return sums * 2 >= counts
 
 
@@ -238,7 +238,9 @@ def discover(tokens: np.ndarray, labelled: np.ndarray, cfg: DiscoveryConfig) -> 
     first cell in raster order) and numbered 1..R.
     """
     if tokens.ndim != 3 or tokens.shape[:2] != labelled.shape:
-        raise ValueError(f"tokens [h, w, D] and a labelled mask [h, w] expected, got {tokens.shape} and {labelled.shape}")
+        raise ValueError(
+            f"tokens [h, w, D] and a labelled mask [h, w] expected, got {tokens.shape} and {labelled.shape}"
+        )
     tokens = _normalise(tokens.astype(np.float32))
     free = ~labelled.astype(bool)
     kept = _disjoint(tokens, fuse(tokens, _candidates(tokens, free, cfg), cfg.fusion_iou))
@@ -290,7 +292,7 @@ def score_regions(
         raise ValueError(f"{len(names)} names for {len(text_embeddings)} text embeddings")
     if not len(names):
         raise ValueError("the vocabulary is empty: give at least one class name")
-    logits = logit_scale * _normalise(region_embeddings.astype(np.float64)) @ _normalise(text_embeddings.astype(np.float64)).T
+    logits = logit_scale * (_normalise(region_embeddings).astype(np.float64) @ _normalise(text_embeddings).T)
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)

@@ -168,6 +168,13 @@ def test_grid_cells_take_the_majority_of_each_cells_pixels():
     assert discovery.labelled_cells(label, (2, 2)).tolist() == [[True, False], [False, False]]
 
 
+def test_grid_cells_of_an_image_smaller_than_the_grid():
+    label = np.zeros((3, 4), np.uint8)
+    label[:, 2:] = 1
+    cells = discovery.labelled_cells(label, (6, 8))  # a 3 x 4 px image on a 6 x 8 token grid
+    assert cells.shape == (6, 8) and cells[:, 4:].all() and not cells[:, :4].any()
+
+
 def _one_region(shape: tuple[int, int]) -> discovery.Regions:
     masks = np.zeros((1, 2, 2), bool)
     masks[0, :, 1] = True  # the right half
@@ -185,7 +192,11 @@ def test_apply_unknown_modes():
     expected[2:, 3:] = 255
     assert np.array_equal(ignored, expected) and none is None and label[2:, 3:].max() == 0  # input untouched
     kept, region_map = discovery.apply_unknown(label, regions, "regions")
-    assert kept is label and region_map.dtype == np.uint16 and np.array_equal(region_map, np.repeat([[0, 0, 0, 1, 1, 1]], 4, 0))
+    assert (
+        kept is label
+        and region_map.dtype == np.uint16
+        and np.array_equal(region_map, np.repeat([[0, 0, 0, 1, 1, 1]], 4, 0))
+    )
     with pytest.raises(ValueError, match="unknown mode"):
         discovery.apply_unknown(label, regions, "drop")
 
