@@ -6,7 +6,7 @@ Discovery (``pipeline.discovery``) runs in the labeler's CPU finish step on [28,
 (ViT-B/16 at 448 px; D = 512 for ViT-B/16's projection, 768 as a wider model's). Timed: the
 ViT-B/16 labeler (random weights, compensation off, so the denominator is the smallest labeler and
 the share an upper bound) with discovery off, and discovery + ``apply_unknown`` on planted tokens
-(two objects in half of the grid untagged) and on the model's own tokens. Medians of ``--repeats``.
+(a background and three objects, the first one tagged) and on the model's own tokens. Medians of ``--repeats``.
 """
 
 from __future__ import annotations
