@@ -54,13 +54,15 @@ class ClipEsOutput:
     cam: [C, h, w] float32 Grad-CAM at token resolution, 0..1 (min-max scaled as published);
     box_mask: [C, h, w] bool, the patches inside ``scoremap2bbox``'s boxes (the CAA column mask);
     refined: [C, H, W] float32 CAA-refined map at the original image size, 0..1;
-    scores: [C] float32 softmax probability of each tag among tags + background classes.
+    scores: [C] float32 softmax probability of each tag among tags + background classes;
+    tokens: [h, w, E] final-layer patch features when asked for (``ClipEsForward.tokens``).
     """
 
     cam: torch.Tensor
     box_mask: torch.Tensor
     refined: torch.Tensor
     scores: torch.Tensor
+    tokens: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +72,9 @@ class ClipEsForward:
     activations: [h*w, D] float32 last-block ln_1 output at the patch tokens (row-major grid);
     gradients: [C, h*w, D] float32 d(softmax prob of tag c) / d activations;
     attention: [h*w, h*w] float32 head-averaged patch-to-patch attention, mean of the last 8 blocks;
-    scores: [C] float32 softmax probabilities of the tags (among tags + background); grid: (h, w).
+    scores: [C] float32 softmax probabilities of the tags (among tags + background); grid: (h, w);
+    tokens: [h, w, E] float32 L2-normalised final-layer patch features (ln_post, proj), only when
+    asked for (discovery), else None.
     """
 
     activations: torch.Tensor
@@ -78,6 +82,7 @@ class ClipEsForward:
     attention: torch.Tensor
     scores: torch.Tensor
     grid: tuple[int, int]
+    tokens: torch.Tensor | None = None
 
 
 def input_size(width: int, height: int, patch: int = 16) -> tuple[int, int]:
@@ -216,11 +221,24 @@ def _image_probs(model: Any, x: torch.Tensor, text: torch.Tensor) -> torch.Tenso
     return (model.logit_scale.exp().float() * feat @ t.T).softmax(dim=-1)
 
 
-def clip_es_forward(model: Any, pixels: torch.Tensor, text: torch.Tensor, n_fg: int) -> ClipEsForward:
+@torch.no_grad()
+def _patch_tokens(visual: Any, out: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Last-block output [1, L, D] -> [h, w, E] L2-normalised projected patch tokens."""
+    feat = visual.ln_post(out.detach())[0, 1:]
+    if visual.proj is not None:
+        feat = feat @ visual.proj
+    feat = feat.float()
+    return (feat / feat.norm(dim=-1, keepdim=True).clamp_min(1e-12)).reshape(*grid, -1)
+
+
+def clip_es_forward(
+    model: Any, pixels: torch.Tensor, text: torch.Tensor, n_fg: int, dense_tokens: bool = False
+) -> ClipEsForward:
     """The model passes of CLIP-ES for ``pixels`` [1, 3, H', W'] (``clip_es_input``) and ``text``
     [T, E] whose first ``n_fg`` rows are the image's tags and the rest the background classes.
     Blocks before the last run without gradients, as published; gradients are taken locally even
-    when the caller runs under ``torch.no_grad``."""
+    when the caller runs under ``torch.no_grad``. ``dense_tokens``: also return the final-layer
+    patch features (one projection of the output already computed; no extra model pass)."""
     if pixels.ndim != 4 or pixels.shape[0] != 1:
         raise ValueError(f"CLIP-ES takes one image at a time ([1, 3, H, W]), got {tuple(pixels.shape)}")
     if not 0 <= n_fg <= text.shape[0]:
@@ -241,6 +259,7 @@ def clip_es_forward(model: Any, pixels: torch.Tensor, text: torch.Tensor, n_fg: 
         probs = _image_probs(model, out, text.to(x.device))
         attns.append(a[0].detach())
         grads = [torch.autograd.grad(probs[0, c], y, retain_graph=True)[0][0, 1:] for c in range(n_fg)]
+        tokens = _patch_tokens(visual, out, grid) if dense_tokens else None
     d = y.shape[-1]
     return ClipEsForward(
         activations=y.detach()[0, 1:].float(),
@@ -248,6 +267,7 @@ def clip_es_forward(model: Any, pixels: torch.Tensor, text: torch.Tensor, n_fg: 
         attention=torch.stack([a[1:, 1:].float() for a in attns[-CAA_LAYERS:]]).mean(dim=0),
         scores=probs.detach()[0, :n_fg].float(),
         grid=grid,
+        tokens=tokens,
     )
 
 
@@ -258,10 +278,11 @@ def clip_es_from_text(
     n_fg: int,
     size: tuple[int, int],
     box_threshold: float = 0.4,
+    dense_tokens: bool = False,
 ) -> ClipEsOutput:
     """CLIP-ES maps of one image (see ``clip_es_forward`` for the inputs); ``size`` (H, W) of the
     original image, which the refined maps are resized to."""
-    fwd = clip_es_forward(model, pixels, text, n_fg)
+    fwd = clip_es_forward(model, pixels, text, n_fg, dense_tokens)
     transition = caa_transition(fwd.attention)
     cams, masks, refined = [], [], []
     for g in fwd.gradients:
@@ -276,6 +297,7 @@ def clip_es_from_text(
         box_mask=torch.from_numpy(np.stack(masks)) if masks else torch.zeros(0, *grid, dtype=torch.bool),
         refined=torch.from_numpy(np.stack(refined)) if refined else torch.zeros(0, *size),
         scores=fwd.scores.cpu(),
+        tokens=fwd.tokens,
     )
 
 

@@ -156,6 +156,14 @@ def early_layer_fusion(visual: torch.nn.Module, pixels: torch.Tensor) -> FusionO
     return FusionOutput(torch.stack(embeddings), a_fused, grid)
 
 
+def dense_tokens(fusion: FusionOutput, index: int) -> torch.Tensor:
+    """[h, w, E] float32 L2-normalised final-layer patch features of image ``index``: the last
+    candidate's embeddings, the very vectors the coarse map compares with text (discovery)."""
+    emb = fusion.embeddings[-1, index, 1:].float()
+    emb = emb / emb.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    return emb.reshape(*fusion.grid, -1)
+
+
 def layer_logits(fusion: FusionOutput, text: torch.Tensor, logit_scale: float) -> torch.Tensor:
     """Section 2 step 5 before the softmax: [N, B, hw, T] float32 logits, ``logit_scale`` x the
     cosine between every candidate's patch tokens (class token dropped) and text [T, E]."""

@@ -130,6 +130,26 @@ class LabelConfig:
 
 
 @dataclass(frozen=True)
+class DiscoveryConfig:
+    """Potential-object discovery in the untagged area (``pipeline.discovery``, docs/DISCOVERY.md).
+    Off by default: its quality on real weights is not measured yet. ``unknown``: what the label
+    map does with the regions ("background" leaves it, "ignore" makes their background pixels
+    255, "regions" leaves it and keeps a region map). ``scales``: windows per grid side that seed
+    each scale's K-means; areas are fractions of the ViT grid; similarities are cosines."""
+
+    enabled: bool = False
+    unknown: str = "background"
+    scales: tuple[int, ...] = (2, 3, 4)
+    iterations: int = 10
+    merge_similarity: float = 0.9
+    fusion_iou: float = 0.5
+    min_area: float = 0.01
+    max_area: float = 0.5
+    min_coherence: float = 0.5
+    vocabulary: str = "dataset"  # "dataset", "coco", or a text file with one class name a line
+
+
+@dataclass(frozen=True)
 class Config:
     preset: str = "voc-vit-b16"
     method: str = "cliper"  # a name in pipeline.methods.REGISTRY
@@ -138,6 +158,7 @@ class Config:
     clip_es: ClipEsConfig = field(default_factory=ClipEsConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     batch_size: int = 8  # how to run (RunSettings), except where labels depend on it
     shard_size: int = 256  # images per shard: the unit of commit, retry and resume
     # Input guard: images with more pixels are refused (status decode_error) before their pixels
@@ -200,6 +221,8 @@ def identity_of(config: Mapping[str, Any]) -> dict[str, Any]:
     method = data.get("method", "cliper")
     if method != "clip-es":  # CLIP-ES's own settings cannot change another method's labels
         data.pop("clip_es", None)
+    if not (data.get("discovery") or {}).get("enabled"):  # off: fingerprints stay as before discovery existed
+        data.pop("discovery", None)
     for dotted in RUN_SETTINGS:
         if dotted != "batch_size" or (method in methods.REGISTRY and methods.get(method).batch_invariant):
             *parents, key = dotted.split(".")
@@ -297,8 +320,9 @@ def _check_value(value: Any, annotation: Any, where: str) -> Any:
         annotation = next(a for a in options if a is not type(None))
         origin = typing.get_origin(annotation)
     if origin is tuple:
-        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"config {where}: expected a list of strings, got {value!r}")
+        item = typing.get_args(annotation)[0]
+        if not isinstance(value, list | tuple) or not all(type(v) is item for v in value):
+            raise ValueError(f"config {where}: expected a list of {item.__name__}s, got {value!r}")
         return tuple(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -351,6 +375,9 @@ def _validate(cfg: Config) -> Config:
         raise ValueError(f"config batch_size must be at least 1, got {cfg.batch_size}")
     if cfg.labels.ignore_margin is not None and not 0 <= cfg.labels.ignore_margin <= 1:
         raise ValueError(f"config labels.ignore_margin must be in [0, 1], got {cfg.labels.ignore_margin}")
+    from pipeline import discovery  # here: discovery's type hints import this module
+
+    discovery.check_config(cfg.discovery)
     return cfg
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import cliper, labels, methods, refine
+from pipeline import cliper, discovery, labels, methods, refine
 from pipeline.config import Config
 from pipeline.methods.base import Item
 from pipeline.models import ClipModels, load_models
@@ -59,6 +59,8 @@ class LabelResult:
     segments: [H, W] int32 superpixels, or None when refinement is off.
     timings: seconds per stage (wall clock; not part of any deterministic output).
     maps: the method's own diagnostic maps by name (``jobs/explain.py --dump``).
+    regions: potential objects in the untagged area (``pipeline.discovery``), None when discovery
+        is off; region_map: [H, W] uint16 (0 none, 1..R) when ``discovery.unknown`` is "regions".
     """
 
     image_id: str
@@ -73,6 +75,8 @@ class LabelResult:
     segments: np.ndarray | None
     timings: dict[str, float] = field(default_factory=dict)
     maps: dict[str, np.ndarray] = field(default_factory=dict)
+    regions: discovery.Regions | None = None
+    region_map: np.ndarray | None = None
 
 
 class Labeler:
@@ -177,11 +181,19 @@ class Labeler:
         scores = full[keep].astype(np.float16) if rule.float16 else full[keep]
         decision = labels.decision_scores(scores, is_normalize=rule.is_normalize, segments=segments, refine=cfg.refine)
         label_map = labels.assemble_label_map(decision, kept_ids, rule.bkg_thre, cfg.labels)
-        w.timings.update(superpixels=t1 - t0, label_assembly=time.perf_counter() - t1)
+        t2 = time.perf_counter()
+        regions = region_map = None
+        if cfg.discovery.enabled and out.tokens is not None:
+            tokens = out.tokens.float().cpu().numpy()
+            regions = discovery.discover(tokens, discovery.labelled_cells(label_map, tokens.shape[:2]), cfg.discovery)
+            label_map, region_map = discovery.apply_unknown(label_map, regions, cfg.discovery.unknown)
+            w.timings["discovery"] = time.perf_counter() - t2
+        w.timings.update(superpixels=t1 - t0, label_assembly=t2 - t1)
         return LabelResult(
             image_id=req.image_id, label_map=label_map, class_ids=w.class_ids,
             coarse=out.coarse.float().cpu().numpy(), refined=out.refined.float().cpu().numpy(),
             coarse_scores=out.coarse_scores.float().cpu().numpy(), final_scores=final.numpy(),
             kept_ids=kept_ids, decision=decision.astype(np.float32), segments=segments, timings=dict(w.timings),
             maps={name: m.float().cpu().numpy() for name, m in out.diagnostics.items()},
+            regions=regions, region_map=region_map,
         )  # fmt: skip

@@ -48,7 +48,8 @@ class MethodOutput:
     refined: [C, h, w] the score maps the label map is built from (any resolution);
     final_scores: [C] class scores; coarse / coarse_scores: the method's first-stage map and scores
     (the refined ones when it has no such stage); diagnostics: the method's own maps by name, as
-    ``jobs/explain.py --dump`` writes them.
+    ``jobs/explain.py --dump`` writes them; tokens: [h, w, E] float32 L2-normalised final-layer
+    patch features on the ViT grid, set only when ``discovery.enabled`` (None otherwise).
     """
 
     refined: torch.Tensor
@@ -56,6 +57,7 @@ class MethodOutput:
     coarse: torch.Tensor
     coarse_scores: torch.Tensor
     diagnostics: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: torch.Tensor | None = None
 
 
 @dataclass

@@ -70,9 +70,10 @@ class ClipEs(Method):
             pixels = clip_es.clip_es_input(image, self.clip.patch_size, self.clip.mean, self.clip.std)[None]
             dtype = self.clip.model.visual.conv1.weight.dtype
             out = clip_es.clip_es_from_text(self.clip.model, pixels.to(dtype), self._text(item.class_ids),
-                                            len(item.class_ids), image.shape[:2], c.box_threshold)  # fmt: skip
+                                            len(item.class_ids), image.shape[:2], c.box_threshold,
+                                            dense_tokens=self.config.discovery.enabled)  # fmt: skip
             item.output = MethodOutput(
                 refined=out.refined, final_scores=out.scores, coarse=out.cam, coarse_scores=out.scores,
-                diagnostics={"cam": out.cam, "refined": out.refined, "box_mask": out.box_mask},
+                diagnostics={"cam": out.cam, "refined": out.refined, "box_mask": out.box_mask}, tokens=out.tokens,
             )  # fmt: skip
             item.timings["clip_es"] = clock() - t0

@@ -27,6 +27,7 @@ class CliperItem(Item):
     channels: tuple[int, ...] = ()  # position of each of ``class_ids`` among the foreground rows
     coarse: torch.Tensor | None = None
     coarse_scores: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None  # [h, w, E], only when discovery is on
 
 
 class Cliper(Method):
@@ -116,6 +117,8 @@ class Cliper(Method):
                     coarse = self._coarse_one(fusion, j, work[i], pixels[i])
                     work[i].coarse = coarse
                     work[i].coarse_scores = cliper.class_scores(coarse[None])[0]
+                    if self.config.discovery.enabled:
+                        work[i].tokens = cliper.dense_tokens(fusion, j)
                 per = (clock() - t0) / len(chunk)
                 for i in chunk:
                     work[i].timings["clip_coarse"] = per
@@ -158,7 +161,7 @@ class Cliper(Method):
             for w in work:
                 assert w.coarse is not None and w.coarse_scores is not None  # set by _coarse
                 w.output = MethodOutput(w.coarse, w.coarse_scores, w.coarse, w.coarse_scores,
-                                        {"coarse": w.coarse, "refined": w.coarse})  # fmt: skip
+                                        {"coarse": w.coarse, "refined": w.coarse}, w.tokens)  # fmt: skip
             return
         for start in range(0, len(work), self.config.batch_size):
             chunk = work[start : start + self.config.batch_size]
@@ -176,7 +179,7 @@ class Cliper(Method):
                 refined = compensation.compensate(chain, w.coarse.to(chain[0].device))
                 final = 0.5 * cliper.class_scores(refined[None])[0] + 0.5 * w.coarse_scores.to(refined.device)
                 w.output = MethodOutput(refined, final, w.coarse, w.coarse_scores,
-                                        {"coarse": w.coarse, "refined": refined})  # fmt: skip
+                                        {"coarse": w.coarse, "refined": refined}, w.tokens)  # fmt: skip
                 w.timings.update({stage: sec / len(chunk) for stage, sec in split.items()})
                 w.timings["compensation"] = clock() - t0
             del maps
