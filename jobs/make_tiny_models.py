@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.architectures import save_models  # noqa: E402
+from pipeline.bench.architectures import save_models  # noqa: E402
 
 
 def main() -> None:

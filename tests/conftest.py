@@ -15,7 +15,7 @@ from tests.ray_local import LOOPBACK_ENV
 for _key, _value in LOOPBACK_ENV.items():
     os.environ.setdefault(_key, _value)
 
-from pipeline.architectures import save_models  # noqa: E402
+from pipeline.bench.architectures import save_models  # noqa: E402
 from pipeline.config import Config, build_config  # noqa: E402
 from pipeline.labeler import Category, Labeler  # noqa: E402
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from pipeline import models, storage, weights
-from pipeline.architectures import build_clip, build_sd
+from pipeline.bench.architectures import build_clip, build_sd
 from pipeline.config import SD21_BASE, SD21_BASE_FORMER, ClipConfig, ModelConfig, SDConfig, build_config
 
 ROOT = Path(__file__).resolve().parents[1]
