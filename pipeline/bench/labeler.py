@@ -9,6 +9,7 @@ its earlier options (kept so existing commands still work).
 from __future__ import annotations
 
 import argparse
+
 from pipeline.bench import main as benchmark
 from pipeline.models import DTYPES
 
