@@ -1,9 +1,8 @@
-"""jobs/label_coco.py's own logic, without Ray: the ETA after a resume, and the lease that keeps a
-second driver off a prefix another driver is labeling."""
+"""The label use case (pipeline/usecases/label.py, jobs/label_coco.py) without Ray: the ETA after a
+resume, and the lease that keeps a second driver off a prefix another driver is labeling."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,21 +12,13 @@ from PIL import Image
 
 from pipeline import lease, storage
 from pipeline.runner import RunSummary
+from pipeline.usecases import label as job
 from tests.conftest import blob_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _job_module():
-    spec = importlib.util.spec_from_file_location("label_coco_job", ROOT / "jobs" / "label_coco.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_eta_after_a_resume_counts_only_images_still_to_label():
-    job = _job_module()
     # 1000 images; 800 were committed by an earlier run; this run labeled 100 in 50 s (2 img/s).
     s = RunSummary(shards_done=1, shards_skipped=8, images=100, images_skipped=800, seconds=50.0)
     assert job.eta_s(s, 1000) == 50.0  # 100 left at 2 img/s (not 450: the skipped ones are done)
@@ -35,8 +26,8 @@ def test_the_eta_after_a_resume_counts_only_images_still_to_label():
 
 
 def test_the_progress_line_shows_skipped_images_apart(capsys):
-    job = _job_module()
-    job._progress(1000)(RunSummary(shards_done=1, shards_skipped=8, images=100, images_skipped=800, seconds=50.0))
+    show = job.progress_printer(1000)
+    show(RunSummary(shards_done=1, shards_skipped=8, images=100, images_skipped=800, seconds=50.0))
     line = capsys.readouterr().out
     assert "skipped 8 (800 images)" in line and "2.00 img/s, ETA 50 s" in line
 
