@@ -18,9 +18,7 @@ from PIL import Image
 from pipeline import audit, coco, pngs, storage
 from pipeline.labeler import LabelResult
 from pipeline.labels import IGNORE
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import audit_masks  # noqa: E402
+from pipeline.usecases import audit as audit_masks
 
 # The 4x4 example (classes 0, 1, 2). GT 255 pixels (two, right column, bottom rows) are excluded.
 GT_4x4 = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 255], [2, 2, 2, 255]], np.uint8)
