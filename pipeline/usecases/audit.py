@@ -2,7 +2,6 @@
 under an output folder or fsspec prefix) and the ``audit`` command in front of it
 (``jobs/audit_masks.py``, ``tag2mask audit``)."""
 
-
 from __future__ import annotations
 
 import argparse

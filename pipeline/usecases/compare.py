@@ -1,4 +1,21 @@
-"""Compare two runs image by image: Parquet tables, summary.json and report.html under --out.
+"""Compare two runs image by image: ``compare_runs`` (tables, summary.json and report.html)
+and the ``compare`` command in front of it (``jobs/compare_runs.py``, ``tag2mask compare``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+
+from pipeline import audit, compare, compare_report, report, stats
+
+DESCRIPTION = """Compare two runs image by image: Parquet tables, summary.json and report.html under --out.
 
     python jobs/compare_runs.py s3://bucket/pseudo/cliper s3://bucket/pseudo/clip-es --out compare/
     python jobs/compare_runs.py out/cliper out/clip-es --gt instances_val2017.json --out compare/
@@ -12,25 +29,13 @@ IoU of A and B side by side) and gt_images.parquet (per-image mIoU of each and B
 Conventions: pipeline/compare.py. Every table is byte-identical across reruns.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import logging
-import sys
-from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import audit, compare, compare_report, report, stats  # noqa: E402
-
 OVERLAYS = 4  # least agreeing images drawn in the report
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The ``compare`` command's options (jobs/compare_runs.py and ``tag2mask compare``)."""
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("run_a", metavar="RUN_A", help="output prefix of run A")
     p.add_argument("run_b", metavar="RUN_B", help="output prefix of run B")
     p.add_argument("--out", required=True, help="folder for the tables and report.html")
@@ -40,23 +45,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gt-format", choices=audit.GT_FORMATS, default="png",
                    help="PNG ground truth: 'png' pixel = category id; 'cocostuff' pixel = id - 1")  # fmt: skip
     p.add_argument("--overlays", type=int, default=OVERLAYS, help="least agreeing images drawn in the report")
-    return p.parse_args(argv)
+    return p
 
 
-def _write(out: Path, tables: dict[str, Any], summary: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+def _write(out: str, tables: dict[str, Any], summary: dict[str, Any], page: str, opts: dict) -> None:
+    fs, root = fsspec.core.url_to_fs(str(out), **opts)
+    fs.makedirs(root, exist_ok=True)
     for name, table in tables.items():
-        (out / f"{name}.parquet").write_bytes(stats.parquet_bytes(table))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        fs.pipe_file(f"{root}/{name}.parquet", stats.parquet_bytes(table))
+    fs.pipe_file(f"{root}/summary.json", (json.dumps(summary, indent=1) + "\n").encode())
+    fs.pipe_file(f"{root}/report.html", page.encode("utf-8"))
 
 
-def _with_gt(args: argparse.Namespace, a: compare.RunImages, b: compare.RunImages, rows: list[dict]) -> dict:
+def _with_gt(path: str, gt_key: str, gt_format: str, a: compare.RunImages, b: compare.RunImages,
+             rows: list[dict]) -> dict:  # fmt: skip
     cats = compare.gt_categories(a, b)
-    gt = audit.open_ground_truth(args.gt, args.gt_key, args.gt_format)
+    gt = audit.open_ground_truth(path, gt_key, gt_format)
     if isinstance(gt, audit.CocoStuffFolder):
         gt.keep_only(c["id"] for c in a.categories)
     keys = [r["image_id"] for r in rows if r["status"] == compare.OK]
-    audit_a, audit_b = (compare.audit_run(run, gt, keys, f"ground truth {args.gt}") for run in (a, b))
+    audit_a, audit_b = (compare.audit_run(run, gt, keys, f"ground truth {path}") for run in (a, b))
     return {"gt_classes": compare.gt_class_table(audit_a, audit_b, cats),
             "gt_images": compare.gt_image_rows(audit_a, audit_b),
             "gt_summary": compare.gt_summary(audit_a, audit_b)}  # fmt: skip
@@ -68,44 +76,55 @@ def _pairs(rows: list[dict], a: compare.RunImages, b: compare.RunImages, count: 
             for r in scored[:count]]  # fmt: skip
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(list(argv) if argv is not None else None)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        a, b = compare.open_images(args.run_a), compare.open_images(args.run_b)
-        cats = compare.share_categories(a.categories, b.categories)
-        result = compare.compare_runs(a, b, cats)
-        rows = result.sorted_rows()
-        gt = _with_gt(args, a, b, rows) if args.gt else None
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+@dataclass(frozen=True)
+class CompareOutcome:
+    """The summary written as summary.json (with "ground_truth" when a ground truth was given)."""
+
+    summary: dict[str, Any]
+
+
+def compare_runs(run_a: str, run_b: str, out: str, *, gt: str | None = None, gt_key: str = "id",
+                 gt_format: str = "png", overlays: int = OVERLAYS) -> CompareOutcome:  # fmt: skip
+    """Compare runs A and B image by image (optionally each against ground truth ``gt``); write the
+    tables, summary.json and report.html under ``out`` (a folder or fsspec prefix). Raises
+    ``ValueError``/``FileNotFoundError`` when a run cannot be read or the runs share no categories."""
+    a, b = compare.open_images(run_a), compare.open_images(run_b)
+    cats = compare.share_categories(a.categories, b.categories)
+    result = compare.compare_runs(a, b, cats)
+    rows = result.sorted_rows()
+    truth = _with_gt(gt, gt_key, gt_format, a, b, rows) if gt else None
     summary = compare.summary(result, cats)
     tables = {"agreement": compare.image_table(rows), "classes": compare.class_table(result.matrix, cats),
               "pairs": compare.pairs_table(result.matrix, result.class_ids),
               "categories": compare.category_table(cats)}  # fmt: skip
-    if gt is not None:
-        tables.update(gt_classes=gt["gt_classes"], gt_images=compare.gt_image_table(gt["gt_images"]))
-        summary["ground_truth"] = gt["gt_summary"]
-    out = Path(args.out)
-    _write(out, tables, summary)
+    if truth is not None:
+        tables.update(gt_classes=truth["gt_classes"], gt_images=compare.gt_image_table(truth["gt_images"]))
+        summary["ground_truth"] = truth["gt_summary"]
     headline = {k: v for k, v in summary.items() if k != "ground_truth"}
-    gt_parts = (gt["gt_classes"], gt["gt_images"], gt["gt_summary"]) if gt is not None else (None, None, None)
-    title = f"{args.run_a} (A) against {args.run_b} (B)"
-    page = compare_report.build_report(title, headline, tables["categories"], tables["classes"], rows,
-                                       _pairs(rows, a, b, args.overlays), *gt_parts)  # fmt: skip
-    (out / "report.html").write_text(page, encoding="utf-8")
+    gt_parts = (truth["gt_classes"], truth["gt_images"], truth["gt_summary"]) if truth else (None, None, None)
+    page = compare_report.build_report(f"{run_a} (A) against {run_b} (B)", headline, tables["categories"],
+                                       tables["classes"], rows, _pairs(rows, a, b, overlays), *gt_parts)  # fmt: skip
+    _write(out, tables, summary, page, {})
+    return CompareOutcome(summary)
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """The ``compare`` command; exit status 0, or 2 when the runs cannot be compared."""
+    args = build_parser(prog).parse_args(list(argv) if argv is not None else None)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = compare_runs(args.run_a, args.run_b, args.out, gt=args.gt, gt_key=args.gt_key,
+                               gt_format=args.gt_format, overlays=args.overlays).summary  # fmt: skip
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(f"compare: {summary['images_compared']} images compared, {summary['images_missing_a']} missing in A, "
           f"{summary['images_missing_b']} missing in B, {summary['images_error']} errors")  # fmt: skip
     for name in ("agreement", "miou", "ignore_fraction_a", "ignore_fraction_b", "unshared_fraction"):
         print(f"  {name:<22}{report.fmt(summary[name]):>10}")
-    if gt is not None:
+    if "ground_truth" in summary:
         for name in ("miou", "labelled_accuracy", "ignored_fraction"):
-            ga, gb = gt["gt_summary"]["a"][name], gt["gt_summary"]["b"][name]
+            ga, gb = summary["ground_truth"]["a"][name], summary["ground_truth"]["b"][name]
             print(f"  ground truth {name:<18} A {report.fmt(ga):>8}  B {report.fmt(gb):>8}")
-    print(f"  tables and report: {out}/ (report.html)")
+    print(f"  tables and report: {args.out}/ (report.html)")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
