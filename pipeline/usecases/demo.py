@@ -1,15 +1,5 @@
-"""The whole job in about two minutes, on a CPU, with no downloaded weights:
-
-    python jobs/demo.py demo-out/
-
-builds tiny random-weight models, writes a COCO instances file over five photographs that
-scikit-image ships, labels them with jobs/label_coco.py on a local Ray (started and stopped here,
-on 127.0.0.1), reruns the same command to show that a finished run is skipped, audits the masks
-against the rough hand-drawn ground truth, and prints where every output is.
-
-Random weights show the pipeline working, not label quality: the masks and scores mean nothing
-until the real weights are used (README: "Weights").
-"""
+"""The demo: the whole job on tiny random-weight models over five photographs, on a local Ray:
+``run_demo`` and the ``demo`` command (``jobs/demo.py``, ``tag2mask demo``)."""
 
 from __future__ import annotations
 
@@ -22,16 +12,28 @@ from pathlib import Path
 # A demo's local Ray stays on the loopback interface (Ray otherwise binds the machine's routable
 # address); set before Ray is imported anywhere.
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import audit_masks
+import label_coco
 
-import audit_masks  # noqa: E402
-import label_coco  # noqa: E402
+from pipeline import demo
 
-from pipeline import demo  # noqa: E402
 
+DESCRIPTION = """The whole job in about two minutes, on a CPU, with no downloaded weights:
+
+    python jobs/demo.py demo-out/
+
+builds tiny random-weight models, writes a COCO instances file over five photographs that
+scikit-image ships, labels them with jobs/label_coco.py on a local Ray (started and stopped here,
+on 127.0.0.1), reruns the same command to show that a finished run is skipped, audits the masks
+against the rough hand-drawn ground truth, and prints where every output is.
+
+Random weights show the pipeline working, not label quality: the masks and scores mean nothing
+until the real weights are used (README: "Weights").
+"""
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("out", help="folder for the demo's inputs, models and outputs (created)")
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
@@ -66,6 +68,3 @@ def main(argv: list[str] | None = None) -> int:
           "For real pseudo-labels, run jobs/label_coco.py with the default weights (README: Weights).")  # fmt: skip
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

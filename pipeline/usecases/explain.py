@@ -1,4 +1,24 @@
-"""Show what the labeler sees for one image and its tags.
+"""What the labeler sees for one image and its tags: ``explain_image`` and the ``explain`` command in
+front of it (``jobs/explain.py``, ``tag2mask explain``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.cli import add_model_arguments, config_from_args
+from pipeline.decode import ImageDecodeError, read_image
+from pipeline.labeler import Category, Labeler, LabelRequest, LabelResult
+from pipeline.labels import IGNORE
+from pipeline.models import WeightsUnavailableError
+from pipeline.prompts import DATASET_CLASSES, class_prompt
+
+
+DESCRIPTION = """Show what the labeler sees for one image and its tags.
 
     python jobs/explain.py --image cat.jpg --tags cat,dog --out explain/ [--dump explain/maps.npz]
     python jobs/explain.py --preset clip-es-voc --image cat.jpg --tags cat --out explain/   # CLIP-ES
@@ -12,27 +32,9 @@ over the image) and, with --dump, the raw arrays as .npz: those maps by the same
 coarse / refined / scores / label map under fixed names for every method.
 """
 
-from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
-from typing import Any
-
-import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
-
-from pipeline.cli import add_model_arguments, config_from_args  # noqa: E402
-from pipeline.decode import ImageDecodeError, read_image  # noqa: E402
-from pipeline.labeler import Category, Labeler, LabelRequest, LabelResult  # noqa: E402
-from pipeline.labels import IGNORE  # noqa: E402
-from pipeline.models import WeightsUnavailableError  # noqa: E402
-from pipeline.prompts import DATASET_CLASSES, class_prompt  # noqa: E402
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--image", required=True, help="image path (local or fsspec URL)")
     p.add_argument("--tags", required=True, help="comma-separated class names present in the image")
     p.add_argument("--categories", help="comma-separated candidate classes (default: the preset's dataset classes)")
@@ -146,6 +148,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {out}/{pngs}, overlay.png" + (f" and {args.dump}" if args.dump else ""))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,18 @@
-"""Copy the model weights to a bucket prefix once, so GPU workers load them from there.
+"""Stage the model weights under a bucket prefix: the ``stage-weights`` command
+(``jobs/stage_weights.py``, ``tag2mask stage-weights``) in front of ``pipeline.models.stage_weights``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline import redact
+from pipeline.cli import add_model_arguments, config_from_args, storage_options_from_arg
+from pipeline.models import WeightsUnavailableError, stage_weights
+
+
+DESCRIPTION = """Copy the model weights to a bucket prefix once, so GPU workers load them from there.
 
     python jobs/stage_weights.py --dest s3://bucket/tag2mask-weights
     python jobs/stage_weights.py --dest gs://bucket/w --sd-checkpoint ~/sd21 --storage-options opts.json
@@ -10,21 +24,9 @@ last, and prints the options that load them. Workers copy them once per node int
 $TAG2MASK_WEIGHTS_CACHE (default ~/.cache/tag2mask/weights) and refuse a file whose bytes differ.
 """
 
-from __future__ import annotations
-
-import argparse
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline import redact  # noqa: E402
-from pipeline.cli import add_model_arguments, config_from_args, storage_options_from_arg  # noqa: E402
-from pipeline.models import WeightsUnavailableError, stage_weights  # noqa: E402
-
-
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--dest", required=True, help="prefix to stage under: s3://, gs://, any fsspec URL or a folder")
     p.add_argument("--storage-options", metavar="JSON|FILE", help="fsspec options for --dest (as in label_coco.py)")
     add_model_arguments(p)
@@ -40,6 +42,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(keep the same --clip-model/--clip-pretrained; on a cluster: export TAG2MASK_WEIGHTS={args.dest})")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
