@@ -5,18 +5,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
-# A demo's local Ray stays on the loopback interface (Ray otherwise binds the machine's routable
-# address); set before Ray is imported anywhere.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-import audit_masks
-import label_coco
-
 from pipeline import demo
-
+from pipeline.usecases import audit, label
 
 DESCRIPTION = """The whole job in about two minutes, on a CPU, with no downloaded weights:
 
@@ -31,12 +24,28 @@ Random weights show the pipeline working, not label quality: the masks and score
 until the real weights are used (README: "Weights").
 """
 
-def main(argv: list[str] | None = None) -> int:
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The ``demo`` command's options (jobs/demo.py and ``tag2mask demo``)."""
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("out", help="folder for the demo's inputs, models and outputs (created)")
-    args = p.parse_args(argv)
-    out = Path(args.out).resolve()
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The ``demo`` command: exit status 0, or the first failing step's."""
+    return run_demo(Path(build_parser(prog).parse_args(argv).out))
+
+
+def run_demo(out: Path) -> int:
+    """Write the demo's dataset and tiny models under ``out``, label them (twice: the second run
+    skips every committed shard), audit the masks and print where each output is; returns the
+    exit status of the first step that failed, else 0."""
+    # A demo's local Ray stays on the loopback interface (Ray otherwise binds the machine's
+    # routable address); set before Ray is imported (the runner imports it lazily).
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    out = out.resolve()
     start = time.perf_counter()
     print(f"[demo] writing the dataset and tiny random-weight models under {out}/", flush=True)
     inputs = demo.prepare(out)
@@ -45,16 +54,16 @@ def main(argv: list[str] | None = None) -> int:
            "--clip-checkpoint", str(inputs.clip_checkpoint), "--sd-checkpoint", str(inputs.sd_dir),
            "--device", "cpu", "--shard-size", "2"]  # fmt: skip
     print("[demo] labeling: python jobs/label_coco.py " + " ".join(job), flush=True)
-    code = label_coco.main(job)
+    code = label.main(job)
     if code:
         return code
     print("[demo] the same command again: committed shards are skipped, nothing is done twice", flush=True)
-    code = label_coco.main(job)
+    code = label.main(job)
     if code:
         return code
     audit_args = ["--pred", str(out / "run"), "--gt", str(inputs.annotations), "--out", str(out / "audit")]
     print("[demo] auditing: python jobs/audit_masks.py " + " ".join(audit_args), flush=True)
-    code = audit_masks.main(audit_args)
+    code = audit.main(audit_args)
     if code:
         return code
     rows = [("label maps (indexed PNG, 0 background, 255 ignore)", out / "run" / "labels"),

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from pipeline import redact
 from pipeline.cli import add_model_arguments, config_from_args, storage_options_from_arg
 from pipeline.models import WeightsUnavailableError, stage_weights
-
 
 DESCRIPTION = """Copy the model weights to a bucket prefix once, so GPU workers load them from there.
 
@@ -24,13 +22,20 @@ last, and prints the options that load them. Workers copy them once per node int
 $TAG2MASK_WEIGHTS_CACHE (default ~/.cache/tag2mask/weights) and refuse a file whose bytes differ.
 """
 
-def main(argv: list[str] | None = None) -> int:
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The ``stage-weights`` command's options (jobs/stage_weights.py and ``tag2mask stage-weights``)."""
     p = argparse.ArgumentParser(prog=prog, description=DESCRIPTION,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--dest", required=True, help="prefix to stage under: s3://, gs://, any fsspec URL or a folder")
     p.add_argument("--storage-options", metavar="JSON|FILE", help="fsspec options for --dest (as in label_coco.py)")
     add_model_arguments(p)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The ``stage-weights`` command; exit status 0, or 2 when the weights cannot be staged."""
+    args = build_parser(prog).parse_args(argv)
     opts: dict = {}
     try:
         opts = storage_options_from_arg(args.storage_options)
@@ -41,4 +46,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"staged; label with: --clip-checkpoint {urls['clip']} --sd-checkpoint {urls['sd']}")
     print(f"(keep the same --clip-model/--clip-pretrained; on a cluster: export TAG2MASK_WEIGHTS={args.dest})")
     return 0
-
