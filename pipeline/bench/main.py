@@ -68,8 +68,10 @@ from pipeline.models import DTYPES
 # ---------------------------------------------------------------- main
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The benchmark's options (jobs/benchmark.py and ``tag2mask benchmark``)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--images", type=int, default=8, help="images per stage run and in the busy shard")
     p.add_argument("--batch-sizes", default="1,4,16")
@@ -90,6 +92,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=sorted(set(methods.REGISTRY) - {"cliper"}),
         help="also time this method against CLIPer (the methods section)",
     )
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    p = build_parser(prog)
     args = p.parse_args(argv)
     if args.method and "--compare" not in " ".join(argv if argv is not None else sys.argv):
         args.compare = "methods"
@@ -164,8 +171,9 @@ def section_busy(args: argparse.Namespace, labelers: LabelerCache, blobs: list[b
     print_rows("label_shard beside a simulated GPU (0 ms: the CPU side's own limit)", out["simulated_gpu"])
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    """Run the chosen sections, print their tables; returns every number (as --json writes them)."""
+    args = parse_args(argv, prog)
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out: dict[str, Any] = {"header": header(args), "command": "python jobs/benchmark.py " + " ".join(
