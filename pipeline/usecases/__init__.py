@@ -5,8 +5,8 @@ job in ``jobs/`` and ``tag2mask`` put in front of it (its parser, its printing, 
     audit      run_audit(...)                         jobs/audit_masks.py    tag2mask audit
     explain    explain_image(...)                     jobs/explain.py        tag2mask explain
     compare    compare_runs(...)                      jobs/compare_runs.py   tag2mask compare
-    consensus  write_consensus(...)                   jobs/consensus.py      tag2mask consensus
-    weights    stage(...)                             jobs/stage_weights.py  tag2mask stage-weights
+    consensus  consensus_of(...)                      jobs/consensus.py      tag2mask consensus
+    weights    (pipeline.models.stage_weights)        jobs/stage_weights.py  tag2mask stage-weights
     demo       run_demo(...)                          jobs/demo.py           tag2mask demo
 
 Nothing is imported here, so that ``pipeline.usecases.audit`` loads no model code.
