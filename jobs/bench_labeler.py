@@ -6,34 +6,9 @@ its earlier options (kept so existing commands still work).
     python jobs/bench_labeler.py --size full --device cuda --dtype bfloat16 --batch-size 8
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import benchmark  # noqa: E402
-
-SIZES = {"tiny": "tiny", "full": "vit-b16", "full-l14": "vit-l14"}
-
-
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    p.add_argument("--images", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--tags", type=int, default=2, help="tags per image")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=sorted(benchmark.DTYPES), default="float32")
-    args = p.parse_args()
-    benchmark.main([
-        "--size", SIZES[args.size], "--images", str(args.images), "--batch-sizes", str(args.batch_size),
-        "--tags", str(args.tags), "--device", args.device, "--dtypes", args.dtype, "--repeats", "1",
-        "--compare", "stages",
-    ])  # fmt: skip
-
+from pipeline.bench import labeler
 
 if __name__ == "__main__":
-    main()
+    labeler.main(sys.argv[1:])

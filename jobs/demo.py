@@ -1,71 +1,14 @@
-"""The whole job in about two minutes, on a CPU, with no downloaded weights:
+"""The whole job in about two minutes, on a CPU, with no downloaded weights: tiny random-weight
+models label five photographs on a local Ray, a rerun skips them, and an audit scores them.
 
     python jobs/demo.py demo-out/
 
-builds tiny random-weight models, writes a COCO instances file over five photographs that
-scikit-image ships, labels them with jobs/label_coco.py on a local Ray (started and stopped here,
-on 127.0.0.1), reruns the same command to show that a finished run is skipped, audits the masks
-against the rough hand-drawn ground truth, and prints where every output is.
-
-Random weights show the pipeline working, not label quality: the masks and scores mean nothing
-until the real weights are used (README: "Weights").
+The code: pipeline/usecases/demo.py (run_demo); also `tag2mask demo`.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-import time
-from pathlib import Path
 
-# A demo's local Ray stays on the loopback interface (Ray otherwise binds the machine's routable
-# address); set before Ray is imported anywhere.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import audit_masks  # noqa: E402
-import label_coco  # noqa: E402
-
-from pipeline import demo  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("out", help="folder for the demo's inputs, models and outputs (created)")
-    args = p.parse_args(argv)
-    out = Path(args.out).resolve()
-    start = time.perf_counter()
-    print(f"[demo] writing the dataset and tiny random-weight models under {out}/", flush=True)
-    inputs = demo.prepare(out)
-    job = ["--annotations", str(inputs.annotations), "--images", str(inputs.images), "--output", str(out / "run"),
-           "--preset", "coco-vit-b16", "--clip-model", str(inputs.clip_config),
-           "--clip-checkpoint", str(inputs.clip_checkpoint), "--sd-checkpoint", str(inputs.sd_dir),
-           "--device", "cpu", "--shard-size", "2"]  # fmt: skip
-    print("[demo] labeling: python jobs/label_coco.py " + " ".join(job), flush=True)
-    code = label_coco.main(job)
-    if code:
-        return code
-    print("[demo] the same command again: committed shards are skipped, nothing is done twice", flush=True)
-    code = label_coco.main(job)
-    if code:
-        return code
-    audit_args = ["--pred", str(out / "run"), "--gt", str(inputs.annotations), "--out", str(out / "audit")]
-    print("[demo] auditing: python jobs/audit_masks.py " + " ".join(audit_args), flush=True)
-    code = audit_masks.main(audit_args)
-    if code:
-        return code
-    rows = [("label maps (indexed PNG, 0 background, 255 ignore)", out / "run" / "labels"),
-            ("COCO annotations (RLE)", out / "run" / "merged" / "annotations.json"),
-            ("quality statistics (Parquet)", out / "run" / "merged" / "stats_images"),
-            ("audit report", out / "audit" / "report.html")]  # fmt: skip
-    print(f"\n[demo] done in {time.perf_counter() - start:.0f} s. Outputs:")
-    for what, path in rows:
-        print(f"  {what:<52} {path}")
-    print("\nThese masks come from RANDOM weights: they show the pipeline working, not label quality.\n"
-          "For real pseudo-labels, run jobs/label_coco.py with the default weights (README: Weights).")  # fmt: skip
-    return 0
-
+from pipeline.usecases import demo
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(demo.main())

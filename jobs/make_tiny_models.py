@@ -6,12 +6,8 @@ python jobs/make_tiny_models.py --out /tmp/tiny
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.architectures import save_models  # noqa: E402
+from pipeline.bench.architectures import save_models
 
 
 def main() -> None:

@@ -30,7 +30,9 @@ and, beside it, audit and comparison: pseudo labels vs ground truth, runs vs run
     compare_report.py   the comparison's HTML report, in the audit report's style
     consensus.py     label maps where several runs agree (255 elsewhere), written as a run
 
-Beside them: prompts.py (prompt data), cli.py (options every job shares), architectures.py
-(model shapes for tests and benchmarks), demo.py (the demo dataset: scikit-image photographs
-with a COCO instances file, and tiny random-weight models).
+Beside them: prompts.py (prompt data), cli.py (the ``tag2mask`` command and the options every job
+shares), usecases/ (one module per command: label_dataset, plan, run_audit, ...; jobs/ are thin
+entries in front of them), bench/ (the benchmarks, and the model shapes tests and benchmarks
+build), demo.py (the demo dataset: scikit-image photographs with a COCO instances file, and tiny
+random-weight models).
 """

@@ -1,13 +1,19 @@
-"""Command-line options every job shares, turned into a ``Config`` at the boundary.
+"""The ``tag2mask`` command (``tag2mask label|plan|explain|audit|...``) and the command-line options
+every job shares, turned into a ``Config`` at the boundary.
 
 Options default to None and are dropped before the config is built, so defaults live only in
-``pipeline.config``.
+``pipeline.config``. Each subcommand is the same parser and ``main`` as its job in ``jobs/`` (the
+``ray job submit`` entries): ``COMMANDS`` names the module that holds them.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +117,64 @@ def storage_options_from_arg(text: str | None) -> dict[str, Any]:
             "or use the environment (AWS_ACCESS_KEY_ID, ...): a command line is stored"
         )
     return opts
+
+
+# ---------------------------------------------------------------- the tag2mask command
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: the module holding its ``build_parser(prog)`` and ``main(argv, prog)``, its job,
+    and extra arguments put before the user's (``plan`` is ``label --dry-run``)."""
+
+    module: str
+    job: str
+    help: str
+    prefix: tuple[str, ...] = ()
+
+
+# A new command is one entry here (e.g. "review": Command("pipeline.review...", "jobs/review.py", ...)).
+COMMANDS: dict[str, Command] = {
+    "label": Command("pipeline.usecases.label", "jobs/label_coco.py", "label a dataset (COCO JSON or JSONL manifest)"),
+    "plan": Command("pipeline.usecases.label", "jobs/label_coco.py --dry-run",
+                    "what label would do: shards, committed, remaining (label --dry-run)", ("--dry-run",)),
+    "explain": Command("pipeline.usecases.explain", "jobs/explain.py", "heatmaps and label map of one image"),
+    "audit": Command("pipeline.usecases.audit", "jobs/audit_masks.py", "pseudo labels against ground truth"),
+    "compare": Command("pipeline.usecases.compare", "jobs/compare_runs.py", "two runs image by image"),
+    "consensus": Command("pipeline.usecases.consensus", "jobs/consensus.py", "where several runs agree"),
+    "benchmark": Command("pipeline.bench.main", "jobs/benchmark.py", "labeler speed on random-weight models"),
+    "stage-weights": Command("pipeline.usecases.weights", "jobs/stage_weights.py", "copy the weights to a bucket"),
+    "demo": Command("pipeline.usecases.demo", "jobs/demo.py", "the whole job on tiny models, on a local Ray"),
+}  # fmt: skip
+
+
+def command_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of subcommand ``name``: the very ``build_parser`` its job uses."""
+    cmd = COMMANDS[name]
+    return importlib.import_module(cmd.module).build_parser(f"tag2mask {name}")
+
+
+def top_parser() -> argparse.ArgumentParser:
+    lines = "\n".join(f"  {name:<15}{cmd.help} ({cmd.job})" for name, cmd in COMMANDS.items())
+    p = argparse.ArgumentParser(
+        prog="tag2mask",
+        description="Pixel pseudo-labels from image-level tags. Each command is also a job for "
+        "`ray job submit` (in brackets); `tag2mask COMMAND --help` lists its options.",
+        epilog=f"commands:\n{lines}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND", help=", ".join(COMMANDS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="the command's options")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``tag2mask COMMAND [options]``: runs the command's ``main`` (its job's) with the options."""
+    args = top_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    cmd = COMMANDS[args.command]
+    status = importlib.import_module(cmd.module).main([*cmd.prefix, *args.args], prog=f"tag2mask {args.command}")
+    return status if isinstance(status, int) else 0  # the benchmark returns its numbers
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -93,7 +93,7 @@ def write_dataset(root: str | Path) -> tuple[Path, Path]:
 def prepare(root: str | Path) -> DemoInputs:
     """The dataset and tiny random-weight models (open_clip config + state dict, diffusers folder),
     written with the real save code under ``root``."""
-    from pipeline.architectures import save_models
+    from pipeline.bench.architectures import save_models
 
     root = Path(root)
     images, annotations = write_dataset(root / "dataset")

@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.ray_local import LOOPBACK_ENV
 
+# Jobs that tests run as subprocesses (python jobs/x.py) import this checkout's pipeline: jobs/
+# hold no sys.path edits, so the path is set here, for every child process.
+_ROOT = str(Path(__file__).resolve().parents[1])
+if _ROOT not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (_ROOT, os.environ.get("PYTHONPATH")) if p)
+
 # Any Ray a test starts in-process (ray.init()) keeps its servers on 127.0.0.1 too (see ray_local).
 for _key, _value in LOOPBACK_ENV.items():
     os.environ.setdefault(_key, _value)
 
-from pipeline.architectures import save_models  # noqa: E402
+from pipeline.bench.architectures import save_models  # noqa: E402
 from pipeline.config import Config, build_config  # noqa: E402
 from pipeline.labeler import Category, Labeler  # noqa: E402
 

@@ -18,9 +18,7 @@ from PIL import Image
 from pipeline import audit, coco, pngs, storage
 from pipeline.labeler import LabelResult
 from pipeline.labels import IGNORE
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import audit_masks  # noqa: E402
+from pipeline.usecases import audit as audit_masks
 
 # The 4x4 example (classes 0, 1, 2). GT 255 pixels (two, right column, bottom rows) are excluded.
 GT_4x4 = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 255], [2, 2, 2, 255]], np.uint8)
@@ -233,6 +231,31 @@ def test_cli_on_a_synthetic_run(synthetic_run: tuple[Path, Path], tmp_path: Path
     assert audit_masks.main([*args, "--out", str(tmp_path / "r2")]) == 0
     for name in ("images", "classes", "confusion", "correlations"):
         assert (tmp_path / "r1" / f"{name}.parquet").read_bytes() == (tmp_path / "r2" / f"{name}.parquet").read_bytes()
+
+
+def test_run_audit_reads_and_writes_through_fsspec(synthetic_run: tuple[Path, Path], tmp_path: Path) -> None:
+    """The run, the ground truth, the categories and the report all under a memory:// prefix (as
+    under s3://): the same bytes as the audit of local folders."""
+    import fsspec
+
+    pred, gt = synthetic_run
+    local = audit_masks.run_audit(str(pred), str(gt), str(tmp_path / "local"), categories=str(tmp_path / "cats.json"))
+    mem = fsspec.filesystem("memory")
+    for folder, name in ((pred, "pred"), (gt, "gt")):
+        for f in folder.rglob("*"):
+            if f.is_file():
+                mem.pipe_file(f"/audit-test/{name}/{f.relative_to(folder)}", f.read_bytes())
+    mem.pipe_file("/audit-test/cats.json", (tmp_path / "cats.json").read_bytes())
+    try:
+        remote = audit_masks.run_audit("memory://audit-test/pred", "memory://audit-test/gt", "memory://audit-test/out",
+                                       categories="memory://audit-test/cats.json")  # fmt: skip
+        assert remote.summary == local.summary and local.summary["images_scored"] == 1
+        for name in ("images.parquet", "classes.parquet", "confusion.parquet", "correlations.parquet",
+                     "summary.json"):  # fmt: skip
+            assert mem.cat_file(f"/audit-test/out/{name}") == (tmp_path / "local" / name).read_bytes(), name
+        assert mem.cat_file("/audit-test/out/report.html").startswith(b"<!DOCTYPE html>")
+    finally:
+        mem.rm("/audit-test", recursive=True)
 
 
 def test_cli_refuses_disagreeing_categories(synthetic_run: tuple[Path, Path], tmp_path: Path, capsys) -> None:

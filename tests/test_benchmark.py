@@ -1,21 +1,18 @@
-"""jobs/benchmark.py on tiny models: its references, counts and tables can be trusted."""
+"""pipeline.bench (jobs/benchmark.py) on tiny models: its references, counts and tables can be trusted."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-
-import benchmark  # noqa: E402
+from pipeline import bench as benchmark
+from pipeline.decode import decode_image
+from pipeline.labeler import Labeler, LabelRequest
 
 
 @pytest.fixture(scope="module")
-def tiny() -> benchmark.Labeler:
+def tiny() -> Labeler:
     return benchmark.make_labeler(benchmark.build_models("tiny", "cpu"), 1, n_tags=2)
 
 
@@ -85,7 +82,7 @@ def test_the_old_kernels_the_speedwork_compares_with_give_identical_results():
 def test_the_text_cache_check_compares_against_freshly_encoded_prompts(tiny):
     import copy
 
-    req = benchmark.LabelRequest("t", benchmark.decode_image(benchmark.synthetic_jpeg(0, 64, 48)), (1,))
+    req = LabelRequest("t", decode_image(benchmark.synthetic_jpeg(0, 64, 48)), (1,))
     assert benchmark.text_cache_identical(tiny, req) is True
     stale = copy.copy(tiny)  # a cache holding the wrong embeddings: the check must see it
     stale._all_text = tiny._all_text.roll(1, dims=0)
@@ -94,11 +91,11 @@ def test_the_text_cache_check_compares_against_freshly_encoded_prompts(tiny):
 
 def test_busy_fraction_is_a_fraction_and_the_infer_timer_is_removed(tiny):
     blobs = [benchmark.synthetic_jpeg(i, 64, 48) for i in range(2)]
-    labeler_infer = benchmark.Labeler.infer
+    labeler_infer = Labeler.infer
     out = benchmark.busy_fraction(benchmark.with_batch_size(tiny, 2), blobs, io_threads=2, gil_seconds=0.2)
     assert 0 < out["overlapped_busy_fraction"] <= 1 and 0 < out["serial_busy_fraction"] <= 1
     assert out["overlapped_images_per_s"] > 0 and 0 < out["python_speed_beside_superpixels"] < 2
-    assert benchmark.Labeler.infer is labeler_infer
+    assert Labeler.infer is labeler_infer
     rows = benchmark.simulated_rows(benchmark.with_batch_size(tiny, 2), blobs, io_threads=[1], gpu_ms=[50.0])
     # 2 images x 50 ms of simulated GPU: busy for at most the wall time, and at least that long.
     assert rows[0]["images_per_s"] <= 2 / 0.1 and 0 < rows[0]["gpu_busy_fraction"] <= 1

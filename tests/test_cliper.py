@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import cliper
-from pipeline.architectures import build_clip
+from pipeline.bench.architectures import build_clip
 
 
 @pytest.mark.parametrize(

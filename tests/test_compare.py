@@ -5,7 +5,6 @@ runs written with the real storage code."""
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -16,9 +15,7 @@ import pytest
 from pipeline import compare, pngs, storage
 from pipeline.config import Config
 from pipeline.labeler import LabelResult
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import compare_runs  # noqa: E402
+from pipeline.usecases import compare as compare_runs
 
 CATS = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
 A_4x4 = np.array([[0, 1, 1, 1], [0, 0, 1, 255], [2, 2, 0, 0], [2, 2, 2, 2]], np.uint8)

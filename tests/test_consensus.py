@@ -5,7 +5,6 @@ failed inputs as rows; resume skips committed shards and gives byte-identical fi
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +16,8 @@ from hypothesis.extra.numpy import arrays
 from pycocotools.coco import COCO
 
 from pipeline import audit, consensus, storage
+from pipeline.usecases import consensus as consensus_job
 from tests.test_compare import CATS, A_4x4, B_4x4, label_result, write_run
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
-import consensus as consensus_job  # noqa: E402
 
 C_4x4 = np.array([[0, 1, 1, 2], [0, 0, 1, 1], [2, 2, 2, 0], [2, 2, 2, 2]], np.uint8)
 # A_4x4, B_4x4 and C_4x4 cell by cell: kept where all three hold one id, else 255

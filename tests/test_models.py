@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline import cliper, models
-from pipeline.architectures import build_clip, build_sd
+from pipeline.bench.architectures import build_clip, build_sd
 from pipeline.config import ClipConfig, ModelConfig, SDConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -152,6 +152,18 @@ def test_a_clean_run_labels_everything_and_records_the_bad_image(clean_run):
     assert len(list((clean / "labels").glob("*.png"))) == 8
 
 
+def test_a_submitted_job_imports_pipeline_from_its_working_dir(ray_cluster):
+    """jobs/ hold no sys.path edits: under `ray job submit --working-dir .` the entrypoint finds
+    ``pipeline`` because Ray puts its copy of the working dir on PYTHONPATH (not the checkout's own
+    path, nor an installed copy)."""
+    address, env = ray_cluster
+    probe = "import pipeline, pipeline.usecases.label; print('PIPELINE_AT', pipeline.__file__)"
+    proc = _submit(address, env, ["python", "-c", probe])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    where = next(line.split(" ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("PIPELINE_AT"))
+    assert "working_dir_files" in where and not where.startswith(str(ROOT)), where
+
+
 def test_interrupted_job_resumes_to_identical_outputs(ray_cluster, dataset, tiny_paths, clean_run, tmp_path):
     address, env = ray_cluster
     resumed = tmp_path / "resumed"

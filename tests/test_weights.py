@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import json
 import shutil
 import socket
@@ -17,8 +16,9 @@ import pytest
 import torch
 
 from pipeline import models, storage, weights
-from pipeline.architectures import build_clip, build_sd
+from pipeline.bench.architectures import build_clip, build_sd
 from pipeline.config import SD21_BASE, SD21_BASE_FORMER, ClipConfig, ModelConfig, SDConfig, build_config
+from pipeline.usecases import weights as weights_command
 
 ROOT = Path(__file__).resolve().parents[1]
 UNET = "unet/diffusion_pytorch_model.safetensors"
@@ -27,13 +27,6 @@ UNET = "unet/diffusion_pytorch_model.safetensors"
 def _tiny_clip(paths: dict, checkpoint: str | None = None) -> ClipConfig:
     return ClipConfig(model=str(paths["clip_config"]), pretrained=None,
                       checkpoint=checkpoint or str(paths["clip_checkpoint"]))  # fmt: skip
-
-
-def _stage_job():
-    spec = importlib.util.spec_from_file_location("stage_weights", ROOT / "jobs" / "stage_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 @pytest.fixture
@@ -57,7 +50,7 @@ def _stage(tiny_paths, bucket, tmp_path, capsys) -> tuple[str, str]:
     argv = ["--dest", f"s3://{name}/weights", "--storage-options", str(opts_file),
             "--clip-model", str(tiny_paths["clip_config"]), "--clip-checkpoint", str(tiny_paths["clip_checkpoint"]),
             "--sd-checkpoint", str(tiny_paths["sd_dir"])]  # fmt: skip
-    assert _stage_job().main(argv) == 0
+    assert weights_command.main(argv) == 0
     out = capsys.readouterr().out
     clip_url, sd_url = f"s3://{name}/weights/clip", f"s3://{name}/weights/sd"
     assert f"--clip-checkpoint {clip_url} --sd-checkpoint {sd_url}" in out, out

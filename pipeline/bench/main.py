@@ -1,0 +1,206 @@
+"""Labeler benchmark (issue 7): per-stage time and images/s on random-weight models of a chosen
+size, the measured comparisons behind the speed work, and the FLOP and byte counts that bound
+the GPU time. No Ray, no downloads: timing does not depend on the weights' values.
+
+    python jobs/benchmark.py --size tiny --images 8
+    python jobs/benchmark.py --size vit-b16 --images 2 --batch-sizes 1,2 --dtypes float32,bfloat16
+    python jobs/benchmark.py --size vit-b16 --device cuda --dtypes float32,bfloat16 --batch-sizes 1,4,16,32
+    python jobs/benchmark.py --size vit-b16 --images 2 --method clip-es   # CLIP-ES against CLIPer
+
+Sections (``--compare``, comma-separated, default all):
+  stages     ms/image of every stage, images/s and peak GPU memory, per batch size x dtype
+  batch      images/s of each batch size against the smallest, and label-map agreement
+  dtype      images/s of each dtype against float32 at the same batch size, and the fraction
+             of label-map pixels equal to float32's
+  chain      compensation right to left against forming the n x n chain product first
+  busy       a whole shard through ``shards.label_shard``: fraction of wall time in the model
+             stages (the GPU's share) while decode, superpixels and writing run on threads,
+             the same shard with nothing overlapped, and label_shard beside a simulated GPU
+             (0 and 20 ms/image) to show how fast the CPU side alone can go
+  speedwork  one-run A/B of each speed change: early UNet stop, SDPA on uncaptured layers,
+             the exact scale folding, the one-pass threshold, no stacked copy, text cache
+  flops      FLOPs (torch FlopCounterMode on the real modules, batch 1) and bytes per image,
+             and the H100 ceilings they imply
+  methods    (``--method NAME``; alone unless --compare is given) ms/image of that method and of
+             CLIPer on the same models and images, each under its own preset, and their ratio
+"""
+
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import methods
+from pipeline.bench.busy import busy_fraction, simulated_rows
+from pipeline.bench.common import (
+    GOAL_IMAGES_PER_S,
+    SECTIONS,
+    SIZES,
+    Models,
+    build_models,
+    cast_models,
+    make_labeler,
+    preset_config,
+    synthetic_jpeg,
+    with_batch_size,
+)
+from pipeline.bench.flops import byte_counts, captured_heads, ceilings, model_flops
+from pipeline.bench.speedwork import (
+    chain_comparison,
+    speedwork_kernels,
+    speedwork_text,
+    speedwork_unet,
+    uncaptured_processors,
+)
+from pipeline.bench.stages import batch_rows, dtype_rows, method_rows, run_stages, stage_table
+from pipeline.bench.tables import print_flops, print_rows
+from pipeline.labeler import Labeler
+from pipeline.models import DTYPES
+
+# ---------------------------------------------------------------- main
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The benchmark's options (jobs/benchmark.py and ``tag2mask benchmark``)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--images", type=int, default=8, help="images per stage run and in the busy shard")
+    p.add_argument("--batch-sizes", default="1,4,16")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
+    p.add_argument("--tags", type=int, default=2, help="tags per image")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per measurement (the median is reported)")
+    p.add_argument("--compare", default=",".join(SECTIONS), help=f"sections, from {','.join(SECTIONS)}")
+    p.add_argument("--io-threads", type=int, default=4, help="label_shard's reader threads in the busy section")
+    p.add_argument(
+        "--tf32",
+        action="store_true",
+        help="CUDA: float32 matmuls on TF32 tensor cores (convolutions already are, by PyTorch's default)",
+    )
+    p.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    p.add_argument(
+        "--method",
+        choices=sorted(set(methods.REGISTRY) - {"cliper"}),
+        help="also time this method against CLIPer (the methods section)",
+    )
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    p = build_parser(prog)
+    args = p.parse_args(argv)
+    if args.method and "--compare" not in " ".join(argv if argv is not None else sys.argv):
+        args.compare = "methods"
+    args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.dtypes = args.dtypes.split(",")
+    args.compare = set(args.compare.split(","))
+    unknown = (args.compare - set(SECTIONS) - {"methods"}) | (set(args.dtypes) - set(DTYPES))
+    if unknown:
+        p.error(f"unknown section or dtype: {sorted(unknown)}")
+    if args.compare != {"methods"} and args.images < max(args.batch_sizes):
+        p.error(f"--images {args.images} is less than the largest batch size {max(args.batch_sizes)}")
+    return args
+
+
+def header(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU: {os.cpu_count()} cores, {torch.get_num_threads()} torch threads")  # fmt: skip
+    tf32 = {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_conv": torch.backends.cudnn.allow_tf32}
+    return {"size": args.size, "clip": SIZES[args.size][0], "sd": SIZES[args.size][1], "device": name,
+            "images": args.images, "tags": args.tags, "repeats": args.repeats, "torch": torch.__version__,
+            **tf32}  # fmt: skip
+
+
+class LabelerCache:
+    """One labeler per dtype, built on first use (construction embeds the background classes)."""
+
+    def __init__(self, base: Models, n_tags: int) -> None:
+        self.base, self.n_tags = base, n_tags
+        self.labelers: dict[str, Labeler] = {}
+
+    def get(self, dtype: str = "float32") -> Labeler:
+        if dtype not in self.labelers:
+            self.labelers[dtype] = make_labeler(cast_models(self.base, dtype), 1, self.n_tags)
+        return self.labelers[dtype]
+
+
+def section_stages(args: argparse.Namespace, labelers: LabelerCache, blobs: list[bytes], out: dict[str, Any]) -> None:
+    chosen = [labelers.get(dtype) for dtype in args.dtypes]
+    runs = run_stages(chosen, args.batch_sizes, blobs, args.repeats, log=lambda m: print(m, flush=True))
+    print("\n### Stages: median ms/image\n\n" + "\n".join(stage_table(runs)))
+    out["stages"] = [r.summary() for r in runs]
+    if "batch" in args.compare:
+        out["batch"] = batch_rows(runs)
+        print_rows("Batch size: images/s over the smallest batch, label-map agreement with it", out["batch"])
+    if "dtype" in args.compare:
+        out["dtype"] = dtype_rows(runs)
+        print_rows("Dtype: images/s over float32, fraction of label-map pixels equal to float32's", out["dtype"])
+
+
+def section_speedwork(args: argparse.Namespace, labelers: LabelerCache, out: dict[str, Any]) -> None:
+    base = labelers.base
+    cfg = preset_config(base)
+    heads = captured_heads(base.sd, cfg)
+    attn = dict(base.sd.unet.named_modules())[cfg.cliper.sd_layers[0]]
+    rows = speedwork_unet(base, cfg, args.repeats)
+    rows += speedwork_kernels(heads, 64 * 64, attn.inner_dim // heads, args.repeats, args.device)
+    rows.append(speedwork_text(labelers.get(), args.repeats))
+    out["speedwork"] = rows
+    out["uncaptured_processors"] = uncaptured_processors(base.sd, cfg.cliper.sd_layers)
+    print_rows("Speed work, each change measured before/after in this run", rows)
+    print(f"\nprocessors of the uncaptured UNet attention layers: {out['uncaptured_processors']}")
+
+
+def section_busy(args: argparse.Namespace, labelers: LabelerCache, blobs: list[bytes], out: dict[str, Any]) -> None:
+    labeler = with_batch_size(labelers.get(args.dtypes[0]), args.batch_sizes[0])
+    out["busy"] = busy_fraction(labeler, blobs, args.io_threads, args.repeats)
+    print_rows(f"Busy fraction (label_shard, {args.dtypes[0]}, batch {args.batch_sizes[0]}, "
+               f"{args.io_threads} io threads)", [out["busy"]])  # fmt: skip
+    threads = sorted({1, 2, args.io_threads})
+    out["simulated_gpu"] = simulated_rows(labeler, blobs, threads, (0.0, 1e3 / GOAL_IMAGES_PER_S))
+    print_rows("label_shard beside a simulated GPU (0 ms: the CPU side's own limit)", out["simulated_gpu"])
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
+    """Run the chosen sections, print their tables; returns every number (as --json writes them)."""
+    args = parse_args(argv, prog)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    out: dict[str, Any] = {"header": header(args), "command": "python jobs/benchmark.py " + " ".join(
+        sys.argv[1:] if argv is None else argv)}  # fmt: skip
+    print(json.dumps(out["header"]))
+    base = build_models(args.size, args.device)
+    labelers = LabelerCache(base, args.tags)
+    blobs = [synthetic_jpeg(i) for i in range(args.images)]
+    if args.compare & {"stages", "batch", "dtype"}:
+        section_stages(args, labelers, blobs, out)
+    if "chain" in args.compare:
+        heads = captured_heads(base.sd, preset_config(base))
+        out["chain"] = chain_comparison(64, 2, heads, args.tags, args.repeats, args.device)
+        print_rows("Compensation: right to left vs forming the n x n chain product first", [out["chain"]])
+    if "busy" in args.compare:
+        section_busy(args, labelers, blobs, out)
+    if "speedwork" in args.compare:
+        section_speedwork(args, labelers, out)
+    if "methods" in args.compare and args.method:
+        out["methods"] = method_rows(base, args.method, blobs, args.tags, args.repeats)
+        print_rows(f"{args.method} against CLIPer: ms/image, same models and images, each under its own preset",
+                   out["methods"])  # fmt: skip
+    if "flops" in args.compare:
+        flops, nbytes = model_flops(base, args.tags), byte_counts(base)
+        out["flops"], out["bytes"], out["ceilings"] = flops, nbytes, ceilings(flops, nbytes)
+        print_flops(flops, nbytes, out["ceilings"])
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return out
+
