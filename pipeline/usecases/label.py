@@ -56,8 +56,10 @@ class Dataset:
 
 
 @dataclass(frozen=True)
-class RunSettings:
-    """How a run goes (none of it changes the labels): retries, deadlines, actors, the lease, merging."""
+class JobSettings:
+    """How the label job drives the cluster (none of it changes the labels): actors, retries, deadlines,
+    the lease, overwrite and merging; passed on as ``runner.RunOptions``. The config's own how-to-run
+    part is ``config.RunSettings``."""
 
     num_actors: int | None = None
     max_attempts: int = 3
@@ -195,7 +197,7 @@ def plan(dataset: Dataset, output: str, config: Config, storage_options: dict | 
     return _plan(_prepare(dataset, output, config, storage_options or {}))
 
 
-def label_dataset(dataset: Dataset, output: str, config: Config, settings: RunSettings = RunSettings(),
+def label_dataset(dataset: Dataset, output: str, config: Config, settings: JobSettings = JobSettings(),
                   storage_options: dict | None = None,
                   progress: Callable[[int | None], Callable[[Any], None]] | None = None) -> Outcome:  # fmt: skip
     """Label ``dataset`` into the prefix ``output`` (local path or fsspec URL) under one lease,
@@ -217,7 +219,7 @@ def label_dataset(dataset: Dataset, output: str, config: Config, settings: RunSe
     return Outcome(summary, merged)
 
 
-def _run(p: _Prepared, output: str, settings: RunSettings, opts: dict, progress, stop) -> Any:
+def _run(p: _Prepared, output: str, settings: JobSettings, opts: dict, progress, stop) -> Any:
     from pipeline import runner  # imports Ray only once the inputs are known to be good
 
     timeouts = {"shard_timeout_s": settings.shard_timeout_s, "startup_timeout_s": settings.startup_timeout_s}
@@ -306,8 +308,8 @@ def progress_printer(total_images: int | None) -> Callable[[Any], None]:
     return show
 
 
-def _settings(args: argparse.Namespace) -> RunSettings:
-    return RunSettings(num_actors=args.num_actors, max_attempts=args.max_attempts,
+def _settings(args: argparse.Namespace) -> JobSettings:
+    return JobSettings(num_actors=args.num_actors, max_attempts=args.max_attempts,
                        max_failure_rate=args.max_failure_rate, shard_timeout_s=args.shard_timeout,
                        startup_timeout_s=args.startup_timeout, actor_cpus=args.actor_cpus,
                        lease_ttl_s=args.lease_ttl, overwrite=args.overwrite, merge=not args.no_merge)  # fmt: skip
