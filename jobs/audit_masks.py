@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fsspec  # noqa: E402
 import numpy as np  # noqa: E402
 
-from pipeline import audit, report, stats  # noqa: E402
+from pipeline import audit, report, stats, types  # noqa: E402
 from pipeline.audit import LabelSource  # noqa: E402
 
 OVERLAYS = 4  # worst and best images shown in the report
@@ -128,7 +128,7 @@ def _missing_rows(result: audit.Audit, only_gt: list[str], only_pred: list[str],
     failed = {}
     if run_stats is not None:
         for r in run_stats.select(["image_id", "status", "error"]).to_pylist():
-            if r["status"] != stats.OK:
+            if r["status"] != types.OK:
                 failed[r["image_id"]] = f"the run failed this image: {r['status']}: {r['error']}"
     for key in only_gt:
         result.add_unscored(key, audit.MISSING_PRED, failed.get(key, "not in the prediction"))

@@ -25,10 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from pipeline import audit, consensus, storage  # noqa: E402
+from pipeline import audit, consensus  # noqa: E402
 from pipeline.config import Config  # noqa: E402
-from pipeline.labeler import LabelResult  # noqa: E402
-from pipeline.labels import IGNORE  # noqa: E402
+from pipeline.storage import commit  # noqa: E402
+from pipeline.storage.store import Store  # noqa: E402
+from pipeline.types import (  # noqa: E402
+    IGNORE,  # noqa: E402
+    LabelResult,  # noqa: E402
+    manifest_fingerprint,
+    run_fingerprint,
+    shard_id_for,
+)
 
 CATS = [{"id": i, "name": f"class{i}"} for i in range(1, 6)]
 SIZE = (96, 128)
@@ -109,15 +116,15 @@ def write_runs(out: Path, images: int, seed: int) -> dict[str, np.ndarray]:
         for name, err in ERRORS.items():
             maps[name][key] = simulate(objects, err, rng)
     for name in ERRORS:
-        store = storage.Store.open(str(out / name))
+        store = Store.open(str(out / name))
         model = {"simulated": name}
-        run = storage.run_fingerprint(Config().fingerprint(), model, storage.manifest_fingerprint([{"seed": seed}]))
-        storage.write_run(store, run, Config().to_dict(), model, overwrite=True)
+        run = run_fingerprint(Config().fingerprint(), model, manifest_fingerprint([{"seed": seed}]))
+        commit.write_run(store, run, Config().to_dict(), model, overwrite=True)
         keys = sorted(truth)
         for start in range(0, len(keys), SHARD):
             part = keys[start : start + SHARD]
             results = [_result(k, maps[name][k], tags[k]) for k in part]
-            storage.write_shard(store, storage.shard_id_for(start // SHARD, part), results, [], CATS, run.digest)
+            commit.write_shard(store, shard_id_for(start // SHARD, part), results, [], CATS, run.digest)
     return truth
 
 
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = {name: out / name for name in ERRORS}
     for combo in ("AB", "AC", "BC", "ABC"):
         inputs = consensus.open_inputs([str(out / n) for n in combo])
-        consensus.write_consensus(inputs, storage.Store.open(str(out / f"consensus-{combo}")))
+        consensus.write_consensus(inputs, Store.open(str(out / f"consensus-{combo}")))
         outputs[f"consensus {'+'.join(combo)}"] = out / f"consensus-{combo}"
     print(f"{args.images} synthetic images {SIZE[0]}x{SIZE[1]}, seed {args.seed}; errors: "
           + "; ".join(f"{k} {v}" for k, v in ERRORS.items()))  # fmt: skip

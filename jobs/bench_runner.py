@@ -19,9 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import manifest, storage  # noqa: E402
-from pipeline.labeler import Category  # noqa: E402
-from pipeline.stats import Failure  # noqa: E402
+from pipeline import manifest  # noqa: E402
+from pipeline.storage import commit  # noqa: E402
+from pipeline.storage.store import Store  # noqa: E402
+from pipeline.types import Category, Failure  # noqa: E402
 
 
 def _peak_mib() -> float:
@@ -60,9 +61,9 @@ def _shard_memory(n: int, h: int, w: int) -> None:
             fs.pipe(f"/bench/{i}.jpg", buf.getvalue())
             records.append({"id": f"im{i:04d}", "uri": f"memory:///bench/{i}.jpg", "tags": [1, 7]})
         warm = next(manifest.shards(records[:1], 1))
-        label_shard(labeler, storage.Store.open("memory://warm"), warm, "0" * 64)
+        label_shard(labeler, Store.open("memory://warm"), warm, "0" * 64)
         base, t0 = _rss_mib(), time.perf_counter()
-        label_shard(labeler, storage.Store.open("memory://bench-out"), next(manifest.shards(records, n)), "0" * 64)
+        label_shard(labeler, Store.open("memory://bench-out"), next(manifest.shards(records, n)), "0" * 64)
         seconds, peak = time.perf_counter() - t0, _peak_mib()
     print(f"{'measure (one shard, tiny models, CPU)':<58}{'value':>14}")
     print(f"{'  images x size, batch size':<58}{f'{n} x {h}x{w}, {cfg.batch_size}':>14}")
@@ -96,13 +97,13 @@ def main() -> None:
         plan_s = time.perf_counter() - t0
         stream_peak = _peak_mib()
 
-        store = storage.Store.open(str(Path(tmp) / "out"))
+        store = Store.open(str(Path(tmp) / "out"))
         recs = ({"id": f"s{i}", "uri": f"x/{i}.jpg", "tags": [1]} for i in range(args.shards))
         shard_list = list(manifest.shards(recs, 1))
         for s in shard_list:  # committed shards holding one recorded failure each: markers only
-            storage.write_shard(store, s.shard_id, [], [Failure(s.records[0]["id"], "missing", "x")], cats, fp)
+            commit.write_shard(store, s.shard_id, [], [Failure(s.records[0]["id"], "missing", "x")], cats, fp)
         t0 = time.perf_counter()
-        skipped = sum(storage.is_committed(store, s.shard_id, fp) for s in shard_list)
+        skipped = sum(commit.is_committed(store, s.shard_id, fp) for s in shard_list)
         skip_s = time.perf_counter() - t0
 
     print(f"{'measure':<58}{'value':>14}")

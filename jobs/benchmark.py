@@ -53,15 +53,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without install
 
-from pipeline import cliper, compensation, methods, refine, storage  # noqa: E402
+from pipeline import cliper, compensation, methods, refine  # noqa: E402
 from pipeline.architectures import clip_models, sd_models  # noqa: E402
 from pipeline.config import Config, build_config  # noqa: E402
 from pipeline.decode import decode_image  # noqa: E402
-from pipeline.labeler import Category, Labeler, LabelRequest, LabelResult  # noqa: E402
+from pipeline.labeler import Labeler  # noqa: E402
 from pipeline.manifest import Shard  # noqa: E402
 from pipeline.models import DTYPES, ClipModels  # noqa: E402
 from pipeline.prompts import background_classes, templates  # noqa: E402
 from pipeline.shards import label_shard  # noqa: E402
+from pipeline.storage import commit  # noqa: E402
+from pipeline.storage.store import Store  # noqa: E402
+from pipeline.types import Category, LabelRequest, LabelResult  # noqa: E402
 
 # size -> (open_clip architecture, SD shape, preset)
 SIZES = {
@@ -206,7 +209,7 @@ def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _label_batch(labeler: Labeler, blobs: Sequence[bytes], ids: Sequence[str], store: storage.Store,
+def _label_batch(labeler: Labeler, blobs: Sequence[bytes], ids: Sequence[str], store: Store,
                  shard_id: str) -> tuple[list[LabelResult], dict[str, float]]:  # fmt: skip
     """Decode, label, encode and write one batch serially; returns results and per-image seconds
     of the stages the labeler does not time itself."""
@@ -216,7 +219,7 @@ def _label_batch(labeler: Labeler, blobs: Sequence[bytes], ids: Sequence[str], s
     tags = tuple(labeler.categories)
     results = labeler.label([LabelRequest(i, im, tags) for i, im in zip(ids, images, strict=True)])
     t2 = time.perf_counter()
-    storage.write_shard(store, shard_id, results, [], list(labeler.categories.values()), FINGERPRINT)
+    commit.write_shard(store, shard_id, results, [], list(labeler.categories.values()), FINGERPRINT)
     n = len(blobs)
     return results, {"decode": (t1 - t0) / n, "encode_write": (time.perf_counter() - t2) / n}
 
@@ -226,7 +229,7 @@ def start_run(labeler: Labeler, batch_size: int, blobs: Sequence[bytes]) -> Stag
     labeler = with_batch_size(labeler, batch_size)
     device = labeler.clip.model.logit_scale.device
     warm = blobs[: batch_size if device.type == "cuda" else 1]
-    store = storage.Store.open("memory://bench-warm")
+    store = Store.open("memory://bench-warm")
     _label_batch(labeler, warm, [f"warm{i}" for i in range(len(warm))], store, "warm")
     fsspec.filesystem("memory").rm("memory://bench-warm", recursive=True)
     return StageRun(labeler.config.model.dtype, batch_size, labeler)
@@ -239,7 +242,7 @@ def stage_pass(run: StageRun, blobs: Sequence[bytes]) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     root = f"memory://bench-stages-{run.dtype}-{run.batch_size}"
-    store = storage.Store.open(root)
+    store = Store.open(root)
     t0 = time.perf_counter()
     for b, chunk in enumerate(_batches(list(blobs), run.batch_size)):
         ids = [f"img{b * run.batch_size + i:04d}" for i in range(len(chunk))]
@@ -394,7 +397,7 @@ def synthetic_shard(blobs: Sequence[bytes], tags: Sequence[int], root: str) -> S
     return Shard("00000-bench", tuple(records))
 
 
-def serial_shard(labeler: Labeler, shard: Shard, store: storage.Store) -> None:
+def serial_shard(labeler: Labeler, shard: Shard, store: Store) -> None:
     """The shard with nothing overlapped: read, decode, segment, infer, finish, write in turn."""
     fs = fsspec.filesystem("memory")
     results = []
@@ -406,7 +409,7 @@ def serial_shard(labeler: Labeler, shard: Shard, store: storage.Store) -> None:
                 LabelRequest(rec["id"], image, tuple(rec["tags"]), refine.superpixels(image, labeler.config.refine))
             )
         results += [labeler.finish(w) for w in labeler.infer(requests)]
-    storage.write_shard(store, shard.shard_id, results, [], list(labeler.categories.values()), FINGERPRINT)
+    commit.write_shard(store, shard.shard_id, results, [], list(labeler.categories.values()), FINGERPRINT)
 
 
 def gil_share(fn: Callable[[], object], seconds: float = 1.0) -> float:
@@ -437,7 +440,7 @@ def gil_share(fn: Callable[[], object], seconds: float = 1.0) -> float:
 
 def _shard_pass(labeler: Labeler, shard: Shard, overlapped: bool, io_threads: int) -> tuple[float, float]:
     """(wall seconds, seconds inside ``infer``) of one pass over ``shard``."""
-    store = storage.Store.open("memory://bench-busy-out")
+    store = Store.open("memory://bench-busy-out")
     with InferTimer(labeler).installed() as timer:
         t0 = time.perf_counter()
         if overlapped:
@@ -493,7 +496,7 @@ class SimulatedGPU:
     def rate(self, shard: Shard, io_threads: int) -> dict[str, float]:
         """images/s of ``label_shard`` with this stand-in, and the stand-in's busy fraction."""
         self.busy = 0.0
-        store = storage.Store.open("memory://bench-sim-out")
+        store = Store.open("memory://bench-sim-out")
         self.labeler.infer = self  # type: ignore[method-assign]
         try:
             t0 = time.perf_counter()
@@ -747,7 +750,8 @@ def text_cache_identical(labeler: Labeler, req: LabelRequest) -> bool:
     cached = labeler.label([other, req])[1]
     fresh = Labeler(labeler.clip, labeler.sd, labeler.config, list(labeler.categories.values())).label([req])[0]
     return all(np.array_equal(getattr(cached, name), getattr(fresh, name))
-               for name in ("label_map", "coarse", "refined", "coarse_scores", "final_scores", "decision"))  # fmt: skip
+               for name in ("label_map", "coarse", "compensated", "coarse_scores", "final_scores",
+                            "decision"))  # fmt: skip
 
 
 # ---------------------------------------------------------------- methods

@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import consensus, storage  # noqa: E402
+from pipeline import consensus  # noqa: E402
+from pipeline.storage.store import Store  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         inputs = consensus.open_inputs(args.runs)
-        done = consensus.write_consensus(inputs, storage.Store.open(args.out), args.overwrite)
+        done = consensus.write_consensus(inputs, Store.open(args.out), args.overwrite)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -25,10 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pipeline.cli import add_model_arguments, config_from_args  # noqa: E402
 from pipeline.decode import ImageDecodeError, read_image  # noqa: E402
-from pipeline.labeler import Category, Labeler, LabelRequest, LabelResult  # noqa: E402
-from pipeline.labels import IGNORE  # noqa: E402
+from pipeline.labeler import Labeler  # noqa: E402
 from pipeline.models import WeightsUnavailableError  # noqa: E402
 from pipeline.prompts import DATASET_CLASSES, class_prompt  # noqa: E402
+from pipeline.types import (  # noqa: E402
+    IGNORE,  # noqa: E402
+    Category,
+    LabelRequest,
+    LabelResult,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,13 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     names = {c.id: c.name for c in categories}
     shown = [names[c] for c in result.class_ids]
-    maps = result.maps or {"coarse": result.coarse, "refined": result.refined}
+    maps = result.maps or {"coarse": result.coarse, "refined": result.compensated}
     for name, m in maps.items():
         _heatmaps(image, m.astype(np.float32), shown, name, out / f"{name}.png")
     _overlay(image, result, names, out / "overlay.png")
     if args.dump:
         Path(args.dump).parent.mkdir(parents=True, exist_ok=True)
-        fixed = dict(coarse=result.coarse, refined=result.refined, coarse_scores=result.coarse_scores,
+        fixed = dict(coarse=result.coarse, refined=result.compensated, coarse_scores=result.coarse_scores,
                      final_scores=result.final_scores, label_map=result.label_map,
                      class_ids=np.array(result.class_ids), class_names=np.array(shown),
                      method=np.array(config.method), maps=np.array(list(maps)))  # fmt: skip

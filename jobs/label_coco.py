@@ -21,11 +21,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline import lease, manifest, methods, redact, storage  # noqa: E402
-from pipeline.cli import add_model_arguments, config_from_args, storage_options_from_arg  # noqa: E402
+from pipeline import lease, manifest, methods, redact  # noqa: E402
+from pipeline.cli import (  # noqa: E402
+    add_model_arguments,
+    add_storage_retry_arguments,
+    config_from_args,
+    retry_policy_from_args,
+    storage_options_from_arg,
+)
 from pipeline.config import build_config  # noqa: E402
-from pipeline.labeler import Category  # noqa: E402
 from pipeline.models import WeightsUnavailableError, pin_weights  # noqa: E402
+from pipeline.storage import commit  # noqa: E402
+from pipeline.storage.merge import merge  # noqa: E402
+from pipeline.storage.store import Store, check_access  # noqa: E402
+from pipeline.types import Category, run_fingerprint  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="fsspec options for every URL (endpoint, region, ...): inline JSON, or a JSON file's path "
                           "(credentials only in a file or the environment)")  # fmt: skip
     add_model_arguments(p)
+    add_storage_retry_arguments(p)
     args = p.parse_args(argv)
     if bool(args.annotations) == bool(args.manifest):
         p.error("give either --annotations with --images, or --manifest with --categories")
@@ -172,21 +182,21 @@ def main(argv: list[str] | None = None) -> int:
         _check_image_root(records, opts)
         pinned, models_fp = pin_weights(config.model, opts, need_sd=methods.needs_sd(config))  # hub commits pinned
         config = dataclasses.replace(config, model=pinned)
-        run_fp = storage.run_fingerprint(config.fingerprint(), models_fp, manifest_fp)
-        store = storage.Store.open(args.output, **opts)
+        run_fp = run_fingerprint(config.fingerprint(), models_fp, manifest_fp)
+        store = Store.open(args.output, retry=retry_policy_from_args(args), **opts)
         if args.dry_run:
             shard_ids = [s.shard_id for s in manifest.shards(records(), config.shard_size)]
-            committed = sum(storage.is_committed(store, sid, run_fp.digest) for sid in shard_ids)
-            old = storage.read_run(store)
+            committed = sum(commit.is_committed(store, sid, run_fp.digest) for sid in shard_ids)
+            old = commit.read_run(store)
             same = not old or old["fingerprint"] == run_fp.digest
             print(f"plan: {len(shard_ids)} shards, {committed} committed, {len(shard_ids) - committed} remaining, "
                   f"about {(len(shard_ids) - committed) * config.shard_size} images; "
                   f"{'same run' if same else 'A DIFFERENT RUN is stored'}")  # fmt: skip
             return 0
-        storage.check_access(store)
+        check_access(store)
         keeper = lease.Keeper(store, args.lease_ttl)
         with keeper:  # one driver per prefix: a second one is refused here (LeaseHeldError, exit 2)
-            storage.write_run(store, run_fp, config.to_dict(), models_fp, overwrite=args.overwrite)
+            commit.write_run(store, run_fp, config.to_dict(), models_fp, overwrite=args.overwrite)
             return _run(args, config, inputs, run_fp.digest, models_fp, store, opts, keeper)
     except (WeightsUnavailableError, ValueError, OSError) as err:  # ValueError: ManifestError, StorageAccessError
         print(f"error: {redact.redact(str(err), redact.secret_values())}", file=sys.stderr)
@@ -203,6 +213,7 @@ def _run(args: argparse.Namespace, config, inputs: Inputs, fingerprint: str, mod
     options = runner.RunOptions(num_actors=args.num_actors, max_attempts=args.max_attempts,
                                 max_failure_rate=args.max_failure_rate, storage_options=opts,
                                 actor_cpus=args.actor_cpus, model_fingerprint=models_fp,
+                                storage_retry=store.retry_policy,
                                 **{k: v for k, v in timeouts.items() if v is not None})  # fmt: skip
     summary = runner.run(config, inputs.categories, manifest.shards(inputs.records(), config.shard_size), args.output,
                          fingerprint, options, _progress(inputs.count), stop=keeper.lost)  # fmt: skip
@@ -230,7 +241,7 @@ def _run(args: argparse.Namespace, config, inputs: Inputs, fingerprint: str, mod
     if summary.shards_failed:
         return 1
     if not args.no_merge and summary.committed:
-        merged = storage.merge(store, sorted(summary.committed), fingerprint)
+        merged = merge(store, sorted(summary.committed), fingerprint)
         print(f"merged {len(merged['shards'])} shards into {args.output}/merged/")
     return 0
 

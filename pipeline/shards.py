@@ -15,12 +15,14 @@ from typing import Any, TypeVar
 import fsspec
 import numpy as np
 
-from pipeline import cliper, redact, refine, retry, stats, storage
+from pipeline import cliper, redact, refine, retry, stats
 from pipeline.config import Config
 from pipeline.decode import ImageDecodeError, SizeMismatchError, decode_image
-from pipeline.labeler import Labeler, LabelRequest
+from pipeline.labeler import Labeler
 from pipeline.manifest import Shard
-from pipeline.stats import Failure
+from pipeline.storage import commit, layout
+from pipeline.storage.store import Store
+from pipeline.types import Failure, LabelRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -85,7 +87,7 @@ def _prefetched(io: ThreadPoolExecutor, fn: Callable[[dict[str, Any]], T], recor
 
 def label_shard(
     labeler: Labeler,
-    store: storage.Store,
+    store: Store,
     shard: Shard,
     fingerprint: str,
     *,
@@ -112,7 +114,7 @@ def label_shard(
 
     def finish(work: Any) -> stats.ImageEntry:
         result = labeler.finish(work)
-        return stats.entry(result, shard.shard_id, storage.label_file(shard.names[result.image_id].label))
+        return stats.entry(result, shard.shard_id, layout.label_file(shard.names[result.image_id].label))
 
     with ThreadPoolExecutor(io_threads) as io, ThreadPoolExecutor(1) as post:
         loaded = _prefetched(io, lambda r: _request(r, labeler.config, max_pixels, opts), shard.records,
@@ -129,7 +131,7 @@ def label_shard(
     secrets = redact.secret_values(opts)  # error texts from storage libraries must not carry credentials
     failures = [Failure(f.image_id, f.status, redact.redact(f.error, secrets)) for f in failures]
     categories = list(labeler.categories.values())
-    return storage.write_shard(store, shard.shard_id, entries, failures, categories, fingerprint, shard.names)
+    return commit.write_shard(store, shard.shard_id, entries, failures, categories, fingerprint, shard.names)
 
 
 def prefetch_window(batch_size: int, io_threads: int) -> int:

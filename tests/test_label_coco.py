@@ -11,8 +11,10 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipeline import lease, storage
+from pipeline import lease
 from pipeline.runner import RunSummary
+from pipeline.storage import layout
+from pipeline.storage.store import Store
 from tests.conftest import blob_image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +47,7 @@ def test_a_second_driver_on_a_prefix_is_refused_naming_the_holder(tmp_path, tiny
     Image.fromarray(blob_image(40, 50)).save(tmp_path / "a.png")
     (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "uri": str(tmp_path / "a.png"), "tags": [1]}) + "\n")
     (tmp_path / "cats.json").write_text(json.dumps([{"id": 1, "name": "cat"}]))
-    out = storage.Store.open(str(tmp_path / "out"))
+    out = Store.open(str(tmp_path / "out"))
     holder = {"owner": "0123456789abcdef", "host": "gpu-node-7", "pid": 4242, "expires": 4_000_000_000.0}
     out.write_many({lease.LEASE_FILE: json.dumps(holder).encode()})
     cmd = [sys.executable, "jobs/label_coco.py", "--output", str(tmp_path / "out"),
@@ -56,4 +58,4 @@ def test_a_second_driver_on_a_prefix_is_refused_naming_the_holder(tmp_path, tiny
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "is in use by another driver 0123456789ab on host gpu-node-7, pid 4242" in proc.stderr
     assert "its lease expires at 2096-10-02 07:06:40 UTC" in proc.stderr
-    assert out.read(storage.RUN_FILE) is None and not (tmp_path / "out" / "shards").exists()
+    assert out.read(layout.RUN_FILE) is None and not (tmp_path / "out" / "shards").exists()
