@@ -18,7 +18,7 @@ Inputs are read through ``compare.open_images`` (each run's shards committed und
   the mean over the inputs of their ``coarse_score`` / ``class_score`` (so a COCO annotation's
   ``score`` is the inputs' mean class score); ``decision`` holds, per class, the share of inputs
   giving the pixel that class (1 inside a consensus mask, by construction); there are no coarse
-  or refined maps and no superpixels, so those statistics are null; no timings.
+  or compensated maps and no superpixels, so those statistics are null; no timings.
 - ``run.json``: the fingerprint's config part hashes the rule and the inputs' run fingerprints
   in order, its model part the inputs' model parts, its manifest part is run A's; the record's
   ``config`` is run A's (the schema asks for one; A sets the layout), ``model`` lists the inputs.
@@ -45,7 +45,7 @@ from pipeline.compare import RunImages, open_images
 from pipeline.storage import commit, layout
 from pipeline.storage.merge import merge
 from pipeline.storage.store import Store
-from pipeline.types import IGNORE, Failure, ImageName, RunFingerprint, id_name, safe_name
+from pipeline.types import IGNORE, Failure, ImageName, LabelResult, RunFingerprint, id_name, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,8 @@ class ClassScores:
 
 
 def _result(image_id: str, label_map: np.ndarray, maps: Sequence[np.ndarray],
-            scores: Sequence[Mapping[int, tuple[float, float]]]) -> Any:  # fmt: skip
+            scores: Sequence[Mapping[int, tuple[float, float]]]) -> LabelResult:  # fmt: skip
     """The consensus ``LabelResult`` of one image (see the module docstring for each field)."""
-    from pipeline.types import LabelResult  # the labeler module imports the model stack
-
     ids = tuple(sorted(set.intersection(*(set(s) for s in scores))))
     coarse = np.array([np.mean([s[c][0] for s in scores]) for c in ids], dtype=np.float32)
     final = np.array([np.mean([s[c][1] for s in scores]) for c in ids], dtype=np.float32)
