@@ -75,3 +75,15 @@ def test_pipeline_imports_sees_both_import_forms(tmp_path):
     src = tmp_path / "m.py"
     src.write_text("from pipeline import storage, schemas\ndef f():\n    import pipeline.labeler\n")
     assert _pipeline_imports(src) == {"pipeline", "pipeline.storage", "pipeline.schemas", "pipeline.labeler"}
+
+
+def test_the_class_id_range_is_written_once():
+    """Category ids are checked by ``types.check_class_id`` alone: no other module of the package
+    spells out 254 (the largest foreground id) as a number."""
+    spelled = sorted(
+        str(path.relative_to(PACKAGE))
+        for path in PACKAGE.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and type(node.value) is int and node.value == 254
+    )
+    assert spelled == ["types.py"]
