@@ -19,9 +19,10 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline import discovery
-from pipeline.architectures import clip_models
+from pipeline.bench.architectures import clip_models
 from pipeline.config import build_config
-from pipeline.labeler import Category, Labeler, LabelRequest
+from pipeline.labeler import Labeler
+from pipeline.types import Category, LabelRequest
 
 SIDE, GRID = 448, 28
 

@@ -2,6 +2,8 @@
 
 The stages, in the order an image meets them (one module each):
 
+    types.py         the records every stage shares (Category, LabelRequest/LabelResult, Failure,
+                     statuses, IGNORE), image and shard names, run fingerprints; no torch
     config.py        frozen settings, named presets (cliper-method.md section 5)
     schemas.py       JSON Schemas (schemas/) and Arrow schemas: manifest, config, stats, marker
     decode.py        bytes -> upright HWC uint8 RGB, bad images -> ImageDecodeError
@@ -16,7 +18,9 @@ The stages, in the order an image meets them (one module each):
     labels.py        scores -> label map (background threshold, argmax, ignore)
     labeler.py       holds the configured method, runs it on a batch, assembles each label map
     coco.py, pngs.py, stats.py   label map -> COCO RLE, indexed PNG, Parquet quality rows
-    storage.py       the only module that knows paths: shard files, commit marker, merge
+    storage/         a run's outputs by job: layout.py (every path: the only module that knows
+                     them), store.py (fsspec I/O, retries, access probe), outputs.py (the formats
+                     a shard writes, by name), commit.py (run.json, commit marker), merge.py
     manifest.py      JSONL / COCO manifests streamed into content-named shards
     shards.py        one shard end to end with a labeler in hand (I/O threads overlap the models)
     runner.py        the only module that talks to Ray: actors, deadlines, retries, resume, progress

@@ -51,8 +51,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline import coco, storage
-from pipeline.labels import IGNORE
+from pipeline import coco
+from pipeline.storage import commit, layout
+from pipeline.storage.store import Store
+from pipeline.types import IGNORE, file_stem
 
 log = logging.getLogger(__name__)
 
@@ -348,7 +350,7 @@ def coco_label_map(image: Mapping[str, Any], annotations: Sequence[Mapping[str, 
 KEY_FIELDS = {  # how a COCO image is named for matching with the other side
     "id": lambda im: str(im["id"]),
     "source_id": lambda im: str(im.get("source_id", im["id"])),
-    "file_stem": lambda im: storage.file_stem(str(im["file_name"])),
+    "file_stem": lambda im: file_stem(str(im["file_name"])),
 }
 
 
@@ -550,22 +552,22 @@ class RunOutput:
 
 def is_run_output(url: str, **storage_options: Any) -> bool:
     fs, root = fsspec.core.url_to_fs(url, **storage_options)
-    return bool(fs.glob(f"{root.rstrip('/')}/shards/*/{storage.MARKER}"))
+    return bool(fs.glob(f"{root.rstrip('/')}/{layout.marker_glob()}"))
 
 
 def open_run(url: str, **storage_options: Any) -> RunOutput:
     """Read the shards of a run committed under its ``run.json`` fingerprint. A shard with a
     broken marker, or one written by another run (left over from before ``--overwrite``), is
     left out, counted in ``ignored_shards`` and logged; its images count as missing."""
-    store = storage.Store.open(url, **storage_options)
-    record = storage.read_run(store)
+    store = Store.open(url, **storage_options)
+    record = commit.read_run(store)
     if record is None:
-        log.warning("%s has no %s: every committed shard is audited, whatever run wrote it", url, storage.RUN_FILE)
-    markers = store.fs.glob(f"{store.root}/shards/*/{storage.MARKER}")
+        log.warning("%s has no %s: every committed shard is audited, whatever run wrote it", url, layout.RUN_FILE)
+    markers = store.fs.glob(f"{store.root}/{layout.marker_glob()}")
     shards: dict[str, CocoLabels] = {}
     tables, ignored = [], 0
-    for shard_id in sorted(p.rsplit("/", 2)[-2] for p in markers):
-        marker = storage.read_marker(store, shard_id)
+    for shard_id in sorted(map(layout.shard_id_of_marker, markers)):
+        marker = commit.read_marker(store, shard_id)
         if marker is None or (record is not None and marker["fingerprint"] != record["fingerprint"]):
             ignored += 1
             continue
@@ -576,21 +578,21 @@ def open_run(url: str, **storage_options: Any) -> RunOutput:
         log.info("%s: %d shard(s) ignored: their commit marker is broken or from another run "
                  "(fingerprint other than run.json's); their images count as missing", url, ignored)  # fmt: skip
     if not shards:
-        raise ValueError(f"{url}: no shards committed by the run in {storage.RUN_FILE} "
-                         f"(shards/<id>/{storage.MARKER}; {ignored} stale or broken)")  # fmt: skip
+        raise ValueError(f"{url}: no shards committed by the run in {layout.RUN_FILE} "
+                         f"(shards/<id>/{layout.MARKER}; {ignored} stale or broken)")  # fmt: skip
     cats = next(iter(shards.values())).categories
     stems = {k: v for s in shards.values() for k, v in s.keys_to("file_stem").items()}
     stats_table = pa.concat_tables(tables) if tables else None
     return RunOutput(shards, cats, stats_table, stems, ignored)
 
 
-def _read_shard(store: storage.Store, shard_id: str) -> tuple[CocoLabels, pa.Table | None]:
-    folder = storage.shard_dir(shard_id)
-    data = store.read(f"{folder}/annotations.json")
+def _read_shard(store: Store, shard_id: str) -> tuple[CocoLabels, pa.Table | None]:
+    annotations = layout.shard_file(shard_id, layout.ANNOTATIONS)
+    data = store.read(annotations)
     if data is None:
-        raise ValueError(f"{store.path(folder)}: committed but annotations.json is missing")
-    labels = CocoLabels(json.loads(data), store.path(f"{folder}/annotations.json"), key="source_id")
-    stats_data = store.read(f"{folder}/stats_images.parquet")
+        raise ValueError(f"{store.path(layout.shard_dir(shard_id))}: committed but annotations.json is missing")
+    labels = CocoLabels(json.loads(data), store.path(annotations), key="source_id")
+    stats_data = store.read(layout.table_file(shard_id, "stats_images"))
     return labels, None if stats_data is None else pq.read_table(io.BytesIO(stats_data))
 
 

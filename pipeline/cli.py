@@ -9,6 +9,7 @@ Options default to None and are dropped before the config is built, so defaults 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import sys
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import methods, redact
+from pipeline import methods, redact, retry
 from pipeline.config import (
     PRESETS,
     SD21_BASE,
@@ -93,6 +94,29 @@ def config_from_args(args: argparse.Namespace) -> Config:
     overrides = merge_overrides(overrides, flags)
     preset = args.preset or overrides.pop("preset", None)
     return build_config(preset, overrides)
+
+
+def add_storage_retry_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("storage retries (the output prefix's reads and writes)")
+    g.add_argument(
+        "--storage-retries",
+        type=int,
+        metavar="N",
+        help=f"attempts per storage operation, the first included (default: {retry.DEFAULT.attempts})",
+    )
+    g.add_argument("--storage-backoff", type=float, metavar="S",
+                   help=f"seconds before the first retry, doubled for each next one up to "
+                        f"{retry.DEFAULT.cap_s:g} s, with jitter (default: {retry.DEFAULT.base_s:g})")  # fmt: skip
+
+
+def retry_policy_from_args(args: argparse.Namespace) -> retry.RetryPolicy:
+    """``--storage-retries`` / ``--storage-backoff`` over ``retry.DEFAULT`` (options not given keep
+    its values); ValueError naming the options for values it refuses."""
+    given = {"attempts": getattr(args, "storage_retries", None), "base_s": getattr(args, "storage_backoff", None)}
+    try:
+        return dataclasses.replace(retry.DEFAULT, **{k: v for k, v in given.items() if v is not None})
+    except ValueError as err:
+        raise ValueError(f"--storage-retries / --storage-backoff: {err}") from None
 
 
 def storage_options_from_arg(text: str | None) -> dict[str, Any]:

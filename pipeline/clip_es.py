@@ -36,6 +36,7 @@ from scipy import ndimage
 
 from pipeline.clip_es_prompts import TEMPLATE
 from pipeline.cliper import _heads, _tokens
+from pipeline.types import IGNORE, check_class_ids
 
 if TYPE_CHECKING:
     from pipeline.models import ClipModels
@@ -327,8 +328,7 @@ def label_map(refined: np.ndarray, class_ids: Sequence[int], bg_exponent: float 
     if refined.ndim != 3 or refined.shape[0] != len(class_ids):
         raise ValueError(f"{len(class_ids)} class ids for maps of shape {refined.shape}")
     ids = np.asarray(class_ids, dtype=np.int64)
-    if ((ids < 1) | (ids > 254)).any():
-        raise ValueError(f"class ids must lie in 1..254 (0 is background, 255 ignore), got {ids.tolist()}")
+    check_class_ids(ids.tolist())
     if refined.shape[0] == 0:
         return np.zeros(refined.shape[1:], dtype=np.uint8)
     cams = np.asarray(refined).astype(np.float16)
@@ -345,7 +345,6 @@ CRF_BILATERAL = {"sxy": 67, "srgb": 3, "compat": 4}
 CRF_CONFIDENCE = 0.95
 CRF_BG_EXPONENT = 1
 CAFFE_MEAN_BGR = (104.008, 116.669, 122.675)
-IGNORE = 255
 
 
 def crf_image(image: np.ndarray) -> np.ndarray:
@@ -369,8 +368,7 @@ def crf_label_map(image: np.ndarray, refined: np.ndarray, class_ids: Sequence[in
     if image.shape[:2] != refined.shape[1:] or refined.shape[0] != len(class_ids):
         raise ValueError(f"image {image.shape} and {len(class_ids)} class ids do not fit maps of shape {refined.shape}")
     ids = np.asarray(class_ids, dtype=np.int64)
-    if ((ids < 1) | (ids > 254)).any():
-        raise ValueError(f"class ids must lie in 1..254 (0 is background, 255 ignore), got {ids.tolist()}")
+    check_class_ids(ids.tolist())
     cams = np.asarray(refined).astype(np.float16)
     bg = np.power(1 - np.max(cams, axis=0, keepdims=True), CRF_BG_EXPONENT).astype(np.float16)
     prob = np.concatenate([bg, cams])

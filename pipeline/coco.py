@@ -11,7 +11,7 @@ and the stats show them as well.
 
 Image ids: the image ids themselves when every id is a canonical decimal integer (COCO inputs),
 else 1..N in order; the original string id is kept as ``source_id`` on each image.
-``file_name`` is the image's, as the caller names it (``storage.ImageName.file_name``: the input's
+``file_name`` is the image's, as the caller names it (``ImageName.file_name``: the input's
 COCO ``file_name``, or the manifest's uri), so a trainer finds the picture, not the label map.
 """
 
@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from pipeline.labels import IGNORE, MAX_CLASS_ID
+from pipeline.types import IGNORE, check_class_id
 
 SCORE_DIGITS = 6  # scores are rounded so the JSON stays short; float32 carries ~7 digits anyway
 
@@ -36,15 +36,14 @@ class HasIdName(Protocol):
 def categories_json(categories: Sequence[HasIdName | Mapping[str, Any]]) -> list[dict[str, Any]]:
     """COCO ``categories``: ``{"id", "name", "supercategory"}`` sorted by id (1..254, unique).
 
-    Accepts ``pipeline.labeler.Category`` objects or mappings with ``id``/``name`` (as in a COCO file).
+    Accepts ``pipeline.types.Category`` objects or mappings with ``id``/``name`` (as in a COCO file).
     """
     out: list[dict[str, Any]] = []
     for c in categories:
         cid, name = (c["id"], c["name"]) if isinstance(c, Mapping) else (c.id, c.name)
         sup = c.get("supercategory", "") if isinstance(c, Mapping) else ""
-        if not isinstance(cid, int | np.integer) or not 1 <= int(cid) <= MAX_CLASS_ID:
-            raise ValueError(f"category {name!r}: id {cid!r} must be an integer in 1..{MAX_CLASS_ID}")
-        out.append({"id": int(cid), "name": str(name), "supercategory": str(sup)})
+        cid = check_class_id(cid, f"category {name!r}: id")
+        out.append({"id": cid, "name": str(name), "supercategory": str(sup)})
     ids: list[int] = [c["id"] for c in out]
     if len(set(ids)) != len(ids):
         raise ValueError(f"category ids must be unique, got {sorted(ids)}")

@@ -40,9 +40,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline import audit, stats
+from pipeline import audit
 from pipeline.audit import BACKGROUND, CocoLabels, RunOutput
-from pipeline.labels import IGNORE
+from pipeline.types import IGNORE
+from pipeline.types import OK as IMAGE_OK  # a stats_images row's status; OK below is this module's
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +151,7 @@ def open_images(url: str, **storage_options: Any) -> RunImages:
     failed = {}
     if run.stats is not None:
         for row in run.stats.select(["image_id", "status", "error"]).to_pylist():
-            if row["status"] != stats.OK:
+            if row["status"] != IMAGE_OK:
                 failed[row["image_id"]] = f"{row['status']}: {row['error']}"
     return RunImages(url, run, where, failed)
 

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 from matplotlib.figure import Figure
 
-from pipeline.labels import IGNORE
 from pipeline.report import colorize, fmt, html_page, panels_chart, png_base64, table_html
+from pipeline.types import IGNORE
 
 SECTIONS = {
     "summary": "Summary",

@@ -1,6 +1,6 @@
 """Consensus labels of several runs: a pixel keeps the class every run gives it and becomes 255
 (ignore) where the runs disagree or any run marks it 255, so a trainer can learn from the agreed
-pixels only. Written like a run, through ``storage.write_shard`` and ``storage.merge``: label PNGs,
+pixels only. Written like a run, through ``commit.write_shard`` and ``merge``: label PNGs,
 COCO annotations, ``stats_images`` / ``stats_classes``, commit markers and ``merged/``.
 
 Inputs are read through ``compare.open_images`` (each run's shards committed under its
@@ -18,7 +18,7 @@ Inputs are read through ``compare.open_images`` (each run's shards committed und
   the mean over the inputs of their ``coarse_score`` / ``class_score`` (so a COCO annotation's
   ``score`` is the inputs' mean class score); ``decision`` holds, per class, the share of inputs
   giving the pixel that class (1 inside a consensus mask, by construction); there are no coarse
-  or refined maps and no superpixels, so those statistics are null; no timings.
+  or compensated maps and no superpixels, so those statistics are null; no timings.
 - ``run.json``: the fingerprint's config part hashes the rule and the inputs' run fingerprints
   in order, its model part the inputs' model parts, its manifest part is run A's; the record's
   ``config`` is run A's (the schema asks for one; A sets the layout), ``model`` lists the inputs.
@@ -41,10 +41,11 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline import storage
 from pipeline.compare import RunImages, open_images
-from pipeline.labels import IGNORE
-from pipeline.stats import Failure
+from pipeline.storage import commit, layout
+from pipeline.storage.merge import merge
+from pipeline.storage.store import Store
+from pipeline.types import IGNORE, Failure, ImageName, LabelResult, RunFingerprint, id_name, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,10 @@ class Inputs:
     records: list[dict[str, Any]]
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)  # never written anywhere
 
-    def fingerprint(self) -> storage.RunFingerprint:
+    def fingerprint(self) -> RunFingerprint:
         config = _sha({"rule": RULE, "inputs": [r["fingerprint"] for r in self.records]})
         model = _sha([r["parts"]["model"] for r in self.records])
-        return storage.RunFingerprint(config, model, self.records[0]["parts"]["manifest"])
+        return RunFingerprint(config, model, self.records[0]["parts"]["manifest"])
 
     def model_doc(self) -> dict[str, Any]:
         inputs = [{"url": s.url, "fingerprint": r["fingerprint"]}
@@ -105,8 +106,8 @@ class Inputs:
         return {"consensus": {"rule": RULE, "inputs": inputs}}
 
     @property
-    def stores(self) -> list[storage.Store]:
-        return [storage.Store.open(r.url, **self.storage_options) for r in self.runs]
+    def stores(self) -> list[Store]:
+        return [Store.open(r.url, **self.storage_options) for r in self.runs]
 
 
 def open_inputs(urls: Sequence[str], **storage_options: Any) -> Inputs:
@@ -115,9 +116,9 @@ def open_inputs(urls: Sequence[str], **storage_options: Any) -> Inputs:
         raise ValueError(f"a consensus needs at least two runs, got {len(urls)}")
     runs, records = [], []
     for url in urls:
-        record = storage.read_run(storage.Store.open(url, **storage_options))
+        record = commit.read_run(Store.open(url, **storage_options))
         if record is None:
-            raise ValueError(f"{url} has no {storage.RUN_FILE}: a consensus only reads runs it can fingerprint")
+            raise ValueError(f"{url} has no {layout.RUN_FILE}: a consensus only reads runs it can fingerprint")
         runs.append(open_images(url, **storage_options))
         records.append(record)
     return Inputs(runs, records, dict(storage_options))
@@ -131,7 +132,7 @@ class ClassScores:
     A shard's table is read the first time one of its images is asked for."""
 
     def __init__(self, run: RunImages, **storage_options: Any) -> None:
-        self.run, self.store = run, storage.Store.open(run.url, **storage_options)
+        self.run, self.store = run, Store.open(run.url, **storage_options)
         self._by_image: dict[str, dict[int, tuple[float, float]]] = {}
         self._read: set[str] = set()
 
@@ -139,7 +140,7 @@ class ClassScores:
         shard_id = self.run.where[image_id]
         if shard_id not in self._read:
             self._read.add(shard_id)
-            data = self.store.read(f"{storage.shard_dir(shard_id)}/stats_classes.parquet")
+            data = self.store.read(layout.table_file(shard_id, "stats_classes"))
             rows = [] if data is None else pq.read_table(io.BytesIO(data)).to_pylist()
             for r in rows:
                 self._by_image.setdefault(r["image_id"], {})[r["category_id"]] = (r["coarse_score"], r["class_score"])
@@ -147,10 +148,8 @@ class ClassScores:
 
 
 def _result(image_id: str, label_map: np.ndarray, maps: Sequence[np.ndarray],
-            scores: Sequence[Mapping[int, tuple[float, float]]]) -> Any:  # fmt: skip
+            scores: Sequence[Mapping[int, tuple[float, float]]]) -> LabelResult:  # fmt: skip
     """The consensus ``LabelResult`` of one image (see the module docstring for each field)."""
-    from pipeline.labeler import LabelResult  # the labeler module imports the model stack
-
     ids = tuple(sorted(set.intersection(*(set(s) for s in scores))))
     coarse = np.array([np.mean([s[c][0] for s in scores]) for c in ids], dtype=np.float32)
     final = np.array([np.mean([s[c][1] for s in scores]) for c in ids], dtype=np.float32)
@@ -184,20 +183,20 @@ def image_consensus(image_id: str, runs: Sequence[RunImages], scores: Sequence[C
 # --- shards -----------------------------------------------------------------------------------
 
 
-def _names(run: RunImages, image_ids: Sequence[str]) -> dict[str, storage.ImageName]:
+def _names(run: RunImages, image_ids: Sequence[str]) -> dict[str, ImageName]:
     """Run A's names of its images: label stem from its stats' ``label_file``, COCO ``file_name``."""
     label_files = {}
     if run.run.stats is not None:
         for r in run.run.stats.select(["image_id", "label_file"]).to_pylist():
             if r["label_file"]:
-                label_files[r["image_id"]] = r["label_file"][len("labels/") : -len(".png")]
+                label_files[r["image_id"]] = layout.label_name(r["label_file"])
     names = {}
     for key in image_ids:
         if key in run.where:
             file_name = str(run.labels(key).image(key)["file_name"])
-            names[key] = storage.ImageName(label_files.get(key, storage.safe_name(key)), file_name)
+            names[key] = ImageName(label_files.get(key, safe_name(key)), file_name)
         else:
-            names[key] = storage.ImageName(storage.id_name(key), key)
+            names[key] = ImageName(id_name(key), key)
     return names
 
 
@@ -211,30 +210,30 @@ def shard_images(run: RunImages) -> dict[str, list[str]]:
     return {sid: sorted(ids) for sid, ids in sorted(shards.items())}
 
 
-def write_consensus(inputs: Inputs, out: storage.Store, overwrite: bool = False) -> dict[str, Any]:
+def write_consensus(inputs: Inputs, out: Store, overwrite: bool = False) -> dict[str, Any]:
     """Write (or finish) the consensus of ``inputs`` under ``out``: ``run.json``, one shard per
     shard of run A (committed ones skipped), then ``merged/``. Returns {"written", "skipped",
-    "merged", "not_in_a"}: the shard ids written and skipped, ``storage.merge``'s summary, and how
+    "merged", "not_in_a"}: the shard ids written and skipped, ``merge``'s summary, and how
     many images other runs recorded that run A did not (a consensus holds run A's images only)."""
     if any(s.url == out.url for s in inputs.stores):
         raise ValueError(f"--out {out.url} is one of the input runs; write the consensus under a new prefix")
     categories = shared_categories(inputs.runs)
     run = inputs.fingerprint()
-    storage.write_run(out, run, inputs.records[0]["config"], inputs.model_doc(), overwrite)
+    commit.write_run(out, run, inputs.records[0]["config"], inputs.model_doc(), overwrite)
     scores = [ClassScores(r, **inputs.storage_options) for r in inputs.runs]
     written, skipped = [], []
     shards = shard_images(inputs.runs[0])
     for shard_id, image_ids in shards.items():
-        if storage.is_committed(out, shard_id, run.digest):
+        if commit.is_committed(out, shard_id, run.digest):
             skipped.append(shard_id)
             continue
         items = [image_consensus(key, inputs.runs, scores) for key in image_ids]
         results = [x for x in items if not isinstance(x, Failure)]
         failures = [x for x in items if isinstance(x, Failure)]
-        storage.write_shard(out, shard_id, results, failures, categories, run.digest,
+        commit.write_shard(out, shard_id, results, failures, categories, run.digest,
                             _names(inputs.runs[0], image_ids))  # fmt: skip
         written.append(shard_id)
-    merged = storage.merge(out, list(shards), run.digest)
+    merged = merge(out, list(shards), run.digest)
     in_a = {key for ids in shards.values() for key in ids}
     not_in_a = len({key for r in inputs.runs[1:] for key in r.image_ids()} - in_a)
     if not_in_a:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,62 +20,7 @@ from pipeline import cliper, discovery, labels, methods, refine
 from pipeline.config import Config
 from pipeline.methods.base import Item
 from pipeline.models import ClipModels, load_models
-
-
-@dataclass(frozen=True)
-class Category:
-    """A foreground class: ``id`` is the value it takes in label maps (1..254)."""
-
-    id: int
-    name: str
-    prompt: str
-
-
-@dataclass(frozen=True)
-class LabelRequest:
-    """One decoded image (HWC uint8 RGB) with its tags (category ids)."""
-
-    image_id: str
-    image: np.ndarray
-    tags: tuple[int, ...]
-    segments: np.ndarray | None = None  # superpixels, when computed ahead (off the GPU's path)
-
-
-@dataclass
-class LabelResult:
-    """Everything the labeler computed for one image.
-
-    label_map: [H, W] uint8 (0 background, category ids, 255 ignore).
-    class_ids: the C categories whose maps are held below (the image's tags, or every category
-        in open-vocabulary mode). For CLIPer the softmax ran over every candidate (``cliper.candidates``).
-    coarse: [C, h, w] float32 first-stage map on the ViT grid (CLIPer's coarse map, CLIP-ES's CAM).
-    refined: [C, s, s] float32 map the label map is built from: CLIPer's compensated map (s = 64
-        for SD 2.1; the coarse map when compensation is off), CLIP-ES's CAA map at image size.
-    coarse_scores, final_scores: [C] float32 class scores.
-    kept_ids: the categories allowed in the label map (all tags, or in open-vocabulary mode
-        those scoring above ``score_threshold``).
-    decision: [K, H, W] float32 scores of the kept classes that the threshold and argmax saw.
-    segments: [H, W] int32 superpixels, or None when refinement is off.
-    timings: seconds per stage (wall clock; not part of any deterministic output).
-    maps: the method's own diagnostic maps by name (``jobs/explain.py --dump``).
-    regions: potential objects in the untagged area (``pipeline.discovery``), None when discovery
-        is off; region_map: [H, W] uint16 (0 none, 1..R) when ``discovery.unknown`` is "regions".
-    """
-
-    image_id: str
-    label_map: np.ndarray
-    class_ids: tuple[int, ...]
-    coarse: np.ndarray
-    refined: np.ndarray
-    coarse_scores: np.ndarray
-    final_scores: np.ndarray
-    kept_ids: tuple[int, ...]
-    decision: np.ndarray
-    segments: np.ndarray | None
-    timings: dict[str, float] = field(default_factory=dict)
-    maps: dict[str, np.ndarray] = field(default_factory=dict)
-    regions: discovery.Regions | None = None
-    region_map: np.ndarray | None = None
+from pipeline.types import Category, LabelRequest, LabelResult
 
 
 class Labeler:
@@ -173,9 +117,9 @@ class Labeler:
         t1 = time.perf_counter()
         final = out.final_scores.float().cpu()
         if rule.scale_by_score:
-            full = labels.full_resolution_scores(out.refined.cpu(), final, (h, wd))
+            full = labels.full_resolution_scores(out.compensated.cpu(), final, (h, wd))
         else:
-            full = labels.resized_scores(out.refined.cpu(), (h, wd))
+            full = labels.resized_scores(out.compensated.cpu(), (h, wd))
         keep = labels.kept_classes(len(w.class_ids), final.numpy(), rule.open_vocab, rule.score_threshold)
         kept_ids = tuple(w.class_ids[k] for k in keep)
         scores = full[keep].astype(np.float16) if rule.float16 else full[keep]
@@ -191,7 +135,7 @@ class Labeler:
         w.timings.update(superpixels=t1 - t0, label_assembly=t2 - t1)
         return LabelResult(
             image_id=req.image_id, label_map=label_map, class_ids=w.class_ids,
-            coarse=out.coarse.float().cpu().numpy(), refined=out.refined.float().cpu().numpy(),
+            coarse=out.coarse.float().cpu().numpy(), compensated=out.compensated.float().cpu().numpy(),
             coarse_scores=out.coarse_scores.float().cpu().numpy(), final_scores=final.numpy(),
             kept_ids=kept_ids, decision=decision.astype(np.float32), segments=segments, timings=dict(w.timings),
             maps={name: m.float().cpu().numpy() for name, m in out.diagnostics.items()},

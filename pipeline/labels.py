@@ -14,15 +14,13 @@ import torch.nn.functional as F
 
 from pipeline.config import LabelConfig, RefineConfig
 from pipeline.refine import pool_scores
-
-IGNORE = 255
-MAX_CLASS_ID = 254
+from pipeline.types import IGNORE, check_class_ids
 
 
-def full_resolution_scores(refined: torch.Tensor, final_scores: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """[C, s, s] refined map -> [C, H, W] float32: bilinear upsampling to ``size`` (H, W), each
+def full_resolution_scores(compensated: torch.Tensor, final_scores: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """[C, s, s] compensated map -> [C, H, W] float32: bilinear upsampling to ``size`` (H, W), each
     class divided by its maximum and multiplied by its final class score."""
-    up = F.interpolate(refined[None].float(), size=size, mode="bilinear", align_corners=False)[0]
+    up = F.interpolate(compensated[None].float(), size=size, mode="bilinear", align_corners=False)[0]
     peak = up.flatten(1).amax(dim=1).clamp_min(1e-12)
     up = up / peak[:, None, None] * final_scores.float()[:, None, None]
     return up.cpu().numpy().astype(np.float32)
@@ -77,8 +75,7 @@ def assemble_label_map(
     ids = np.asarray(class_ids, dtype=np.int64)
     if len(ids) != len(scores):
         raise ValueError(f"{len(ids)} class ids for {len(scores)} score maps")
-    if ids.size and (ids.min() < 1 or ids.max() > MAX_CLASS_ID):
-        raise ValueError(f"class ids must lie in 1..{MAX_CLASS_ID} to fit a uint8 label map, got {ids.tolist()}")
+    check_class_ids(ids.tolist())
     h, w = scores.shape[1:]
     if not len(ids):
         return np.zeros((h, w), dtype=np.uint8)

@@ -11,7 +11,7 @@ Limits: expiry compares wall clocks, so hosts need roughly synchronised clocks (
 time-to-live well above any skew). Taking over a stale lease deletes it and creates ours; two
 drivers doing that in the same instant can both succeed once, and the renewal of one of them then
 finds the other's lease and stops its run (``LeaseLostError``). Torch-free; storage through
-``storage.Store``.
+``Store``.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ from datetime import UTC, datetime
 
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline import retry, storage
+from pipeline import retry
+from pipeline.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def _parse(data: bytes | None) -> Lease | None:
         return Lease("unreadable", "?", 0, 0.0)  # a torn or foreign file: stale, taken over
 
 
-def read(store: storage.Store) -> Lease | None:
+def read(store: Store) -> Lease | None:
     """The lease under the prefix, or None when there is none."""
     return _parse(store.read(LEASE_FILE))
 
@@ -92,7 +93,7 @@ def is_stale(lease: Lease, now: float, host: str | None = None) -> bool:
     return lease.expires <= now or (lease.host == here and lease.pid != os.getpid() and not _pid_alive(lease.pid))
 
 
-def _create(store: storage.Store, lease: Lease) -> None:
+def _create(store: Store, lease: Lease) -> None:
     """Write the lease if no lease object exists (exclusive create), else leave the file alone.
     Stores without exclusive create get a plain write; the caller's read-back decides."""
     path, data = store.path(LEASE_FILE), json.dumps(asdict(lease)).encode()
@@ -113,7 +114,7 @@ def _create(store: storage.Store, lease: Lease) -> None:
         store.write_many({LEASE_FILE: data})
 
 
-def acquire(store: storage.Store, ttl_s: float = DEFAULT_TTL_S, *, clock: Callable[[], float] = time.time,
+def acquire(store: Store, ttl_s: float = DEFAULT_TTL_S, *, clock: Callable[[], float] = time.time,
             settle_s: float = 0.5, owner: str | None = None) -> Lease:  # fmt: skip
     """Take the prefix's lease for ``ttl_s`` seconds; raises ``LeaseHeldError`` (a ValueError)
     when a live driver holds it."""
@@ -135,7 +136,7 @@ def acquire(store: storage.Store, ttl_s: float = DEFAULT_TTL_S, *, clock: Callab
     raise LeaseHeldError(f"could not take the lease on {store.url}: other drivers keep taking it; rerun later")
 
 
-def renew(store: storage.Store, lease: Lease, ttl_s: float = DEFAULT_TTL_S,
+def renew(store: Store, lease: Lease, ttl_s: float = DEFAULT_TTL_S,
           clock: Callable[[], float] = time.time) -> Lease:  # fmt: skip
     """Push our lease's expiry to ``clock() + ttl_s``; raises ``LeaseLostError`` if it is no longer ours."""
     held = read(store)
@@ -147,7 +148,7 @@ def renew(store: storage.Store, lease: Lease, ttl_s: float = DEFAULT_TTL_S,
     return fresh
 
 
-def release(store: storage.Store, lease: Lease) -> None:
+def release(store: Store, lease: Lease) -> None:
     """Delete the lease if it is still ours."""
     held = read(store)
     if held is not None and held.owner == lease.owner:
@@ -159,7 +160,7 @@ class Keeper:
     daemon thread and releases it at the end. ``k.lost()`` is None while it holds, else why not:
     the runner asks it after every shard (``runner.run(stop=k.lost)``)."""
 
-    def __init__(self, store: storage.Store, ttl_s: float = DEFAULT_TTL_S, settle_s: float = 0.5) -> None:
+    def __init__(self, store: Store, ttl_s: float = DEFAULT_TTL_S, settle_s: float = 0.5) -> None:
         self.store, self.ttl_s, self.settle_s = store, ttl_s, settle_s
         self.lease: Lease | None = None
         self._lost: str | None = None

@@ -16,24 +16,32 @@ from typing import Any
 
 import fsspec
 
-from pipeline import schemas, storage
-from pipeline.labeler import Category
+from pipeline import schemas
 from pipeline.prompts import class_prompt
+from pipeline.types import (
+    Category,
+    ImageName,
+    ImageNamer,
+    check_class_id,
+    image_names,
+    manifest_fingerprint,
+    shard_id_for,
+)
 
 
 @dataclass(frozen=True)
 class Shard:
     """A manifest slice: its content-derived id, its records in manifest order, and how the
-    outputs name each image (``storage.ImageName`` by id). ``shards`` names the images of the
+    outputs name each image (``types.ImageName`` by id). ``shards`` names the images of the
     whole manifest together; a Shard built without ``names`` names its own records alone."""
 
     shard_id: str
     records: tuple[dict[str, Any], ...]
-    names: dict[str, storage.ImageName] = field(default_factory=dict)
+    names: dict[str, ImageName] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.names:
-            object.__setattr__(self, "names", storage.image_names(self.records))
+            object.__setattr__(self, "names", image_names(self.records))
 
 
 class ManifestError(ValueError):
@@ -58,8 +66,10 @@ def categories_from(doc: Any, where: str, prompt_set: str) -> list[Category]:
     cats: list[Category] = []
     for i, c in enumerate(doc):
         cid, name = (c.get("id"), c.get("name")) if isinstance(c, Mapping) else (None, None)
-        if not isinstance(cid, int) or isinstance(cid, bool) or not 1 <= cid <= 254:
-            raise ManifestError(f"{where} entry {i}: field 'id' must be an integer in 1..254, got {cid!r}")
+        try:
+            cid = check_class_id(cid, "field 'id'")
+        except ValueError as err:
+            raise ManifestError(f"{where} entry {i}: {err}") from None
         if not isinstance(name, str) or not name.strip():
             raise ManifestError(f"{where} entry {i} (id {cid}): field 'name' must be a non-empty string")
         if any(cid == o.id or name == o.name for o in cats):
@@ -194,7 +204,7 @@ def read_coco(annotations: str, images: str, prompt_set: str = "coco", problems:
         named = isinstance(name, str) and bool(name)
         record = {"id": str(im.get("id")), "uri": f"{prefix}/{name}" if named else None,
                   "tags": sorted(tags.get(im.get("id"), ()), key=str)}  # fmt: skip
-        if named:  # outputs name the label map and the COCO image after it (storage.ImageName)
+        if named:  # outputs name the label map and the COCO image after it (types.ImageName)
             record["file_name"] = name
         record.update({k: im[k] for k in ("width", "height") if k in im})
         checked = check(record, f"{annotations} images[{i}] (id {im.get('id')!r})")
@@ -212,10 +222,10 @@ def _coco_order(im: Any) -> tuple[int, int, str]:
 
 def shards(records: Iterable[dict[str, Any]], shard_size: int) -> Iterator[Shard]:
     """Consecutive slices of ``shard_size`` records; ids from position and content. Images are
-    named over the whole stream (``storage.ImageNamer``), so names do not depend on the shard size."""
+    named over the whole stream (``types.ImageNamer``), so names do not depend on the shard size."""
     if shard_size < 1:
         raise ValueError(f"shard size must be at least 1, got {shard_size}")
-    namer = storage.ImageNamer()
+    namer = ImageNamer()
     batch: list[dict[str, Any]] = []
     index = 0
     for record in records:
@@ -227,9 +237,9 @@ def shards(records: Iterable[dict[str, Any]], shard_size: int) -> Iterator[Shard
         yield _shard(index, batch, namer)
 
 
-def _shard(index: int, batch: list[dict[str, Any]], namer: storage.ImageNamer) -> Shard:
+def _shard(index: int, batch: list[dict[str, Any]], namer: ImageNamer) -> Shard:
     names = {r["id"]: namer(r) for r in batch}
-    return Shard(storage.shard_id_for(index, [r["id"] for r in batch]), tuple(batch), names)
+    return Shard(shard_id_for(index, [r["id"] for r in batch]), tuple(batch), names)
 
 
 def fingerprint(records: Iterable[Mapping[str, Any]], categories: Iterable[Category]) -> str:
@@ -237,5 +247,5 @@ def fingerprint(records: Iterable[Mapping[str, Any]], categories: Iterable[Categ
     h = hashlib.sha256()
     for c in categories:
         h.update(json.dumps([c.id, c.name, c.prompt]).encode() + b"\n")
-    h.update(storage.manifest_fingerprint(records).encode())
+    h.update(manifest_fingerprint(records).encode())
     return h.hexdigest()

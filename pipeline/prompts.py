@@ -5,9 +5,8 @@ Source: ``shared/docs/cliper-method.md`` section 5. Templates are format strings
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
-
-from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
 
 # The "car" template list, verbatim (no final period where the source shows none).
 CAR_TEMPLATES: tuple[str, ...] = (
@@ -34,9 +33,16 @@ def _as_format_string(template: Callable[[str], str] | str) -> str:
     return template if isinstance(template, str) else template("{}")
 
 
-TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
-    "car": CAR_TEMPLATES,
-    "imagenet80": tuple(_as_format_string(t) for t in OPENAI_IMAGENET_TEMPLATES),
+def _imagenet80() -> tuple[str, ...]:
+    # open_clip imports torch: loaded when a run asks for these templates, not when config is read.
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    return tuple(_as_format_string(t) for t in OPENAI_IMAGENET_TEMPLATES)
+
+
+TEMPLATE_SETS: dict[str, Callable[[], tuple[str, ...]]] = {
+    "car": lambda: CAR_TEMPLATES,
+    "imagenet80": _imagenet80,
 }
 
 _VOC_BACKGROUND = (
@@ -96,11 +102,12 @@ COCO_CLASSES: tuple[str, ...] = (
 DATASET_CLASSES: dict[str, tuple[str, ...]] = {"voc": VOC_CLASSES, "coco": COCO_CLASSES}
 
 
+@functools.cache
 def templates(name: str) -> tuple[str, ...]:
     """The template list registered under ``name`` (``car`` or ``imagenet80``)."""
     if name not in TEMPLATE_SETS:
         raise ValueError(f"unknown template set {name!r}; choose one of {sorted(TEMPLATE_SETS)}")
-    return TEMPLATE_SETS[name]
+    return TEMPLATE_SETS[name]()
 
 
 def background_classes(lines: Sequence[str]) -> tuple[str, ...]:

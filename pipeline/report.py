@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pipeline import pngs
-from pipeline.labels import IGNORE
+from pipeline.types import IGNORE
 
 SECTIONS = {
     "summary": "Summary",

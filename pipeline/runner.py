@@ -36,12 +36,16 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from pipeline import methods, redact, storage
+from pipeline import methods, redact
 from pipeline.config import Config
-from pipeline.labeler import Category, Labeler
+from pipeline.labeler import Labeler
 from pipeline.manifest import Shard
 from pipeline.models import load_models
+from pipeline.retry import RetryPolicy
 from pipeline.shards import label_shard
+from pipeline.storage import commit
+from pipeline.storage.store import Store
+from pipeline.types import Category
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +53,8 @@ log = logging.getLogger(__name__)
 class _LabelActor:
     def __init__(self, config: Config, categories: list[Category], output: str,
                  storage_options: dict[str, Any], threads: int | None = None,
-                 model_fingerprint: dict[str, Any] | None = None) -> None:  # fmt: skip
+                 model_fingerprint: dict[str, Any] | None = None,
+                 storage_retry: RetryPolicy | None = None) -> None:  # fmt: skip
         redact.install(redact.secret_values(storage_options))
         _set_threads(threads)
         # The frozen config arrives as the driver built it (Ray pickles the dataclass). The driver
@@ -57,12 +62,12 @@ class _LabelActor:
         clip, sd = load_models(config.model, expected=model_fingerprint, storage_options=storage_options,
                                need_sd=methods.needs_sd(config))  # fmt: skip
         self.labeler = Labeler(clip, sd, config, categories)
-        self.store = storage.Store.open(output, **storage_options)
+        self.store = Store.open(output, retry=storage_retry, **storage_options)
         self.storage_options = storage_options
 
     def label(self, shard: Shard, fingerprint: str, batch_size: int | None = None) -> dict[str, Any]:
         # A retried shard may have committed just before its actor died: never commit it twice.
-        marker = storage.read_marker(self.store, shard.shard_id)
+        marker = commit.read_marker(self.store, shard.shard_id)
         if marker is None or marker["fingerprint"] != fingerprint:
             marker = label_shard(self.labeler, self.store, shard, fingerprint, storage_options=self.storage_options,
                                  batch_size=batch_size)  # fmt: skip
@@ -113,6 +118,7 @@ class RunOptions:
     replace_after_errors: int = 2  # an actor failing this many shards in a row is replaced
     backoff_base_s: float = 2.0
     backoff_cap_s: float = 60.0
+    storage_retry: RetryPolicy = RetryPolicy()  # each storage operation of the driver and the actors
 
     def __post_init__(self) -> None:
         if self.num_actors is not None and self.num_actors < 1:
@@ -444,13 +450,14 @@ def run(config: Config, categories: list[Category], shards: Iterable[Shard], out
     Raises ValueError when the cluster cannot place the actors (``plan_actors``)."""
     if not ray.is_initialized():
         ray.init()  # under `ray job submit` this joins the cluster; alone it starts a local one
-    store = storage.Store.open(output, **options.storage_options)
+    store = Store.open(output, retry=options.storage_retry, **options.storage_options)
     plan = plan_actors(options.num_actors, ray.cluster_resources(), options.actor_cpus)
     secrets = redact.secret_values(options.storage_options)
-    args = (config, categories, output, options.storage_options, plan.cpus, options.model_fingerprint)
+    args = (config, categories, output, options.storage_options, plan.cpus, options.model_fingerprint,
+            options.storage_retry)
     driver = _Driver(_RayBackend(plan, args, fingerprint, secrets), plan.count, config.batch_size, options,
                      secrets=secrets)  # fmt: skip
-    return driver.run(shards, lambda s: storage.is_committed(store, s.shard_id, fingerprint), progress, stop)
+    return driver.run(shards, lambda s: commit.is_committed(store, s.shard_id, fingerprint), progress, stop)
 
 
 def map_tasks(fn: Callable[..., Any], items: list[tuple[Any, ...]], shared: tuple[Any, ...] = ()) -> list[Any]:

@@ -15,12 +15,14 @@ from typing import Any, TypeVar
 import fsspec
 import numpy as np
 
-from pipeline import cliper, redact, refine, retry, stats, storage
+from pipeline import cliper, redact, refine, retry, stats
 from pipeline.config import Config
 from pipeline.decode import ImageDecodeError, SizeMismatchError, decode_image
-from pipeline.labeler import Labeler, LabelRequest
+from pipeline.labeler import Labeler
 from pipeline.manifest import Shard
-from pipeline.stats import Failure
+from pipeline.storage import commit, layout
+from pipeline.storage.store import Store
+from pipeline.types import DECODE_ERROR, MISSING, READ_ERROR, SIZE_MISMATCH, UNUSABLE, Failure, LabelRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -35,7 +37,7 @@ def _request(record: dict[str, Any], config: Config, max_pixels: int,
     try:
         cliper.check_aspect_ratio(image.shape[1], image.shape[0], config.cliper.max_aspect_ratio)
     except cliper.UnusableImageError as err:
-        return Failure(record["id"], "unusable", f"{record['uri']}: {err}")
+        return Failure(record["id"], UNUSABLE, f"{record['uri']}: {err}")
     segments = refine.superpixels(image, config.refine) if config.refine.enabled else None
     return LabelRequest(record["id"], image, tuple(record["tags"]), segments)
 
@@ -51,18 +53,18 @@ def _load(record: dict[str, Any], max_pixels: int, storage_options: dict[str, An
     try:
         data = retry.call(lambda: _read_bytes(uri, storage_options), f"read {uri}", policy)
     except FileNotFoundError:
-        return Failure(record["id"], "missing", f"image not found: {uri}")
+        return Failure(record["id"], MISSING, f"image not found: {uri}")
     except retry.StorageError as err:  # its message already names the uri
-        return Failure(record["id"], "read_error", str(err))
+        return Failure(record["id"], READ_ERROR, str(err))
     except OSError as err:
-        return Failure(record["id"], "read_error", f"cannot read {uri}: {err}")
+        return Failure(record["id"], READ_ERROR, f"cannot read {uri}: {err}")
     size = (record["width"], record["height"]) if record.get("width") and record.get("height") else None
     try:
         return decode_image(data, max_pixels, size)
     except SizeMismatchError as err:
-        return Failure(record["id"], "size_mismatch", f"{uri}: {err}")
+        return Failure(record["id"], SIZE_MISMATCH, f"{uri}: {err}")
     except ImageDecodeError as err:
-        return Failure(record["id"], "decode_error", f"{uri}: {err}")
+        return Failure(record["id"], DECODE_ERROR, f"{uri}: {err}")
 
 
 def _read_bytes(uri: str, storage_options: dict[str, Any]) -> bytes:
@@ -85,7 +87,7 @@ def _prefetched(io: ThreadPoolExecutor, fn: Callable[[dict[str, Any]], T], recor
 
 def label_shard(
     labeler: Labeler,
-    store: storage.Store,
+    store: Store,
     shard: Shard,
     fingerprint: str,
     *,
@@ -112,7 +114,7 @@ def label_shard(
 
     def finish(work: Any) -> stats.ImageEntry:
         result = labeler.finish(work)
-        return stats.entry(result, shard.shard_id, storage.label_file(shard.names[result.image_id].label))
+        return stats.entry(result, shard.shard_id, layout.label_file(shard.names[result.image_id].label))
 
     with ThreadPoolExecutor(io_threads) as io, ThreadPoolExecutor(1) as post:
         loaded = _prefetched(io, lambda r: _request(r, labeler.config, max_pixels, opts), shard.records,
@@ -129,7 +131,7 @@ def label_shard(
     secrets = redact.secret_values(opts)  # error texts from storage libraries must not carry credentials
     failures = [Failure(f.image_id, f.status, redact.redact(f.error, secrets)) for f in failures]
     categories = list(labeler.categories.values())
-    return storage.write_shard(store, shard.shard_id, entries, failures, categories, fingerprint, shard.names)
+    return commit.write_shard(store, shard.shard_id, entries, failures, categories, fingerprint, shard.names)
 
 
 def prefetch_window(batch_size: int, io_threads: int) -> int:

@@ -2,14 +2,14 @@
 
 Pure functions of a ``LabelResult``. Three tables, one file each per shard:
 
-    stats_images   one row per image: size, background/ignore fractions, coarse-vs-refined
+    stats_images   one row per image: size, background/ignore fractions, coarse-vs-compensated
                    agreement, superpixel purity; failed images have ``status`` and ``error``
     stats_classes  one row per (image, candidate class): pixel area and fraction, coarse and
                    final class scores, mean and spread of the decision score inside its mask
     timings        one row per (image, stage): wall-clock seconds. Not deterministic, so kept
                    apart from the two tables above, which are byte-identical across runs.
 
-Agreement: the coarse map [C, h, w] is bilinearly resized to the refined grid [C, s, s]; the
+Agreement: the coarse map [C, h, w] is bilinearly resized to the SD-compensated grid [C, s, s]; the
 value is the fraction of grid cells where both argmaxes over the candidate classes agree.
 """
 
@@ -17,55 +17,40 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
-import torch.nn.functional as F
 
-from pipeline.labels import IGNORE
 from pipeline.refine import superpixel_purity
 from pipeline.schemas import ARROW_SCHEMAS
+from pipeline.types import IGNORE, OK, Failure, LabelResult
 
-if TYPE_CHECKING:  # the labeler imports the model stack; these functions only read its results
-    from pipeline.labeler import LabelResult
-
-OK = "ok"
 ROW_GROUP_ROWS = 128 * 1024  # rows per Parquet row group: large enough for fast scans of big datasets
 STAT_DIGITS = 9  # statistics are rounded: shorter files, and no digits below float32 precision
-
-
-@dataclass(frozen=True)
-class Failure:
-    """An image that produced no label map: ``status`` names the failure kind (not "ok")."""
-
-    image_id: str
-    status: str
-    error: str
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.image_id, str) or not self.image_id:
-            raise ValueError(f"a failure needs a non-empty string image id, got {self.image_id!r}")
-        if not isinstance(self.status, str) or not self.status or self.status == OK:
-            raise ValueError(f"image {self.image_id}: a failure's status must be a non-empty kind other than 'ok'")
 
 
 def _round(x: float) -> float:
     return round(float(x), STAT_DIGITS)
 
 
-def coarse_refined_agreement(coarse: np.ndarray, refined: np.ndarray) -> float | None:
-    """[C, h, w] coarse and [C, s, s] refined maps -> fraction of refined-grid cells where the
-    argmax class agrees (None when there are no candidate classes)."""
-    if coarse.ndim != 3 or refined.ndim != 3 or len(coarse) != len(refined):
-        raise ValueError(f"coarse {coarse.shape} and refined {refined.shape} must be [C, h, w] with the same C")
+def coarse_refined_agreement(coarse: np.ndarray, compensated: np.ndarray) -> float | None:
+    """[C, h, w] coarse and [C, s, s] compensated maps -> fraction of compensated-grid cells where
+    the argmax class agrees (None when there are no candidate classes). The column keeps its
+    historical name ``coarse_refined_agreement``."""
+    if coarse.ndim != 3 or compensated.ndim != 3 or len(coarse) != len(compensated):
+        raise ValueError(f"coarse {coarse.shape} and compensated {compensated.shape} must be [C, h, w] with the same C")
     if len(coarse) == 0:
         return None
+    # torch here, not at the top: readers of stats (audit, merge) must not load it; only a
+    # process holding LabelResults, which has torch already, computes this.
+    import torch
+    import torch.nn.functional as F
+
     grid = torch.from_numpy(np.ascontiguousarray(coarse, dtype=np.float32))[None]
-    up = F.interpolate(grid, size=refined.shape[1:], mode="bilinear", align_corners=False)[0].numpy()
-    return _round(float(np.mean(up.argmax(axis=0) == refined.argmax(axis=0))))
+    up = F.interpolate(grid, size=compensated.shape[1:], mode="bilinear", align_corners=False)[0].numpy()
+    return _round(float(np.mean(up.argmax(axis=0) == compensated.argmax(axis=0))))
 
 
 def _check(result: LabelResult) -> None:
@@ -93,7 +78,7 @@ def image_row(result: LabelResult, shard_id: str, label_file: str | None) -> dic
         "height": int(lm.shape[0]), "width": int(lm.shape[1]),
         "n_candidates": len(result.class_ids), "n_kept": len(result.kept_ids),
         "background_fraction": _round(np.mean(lm == 0)), "ignore_fraction": _round(np.mean(lm == IGNORE)),
-        "coarse_refined_agreement": coarse_refined_agreement(result.coarse, result.refined),
+        "coarse_refined_agreement": coarse_refined_agreement(result.coarse, result.compensated),
         "superpixel_purity": None if seg is None else _round(superpixel_purity(lm, seg)),
         "n_superpixels": None if seg is None else int(np.count_nonzero(np.bincount(seg.ravel()))),
     }  # fmt: skip

@@ -24,7 +24,8 @@ for _key, _value in LOOPBACK_ENV.items():
 
 from pipeline.bench.architectures import save_models  # noqa: E402
 from pipeline.config import Config, build_config  # noqa: E402
-from pipeline.labeler import Category, Labeler  # noqa: E402
+from pipeline.labeler import Labeler  # noqa: E402
+from pipeline.types import Category  # noqa: E402
 
 
 @pytest.fixture(scope="session")

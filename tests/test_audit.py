@@ -15,9 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from pipeline import audit, coco, pngs, storage
-from pipeline.labeler import LabelResult
-from pipeline.labels import IGNORE
+from pipeline import audit, coco, pngs
+from pipeline.storage import commit
+from pipeline.storage.store import Store
+from pipeline.types import IGNORE, LabelResult, run_fingerprint
 from pipeline.usecases import audit as audit_masks
 
 # The 4x4 example (classes 0, 1, 2). GT 255 pixels (two, right column, bottom rows) are excluded.
@@ -185,7 +186,7 @@ def _result(image_id: str, label_map: np.ndarray) -> LabelResult:
     rng = np.random.default_rng(len(image_id))
     return LabelResult(
         image_id=image_id, label_map=label_map, class_ids=(1, 2), coarse=rng.random((2, 3, 3), dtype=np.float32),
-        refined=rng.random((2, 4, 4), dtype=np.float32), coarse_scores=np.array([0.5, 0.6], np.float32),
+        compensated=rng.random((2, 4, 4), dtype=np.float32), coarse_scores=np.array([0.5, 0.6], np.float32),
         final_scores=np.array([0.7, 0.8], np.float32), kept_ids=(1, 2),
         decision=rng.random((2, h, w), dtype=np.float32), segments=None, timings={},
     )  # fmt: skip
@@ -195,8 +196,8 @@ def _result(image_id: str, label_map: np.ndarray) -> LabelResult:
 def synthetic_run(tmp_path: Path) -> tuple[Path, Path]:
     """Our run with images a (the 4x4 example), c (not in the GT) and failed b; GT PNGs for a and b."""
     pred = tmp_path / "run"
-    store = storage.Store.open(str(pred))
-    storage.write_shard(store, "00000-test", [_result("a", PRED_4x4), _result("c", np.ones((4, 4), np.uint8))],
+    store = Store.open(str(pred))
+    commit.write_shard(store, "00000-test", [_result("a", PRED_4x4), _result("c", np.ones((4, 4), np.uint8))],
                         [("b", "decode_error", "truncated file")], CATS, "f" * 64)  # fmt: skip
     gt = tmp_path / "gt"
     gt.mkdir()
@@ -290,14 +291,14 @@ def test_ray_and_serial_audits_write_identical_tables(synthetic_run: tuple[Path,
 COCO_NAMES = {"139": "000000000139.jpg", "285": "000000000285.jpg"}
 
 
-def _coco_style_run(prefix: Path, fingerprint: str = "f" * 64, shard: str = "00000-test") -> storage.Store:
+def _coco_style_run(prefix: Path, fingerprint: str = "f" * 64, shard: str = "00000-test") -> Store:
     """A run as label_coco.py writes it from a COCO file: ids 139 and 285, files 000000000139.jpg, ..."""
     from pipeline import manifest
 
     records = [{"id": i, "uri": f"/coco/val2017/{n}", "file_name": n, "tags": [1, 2]} for i, n in COCO_NAMES.items()]
-    store = storage.Store.open(str(prefix))
+    store = Store.open(str(prefix))
     names = next(manifest.shards(records, 10)).names
-    storage.write_shard(store, shard, [_result("139", PRED_4x4), _result("285", PRED_4x4)], [], CATS, fingerprint,
+    commit.write_shard(store, shard, [_result("139", PRED_4x4), _result("285", PRED_4x4)], [], CATS, fingerprint,
                         names)  # fmt: skip
     return store
 
@@ -369,9 +370,9 @@ def test_open_run_audits_only_the_runs_shards(tmp_path: Path) -> None:
     from pipeline.config import Config
 
     store = _coco_style_run(tmp_path / "run", fingerprint="a" * 64, shard="00000-stale")  # before --overwrite
-    run = storage.run_fingerprint(Config().fingerprint(), {"clip": {"sha256": "ab"}}, "b" * 64)
-    storage.write_run(store, run, Config().to_dict(), {"clip": {"sha256": "ab"}})
-    storage.write_shard(store, "00001-new", [_result("7", PRED_4x4)], [], CATS, run.digest)
+    run = run_fingerprint(Config().fingerprint(), {"clip": {"sha256": "ab"}}, "b" * 64)
+    commit.write_run(store, run, Config().to_dict(), {"clip": {"sha256": "ab"}})
+    commit.write_shard(store, "00001-new", [_result("7", PRED_4x4)], [], CATS, run.digest)
     opened = audit.open_run(str(tmp_path / "run"))
     assert list(opened.shards) == ["00001-new"] and opened.ignored_shards == 1
     assert sorted(k for s in opened.shards.values() for k in s.image_ids()) == ["7"]

@@ -16,10 +16,13 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from pipeline import manifest, storage
+from pipeline import manifest
 from pipeline.config import build_config
 from pipeline.labeler import Labeler
 from pipeline.shards import label_shard
+from pipeline.storage import layout
+from pipeline.storage.merge import merge
+from pipeline.storage.store import Store
 from tests.bad_inputs import PIXEL_LIMIT, REFUSED, UPRIGHT, USABLE, write_corpus
 from tests.conftest import tiny_overrides
 
@@ -47,7 +50,7 @@ def corpus_run(labeler, tmp_path_factory):
     config = build_config("voc-vit-b16", {**tiny_overrides_of(labeler), "max_pixels": PIXEL_LIMIT})
     lab = Labeler(labeler.clip, labeler.sd, config, cats)
     shard = next(manifest.shards(records, len(records)))
-    store = storage.Store.open(str(tmp / "out"))
+    store = Store.open(str(tmp / "out"))
     marker = label_shard(lab, store, shard, FP)
     rows = pq.read_table(tmp / "out" / "shards" / shard.shard_id / "stats_images.parquet").to_pylist()
     return {"tmp": tmp, "lab": lab, "marker": marker, "rows": {r["image_id"]: r for r in rows},
@@ -105,10 +108,10 @@ def test_exif_rotated_image_is_labeled_like_the_upright_image(corpus_run):
     maps = []
     for name in ("exif_rotated.jpg", "upright_by_hand.png"):
         record = {"id": "rotated", "uri": str(tmp / ("img/" + name if name.endswith("jpg") else name)), "tags": [7, 1]}
-        store = storage.Store.open(str(tmp / f"out-{name}"))
+        store = Store.open(str(tmp / f"out-{name}"))
         shard = next(manifest.shards([record], 1))
         label_shard(lab, store, shard, FP)
-        maps.append(np.asarray(Image.open(tmp / f"out-{name}" / storage.label_file(shard.names["rotated"].label))))
+        maps.append(np.asarray(Image.open(tmp / f"out-{name}" / layout.label_file(shard.names["rotated"].label))))
     assert maps[0].shape == UPRIGHT
     np.testing.assert_array_equal(maps[0], maps[1])
     assert len(np.unique(maps[0])) > 1  # a uniform map would make the comparison empty
@@ -127,7 +130,7 @@ def test_ids_that_would_escape_the_prefix_stay_inside_it(corpus_run):
 
 def test_the_shard_is_complete_and_readable_by_coco_tools(corpus_run):
     store, shard = corpus_run["store"], corpus_run["shard"]
-    storage.merge(store, [shard.shard_id], FP)
+    merge(store, [shard.shard_id], FP)
     api = COCO(str(corpus_run["tmp"] / "out" / "merged" / "annotations.json"))
     ok = [r for r in corpus_run["rows"].values() if r["status"] == "ok"]
     assert len(api.getImgIds()) == len(ok)

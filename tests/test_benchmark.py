@@ -8,7 +8,8 @@ import torch
 
 from pipeline import bench as benchmark
 from pipeline.decode import decode_image
-from pipeline.labeler import Labeler, LabelRequest
+from pipeline.labeler import Labeler
+from pipeline.types import LabelRequest
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from hypothesis.extra.numpy import arrays
 from pycocotools.coco import COCO
 
 from pipeline import coco
-from pipeline.labeler import Category
+from pipeline.types import Category
 
 CATS = [{"id": 3, "name": "cat"}, {"id": 90, "name": "toothbrush", "supercategory": "indoor"}, {"id": 7, "name": "dog"}]
 

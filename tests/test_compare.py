@@ -12,9 +12,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import compare, pngs, storage
+from pipeline import compare, pngs
 from pipeline.config import Config
-from pipeline.labeler import LabelResult
+from pipeline.storage import commit
+from pipeline.storage.store import Store
+from pipeline.types import LabelResult, run_fingerprint
 from pipeline.usecases import compare as compare_runs
 
 CATS = [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]
@@ -40,21 +42,21 @@ def label_result(image_id: str, label_map: np.ndarray, class_ids: Sequence[int] 
     rng = np.random.default_rng(len(image_id))
     return LabelResult(
         image_id=image_id, label_map=label_map, class_ids=tuple(class_ids), coarse=rng.random((n, 3, 3), np.float32),
-        refined=rng.random((n, 4, 4), np.float32), coarse_scores=final / 2, final_scores=final,
+        compensated=rng.random((n, 4, 4), np.float32), coarse_scores=final / 2, final_scores=final,
         kept_ids=tuple(class_ids), decision=rng.random((n, h, w), np.float32), segments=None, timings={},
     )  # fmt: skip
 
 
 def write_run(prefix: Path, shards: Mapping[str, Sequence], categories: Sequence[Mapping] = CATS,
-              failures: Mapping[str, Sequence] | None = None, tag: str = "a") -> storage.Store:  # fmt: skip
+              failures: Mapping[str, Sequence] | None = None, tag: str = "a") -> Store:  # fmt: skip
     """A run as label_coco.py leaves it: run.json, then shards committed under its fingerprint.
     ``shards``: shard id -> LabelResults; ``failures``: shard id -> (image_id, status, error)."""
-    store = storage.Store.open(str(prefix))
+    store = Store.open(str(prefix))
     model = {"clip": {"sha256": tag}}
-    run = storage.run_fingerprint(Config().fingerprint(), model, (tag * 64)[:64])
-    storage.write_run(store, run, Config().to_dict(), model)
+    run = run_fingerprint(Config().fingerprint(), model, (tag * 64)[:64])
+    commit.write_run(store, run, Config().to_dict(), model)
     for shard_id in sorted(set(shards) | set(failures or {})):
-        storage.write_shard(store, shard_id, shards.get(shard_id, []), (failures or {}).get(shard_id, []),
+        commit.write_shard(store, shard_id, shards.get(shard_id, []), (failures or {}).get(shard_id, []),
                             categories, run.digest)  # fmt: skip
     return store
 

@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from pycocotools.coco import COCO
 
-from pipeline import audit, consensus, storage
+from pipeline import audit, consensus
+from pipeline.storage import layout
+from pipeline.storage.store import Store
 from pipeline.usecases import consensus as consensus_job
 from tests.test_compare import CATS, A_4x4, B_4x4, label_result, write_run
 
@@ -110,14 +112,14 @@ def test_consensus_written_as_a_run(runs: list[Path], tmp_path: Path, capsys) ->
 def test_rerun_skips_committed_shards_and_is_byte_identical(runs: list[Path], tmp_path: Path) -> None:
     out = tmp_path / "agreed"
     inputs = consensus.open_inputs([str(r) for r in runs])
-    first = consensus.write_consensus(inputs, storage.Store.open(str(out)))
+    first = consensus.write_consensus(inputs, Store.open(str(out)))
     assert first["written"] == ["00000-s", "00001-t"]
     before = _files(out)
-    again = consensus.write_consensus(inputs, storage.Store.open(str(out)))
+    again = consensus.write_consensus(inputs, Store.open(str(out)))
     assert again["written"] == [] and again["skipped"] == ["00000-s", "00001-t"]
-    (out / "shards" / "00001-t" / storage.MARKER).unlink()  # an interrupted shard: redone, alone
+    (out / "shards" / "00001-t" / layout.MARKER).unlink()  # an interrupted shard: redone, alone
     (out / "shards" / "00001-t" / "stats_images.parquet").write_bytes(b"half written")
-    resumed = consensus.write_consensus(inputs, storage.Store.open(str(out)))
+    resumed = consensus.write_consensus(inputs, Store.open(str(out)))
     assert resumed["written"] == ["00001-t"] and resumed["skipped"] == ["00000-s"]
     assert _files(out) == before
 

@@ -8,7 +8,8 @@ import uuid
 import pytest
 from PIL import Image
 
-from pipeline import storage
+from pipeline.storage import commit, layout
+from pipeline.storage.store import Store
 from tests.test_storage import CATEGORIES, FP, all_files, shard_inputs
 
 FAILS = [("bad-1", "decode_error", "cannot decode image: truncated")]
@@ -18,19 +19,19 @@ class Killed(BaseException):
     """Stands for SIGKILL: not an Exception, so nothing on the way catches it."""
 
 
-def _store(name: str) -> storage.Store:
-    return storage.Store.open(f"memory://crash-{name}-{uuid.uuid4().hex[:8]}")
+def _store(name: str) -> Store:
+    return Store.open(f"memory://crash-{name}-{uuid.uuid4().hex[:8]}")
 
 
-def _write(store: storage.Store) -> dict:
-    return storage.write_shard(store, "00000-abc", shard_inputs(4), FAILS, CATEGORIES, FP)
+def _write(store: Store) -> dict:
+    return commit.write_shard(store, "00000-abc", shard_inputs(4), FAILS, CATEGORIES, FP)
 
 
 def _deterministic(files: dict[str, bytes]) -> dict[str, bytes]:
     return {k: v for k, v in files.items() if "timings" not in k}
 
 
-def _kill_after(store: storage.Store, monkeypatch: pytest.MonkeyPatch, writes: int) -> None:
+def _kill_after(store: Store, monkeypatch: pytest.MonkeyPatch, writes: int) -> None:
     """Make the filesystem die (as a killed process would) after ``writes`` file writes."""
     real, done = store.fs.pipe_file, [0]
 
@@ -54,7 +55,7 @@ def test_a_kill_between_any_two_writes_never_commits_and_the_rerun_is_clean(monk
             _kill_after(store, m, writes)
             with pytest.raises(Killed):
                 _write(store)
-        assert not storage.is_committed(store, "00000-abc", FP), writes
+        assert not commit.is_committed(store, "00000-abc", FP), writes
         _write(store)  # the rerun
         assert _deterministic(all_files(store)) == expected, writes
 
@@ -68,28 +69,28 @@ def test_a_rerun_over_a_committed_shard_from_a_killed_rewrite_is_clean(monkeypat
         _kill_after(store, m, 2)
         with pytest.raises(Killed):
             _write(store)
-    assert not storage.is_committed(store, "00000-abc", FP)
+    assert not commit.is_committed(store, "00000-abc", FP)
 
 
 def test_a_torn_marker_at_any_length_is_not_a_commit():
     store = _store("torn")
     _write(store)
-    rel = f"shards/00000-abc/{storage.MARKER}"
+    rel = f"shards/00000-abc/{layout.MARKER}"
     whole = store.read(rel)
-    assert storage.is_committed(store, "00000-abc", FP)
+    assert commit.is_committed(store, "00000-abc", FP)
     for cut in range(len(whole)):
         store.write_many({rel: whole[:cut]})
-        assert not storage.is_committed(store, "00000-abc", FP), cut
+        assert not commit.is_committed(store, "00000-abc", FP), cut
 
 
 def test_verify_finds_a_file_that_no_longer_matches_its_marker():
     store = _store("swap")
     marker = _write(store)
-    assert storage.verify_shard(store, "00000-abc") == []
+    assert commit.verify_shard(store, "00000-abc") == []
     first = sorted(r for r in marker["files"] if r.startswith("labels/"))[0]
     store.write_many({first: b"\x89PNG partial"})
     store.remove_files(["shards/00000-abc/annotations.json"])
-    problems = storage.verify_shard(store, "00000-abc")
+    problems = commit.verify_shard(store, "00000-abc")
     assert len(problems) == 2 and problems[0].startswith(f"{first}: 12 bytes, sha256")
     assert problems[1] == "shards/00000-abc/annotations.json: missing"
 
@@ -105,7 +106,7 @@ def test_an_actor_asked_again_for_a_committed_shard_does_not_commit_it_twice(tin
     shard = next(manifest.shards([{"id": "a", "uri": str(tmp_path / "a.png"), "tags": [1]}], 1))
     actor = _LabelActor(tiny_config, CATEGORIES, str(tmp_path / "out"), {})
     first = actor.label(shard, FP)
-    marker = tmp_path / "out" / "shards" / shard.shard_id / storage.MARKER
+    marker = tmp_path / "out" / "shards" / shard.shard_id / layout.MARKER
     stamp = (marker.stat().st_mtime_ns, marker.read_bytes())
     assert actor.label(shard, FP) == first == {**first, "ok": 1}
     assert (marker.stat().st_mtime_ns, marker.read_bytes()) == stamp

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from pipeline import discovery
 from pipeline.config import DiscoveryConfig, build_config, merge_overrides
-from pipeline.labeler import Labeler, LabelRequest
+from pipeline.labeler import Labeler
+from pipeline.types import LabelRequest
 from tests.conftest import CATEGORIES, blob_image, tiny_overrides
 
 H, W, D = 28, 28, 64

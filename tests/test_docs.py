@@ -39,12 +39,14 @@ def _python_blocks(markdown: str) -> list[str]:
 def test_readme_reading_the_stats_runs_on_a_merged_run(tmp_path, capsys):
     """The README's Parquet snippet runs as printed (with <prefix> filled in) on a real merged run,
     so it names only installed modules and existing columns."""
-    from pipeline import storage
+    from pipeline.storage import commit
+    from pipeline.storage.merge import merge
+    from pipeline.storage.store import Store
     from tests.test_storage import CATEGORIES, FP, shard_inputs
 
-    store = storage.Store.open(str(tmp_path / "run"))
-    storage.write_shard(store, "00000-a", shard_inputs(3), [], CATEGORIES, FP)
-    storage.merge(store, ["00000-a"], FP)
+    store = Store.open(str(tmp_path / "run"))
+    commit.write_shard(store, "00000-a", shard_inputs(3), [], CATEGORIES, FP)
+    merge(store, ["00000-a"], FP)
     blocks = [b for b in _python_blocks((ROOT / "README.md").read_text()) if "<prefix>/merged/stats" in b]
     assert blocks, "README lost its stats-reading snippet"
     for block in blocks:

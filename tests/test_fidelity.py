@@ -10,8 +10,9 @@ import torch
 
 from pipeline import cliper, compensation
 from pipeline.config import build_config
-from pipeline.labeler import Labeler, LabelRequest
+from pipeline.labeler import Labeler
 from pipeline.prompts import CAR_TEMPLATES, class_prompt
+from pipeline.types import LabelRequest
 from tests.conftest import CATEGORIES, blob_image, tiny_overrides
 
 # The first line of the published data/voc/cls_voc21.txt, verbatim.

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import lease, manifest, storage
+from pipeline import lease, manifest
 from pipeline.runner import RunSummary
-from pipeline.stats import Failure
+from pipeline.storage import commit, layout
+from pipeline.storage.store import Store
+from pipeline.types import Failure, run_fingerprint
 from pipeline.usecases import label as job
 from tests.conftest import blob_image
 
@@ -38,7 +40,7 @@ def test_a_second_driver_on_a_prefix_is_refused_naming_the_holder(tmp_path, tiny
     Image.fromarray(blob_image(40, 50)).save(tmp_path / "a.png")
     (tmp_path / "m.jsonl").write_text(json.dumps({"id": "a", "uri": str(tmp_path / "a.png"), "tags": [1]}) + "\n")
     (tmp_path / "cats.json").write_text(json.dumps([{"id": 1, "name": "cat"}]))
-    out = storage.Store.open(str(tmp_path / "out"))
+    out = Store.open(str(tmp_path / "out"))
     holder = {"owner": "0123456789abcdef", "host": "gpu-node-7", "pid": 4242, "expires": 4_000_000_000.0}
     out.write_many({lease.LEASE_FILE: json.dumps(holder).encode()})
     cmd = [sys.executable, "jobs/label_coco.py", "--output", str(tmp_path / "out"),
@@ -49,7 +51,7 @@ def test_a_second_driver_on_a_prefix_is_refused_naming_the_holder(tmp_path, tiny
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "is in use by another driver 0123456789ab on host gpu-node-7, pid 4242" in proc.stderr
     assert "its lease expires at 2096-10-02 07:06:40 UTC" in proc.stderr
-    assert out.read(storage.RUN_FILE) is None and not (tmp_path / "out" / "shards").exists()
+    assert out.read(layout.RUN_FILE) is None and not (tmp_path / "out" / "shards").exists()
 
 
 def test_plan_counts_shards_and_committed_ones_without_writing(tmp_path, tiny_paths):
@@ -76,11 +78,11 @@ def test_plan_counts_shards_and_committed_ones_without_writing(tmp_path, tiny_pa
 
     prepared = job._prepare(dataset, out, config, {})
     shard = next(iter(manifest.shards(prepared.inputs.records(), 2)))
-    storage.write_shard(prepared.store, shard.shard_id, [], [Failure(r["id"], "missing", "x") for r in shard.records],
+    commit.write_shard(prepared.store, shard.shard_id, [], [Failure(r["id"], "missing", "x") for r in shard.records],
                         prepared.inputs.categories, prepared.fingerprint.digest, shard.names)  # fmt: skip
     assert job.plan(dataset, out, config).committed == 1
-    other = storage.run_fingerprint("0" * 64, {}, prepared.inputs.fingerprint)
-    storage.write_run(prepared.store, other, prepared.config.to_dict(), prepared.models_fp)
+    other = run_fingerprint("0" * 64, {}, prepared.inputs.fingerprint)
+    commit.write_run(prepared.store, other, prepared.config.to_dict(), prepared.models_fp)
     assert job.plan(dataset, out, config).same_run is False
 
 

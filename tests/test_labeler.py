@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from pipeline import cliper
 from pipeline.config import LabelConfig, build_config
-from pipeline.labeler import Labeler, LabelRequest
+from pipeline.labeler import Labeler
+from pipeline.types import LabelRequest
 from tests.conftest import CATEGORIES, blob_image, tiny_overrides
 
 
@@ -30,7 +31,7 @@ def test_label_maps_hold_only_tagged_classes(labeler, h, w, tags, margin):
     assert result.label_map.shape == (h, w)
     assert set(np.unique(result.label_map).tolist()) <= allowed
     assert result.class_ids == tuple(tags)  # maps for the tags; the softmax saw every category
-    assert result.refined.shape == (len(tags), 64, 64)
+    assert result.compensated.shape == (len(tags), 64, 64)
 
 
 def _with_labels(labeler: Labeler, labels: LabelConfig) -> Labeler:
@@ -44,10 +45,10 @@ def test_same_image_id_gives_identical_outputs_in_any_batch(labeler):
     again = labeler.label([LabelRequest("b", b, (15,)), LabelRequest("a", a, (1, 7))])
     assert first[0].label_map.tobytes() == again[1].label_map.tobytes()
     assert first[1].label_map.tobytes() == again[0].label_map.tobytes()
-    assert np.array_equal(first[0].refined, again[1].refined)
+    assert np.array_equal(first[0].compensated, again[1].compensated)
     # The noise comes from the id: another id changes the compensated map.
     renamed = labeler.label([LabelRequest("a2", a, (1, 7))])[0]
-    assert not np.allclose(renamed.refined, first[0].refined)
+    assert not np.allclose(renamed.compensated, first[0].compensated)
 
 
 def test_an_image_without_tags_is_all_background(labeler):
@@ -141,5 +142,5 @@ def test_sliding_window_follows_the_published_order(labeler, tiny_paths):
 def test_compensation_off_uses_the_coarse_map(labeler, tiny_paths):
     cfg = build_config("voc-vit-b16", tiny_overrides(tiny_paths, compensation=False))
     result = Labeler(labeler.clip, None, cfg, CATEGORIES).label([LabelRequest("c", blob_image(50, 60), (1,))])[0]
-    assert np.array_equal(result.refined, result.coarse)
+    assert np.array_equal(result.compensated, result.coarse)
     assert np.array_equal(result.final_scores, result.coarse_scores)

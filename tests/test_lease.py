@@ -13,16 +13,17 @@ import uuid
 
 import pytest
 
-from pipeline import lease, storage
+from pipeline import lease
+from pipeline.storage.store import Store
 
 
-def _store(tmp_path=None) -> storage.Store:
+def _store(tmp_path=None) -> Store:
     if tmp_path is not None:
-        return storage.Store.open(str(tmp_path / "out"))
-    return storage.Store.open(f"memory://lease-{uuid.uuid4().hex[:8]}")
+        return Store.open(str(tmp_path / "out"))
+    return Store.open(f"memory://lease-{uuid.uuid4().hex[:8]}")
 
 
-def _foreign(store: storage.Store, expires: float, host: str = "gpu-node-7", pid: int = 4242) -> None:
+def _foreign(store: Store, expires: float, host: str = "gpu-node-7", pid: int = 4242) -> None:
     doc = {"owner": "f" * 32, "host": host, "pid": pid, "expires": expires}
     store.write_many({lease.LEASE_FILE: json.dumps(doc).encode()})
 
@@ -74,7 +75,7 @@ def test_renewal_extends_and_notices_a_takeover():
     assert lease.read(store) is None
 
 
-def _race(store: storage.Store, monkeypatch: pytest.MonkeyPatch, n: int = 6) -> list[str]:
+def _race(store: Store, monkeypatch: pytest.MonkeyPatch, n: int = 6) -> list[str]:
     """``n`` drivers take the lease at once; every driver's first look finds it free (a barrier
     after each first read), so the store's create and the read-back must settle it."""
     barrier, won, seen = threading.Barrier(n), [], threading.local()

@@ -16,12 +16,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import clip_es, clip_es_prompts, manifest, methods, pngs, storage
+from pipeline import clip_es, clip_es_prompts, manifest, methods, pngs
 from pipeline.config import PRESETS, build_config
-from pipeline.labeler import Labeler, LabelRequest
+from pipeline.labeler import Labeler
 from pipeline.methods.base import Assembly, Method, MethodOutput
 from pipeline.models import WeightsUnavailableError, load_models, model_fingerprint
 from pipeline.shards import label_shard
+from pipeline.storage import layout
+from pipeline.storage.store import Store
+from pipeline.types import LabelRequest
 from tests.conftest import CATEGORIES, blob_image, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,14 +77,14 @@ def test_a_method_registered_in_one_line_labels_a_shard(labeler, tiny_paths, mon
     cfg = build_config("voc-vit-b16", {**tiny_overrides(tiny_paths), "method": "bands", "refine": {"enabled": False}})
     bands = Labeler(labeler.clip, None, cfg, CATEGORIES)
     assert isinstance(bands.method, Bands)
-    store = storage.Store.open("memory://methods-bands-out")
+    store = Store.open("memory://methods-bands-out")
     shard = next(manifest.shards(records, 10))
     label_shard(bands, store, shard, "b" * 64)
     expected = {"a": np.zeros((30, 40), np.uint8), "b": np.zeros((24, 36), np.uint8)}
     expected["a"][:, 0:10], expected["a"][:, 10:20] = 7, 1  # first tag, second tag (repeat dropped)
     expected["b"][:, 0:9] = 15
     for image_id, want in expected.items():
-        got = pngs.decode_png(store.read(storage.label_file(shard.names[image_id].label)))
+        got = pngs.decode_png(store.read(layout.label_file(shard.names[image_id].label)))
         assert np.array_equal(got, want), image_id
     fs.rm(root, recursive=True)
 
@@ -109,7 +112,8 @@ def test_clip_es_labels_equal_the_published_rule_on_the_same_maps(labeler, tiny_
         assert got.class_ids == (15, 1)
         assert got.label_map.tobytes() == want.tobytes()
         assert np.array_equal(got.maps["cam"], maps.cam.numpy()) and got.maps["cam"].shape[1:] == (3, 4)
-        assert np.array_equal(got.maps["refined"], maps.refined.numpy()) and got.refined.shape == (2, *image.shape[:2])
+        assert np.array_equal(got.maps["refined"], maps.refined.numpy())
+        assert got.compensated.shape == (2, *image.shape[:2])
         assert np.array_equal(got.final_scores, maps.scores.numpy())
         distinct += len(np.unique(want)) > 1
     assert distinct  # the check compared label maps with more than one class in them
@@ -265,6 +269,6 @@ def test_cliper_behind_the_registry_is_the_pure_functions_composed(labeler):
                                       segments=refine.superpixels(image, cfg.refine), refine=cfg.refine)  # fmt: skip
     label_map = labels.assemble_label_map(decision, tags, c.bkg_thre, cfg.labels)
     assert got.coarse.tobytes() == coarse.numpy().tobytes()
-    assert got.refined.tobytes() == refined.numpy().tobytes()
+    assert got.compensated.tobytes() == refined.numpy().tobytes()
     assert got.final_scores.tobytes() == final.numpy().tobytes()
     assert got.label_map.tobytes() == label_map.tobytes()

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from pipeline import audit, report
-from pipeline.labels import IGNORE
+from pipeline.types import IGNORE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "jobs"))
 import render_report  # noqa: E402

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.storage import MARKER
+from pipeline.storage.layout import MARKER
 from tests.conftest import blob_image
 from tests.ray_local import RAY, LocalCluster
 
@@ -255,7 +255,8 @@ def test_images_that_all_fail_stop_the_run_early_instead_of_burning_gpu_hours(
 
 
 def test_a_shard_that_keeps_failing_is_reported_and_the_others_finish(ray_cluster, dataset, tiny_paths, tmp_path):
-    from pipeline.storage import image_names, label_file
+    from pipeline.storage.layout import label_file
+    from pipeline.types import image_names
 
     address, env = ray_cluster
     lines = [{"id": f"ok{i}", "uri": str(dataset / "img" / f"{i:012d}.jpg"), "tags": [1]} for i in (1, 2, 3, 4, 5)]

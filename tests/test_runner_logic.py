@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from pipeline import types
 from pipeline.manifest import shards as make_shards
 from pipeline.runner import (
     Outcome,
@@ -19,6 +20,8 @@ from pipeline.runner import (
     plan_actors,
     shard_deadline,
 )
+from pipeline.storage import commit
+from pipeline.storage.store import Store
 
 OPTIONS = RunOptions(shard_timeout_s=100, shard_timeout_factor=5, startup_timeout_s=50, backoff_base_s=2,
                      backoff_cap_s=60)  # fmt: skip
@@ -256,7 +259,7 @@ def test_a_resume_with_another_device_and_batch_size_skips_committed_shards_and_
     on a real committed shard: batch 2 on "cpu", then batch 4 on "auto", CLIP-ES (batch-invariant)."""
     from PIL import Image
 
-    from pipeline import methods, storage
+    from pipeline import methods
     from pipeline.config import build_config
     from pipeline.labeler import Labeler
     from pipeline.models import model_fingerprint
@@ -268,29 +271,29 @@ def test_a_resume_with_another_device_and_batch_size_skips_committed_shards_and_
         Image.fromarray(blob_image(32, 40, seed=i)).save(tmp_path / f"{i}.png")
         records.append({"id": f"im{i}", "uri": str(tmp_path / f"{i}.png"), "tags": [1, 7]})
     shards = list(make_shards(records, 2))
-    store = storage.Store.open(str(tmp_path / "out"))
+    store = Store.open(str(tmp_path / "out"))
 
     def run_fp(config):
         models_fp = model_fingerprint(config.model, need_sd=methods.needs_sd(config))
-        manifest_fp = storage.manifest_fingerprint(records)
-        return storage.run_fingerprint(config.fingerprint(), models_fp, manifest_fp), models_fp
+        manifest_fp = types.manifest_fingerprint(records)
+        return types.run_fingerprint(config.fingerprint(), models_fp, manifest_fp), models_fp
 
     first = build_config("clip-es-voc", tiny_overrides(tiny_paths) | {"batch_size": 2})
     fp, models_fp = run_fp(first)
-    storage.write_run(store, fp, first.to_dict(), models_fp)
+    commit.write_run(store, fp, first.to_dict(), models_fp)
     label_shard(Labeler.from_config(first, CATEGORIES), store, shards[0], fp.digest)  # then the run stopped
 
     over = tiny_overrides(tiny_paths)
     again = build_config("clip-es-voc", over | {"batch_size": 4, "model": {**over["model"], "device": "auto"}})
     fp2, models_fp2 = run_fp(again)
-    storage.write_run(store, fp2, again.to_dict(), models_fp2)  # accepted: the same labels
+    commit.write_run(store, fp2, again.to_dict(), models_fp2)  # accepted: the same labels
     cluster = FakeCluster(lambda *a: ("ok", 1.0))
     driver = _Driver(cluster, 1, again.batch_size, OPTIONS, clock=lambda: cluster.now, sleep=cluster.sleep)
-    summary = driver.run(shards, lambda s: storage.is_committed(store, s.shard_id, fp2.digest))
+    summary = driver.run(shards, lambda s: commit.is_committed(store, s.shard_id, fp2.digest))
     assert (summary.shards_skipped, summary.shards_done) == (1, 1)
     assert [sid for _, _, sid, _ in cluster.submits] == [shards[1].shard_id]
 
     changed = build_config("clip-es-voc", over | {"batch_size": 4, "refine": {"scale": 90.0}})
     fp3, models_fp3 = run_fp(changed)
     with pytest.raises(ValueError, match=r"config changed \(settings: refine.scale 100.0 -> 90.0"):
-        storage.write_run(store, fp3, changed.to_dict(), models_fp3)
+        commit.write_run(store, fp3, changed.to_dict(), models_fp3)

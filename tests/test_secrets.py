@@ -16,8 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import manifest, redact, storage
+from pipeline import manifest, redact
 from pipeline.shards import label_shard
+from pipeline.storage.store import Store
 from tests.conftest import blob_image
 from tests.ray_local import LocalCluster
 
@@ -60,7 +61,7 @@ def test_the_logging_filter_masks_messages_arguments_and_tracebacks():
 def test_failure_messages_in_stats_are_masked(labeler, tmp_path):
     """A library error that quotes a secret (here: in a path) is masked before it reaches the stats."""
     record = {"id": "a", "uri": str(tmp_path / f"{OPT_SECRET}.jpg"), "tags": [1]}  # does not exist
-    store = storage.Store.open(str(tmp_path / "out"))
+    store = Store.open(str(tmp_path / "out"))
     shard = next(manifest.shards([record], 1))
     marker = label_shard(labeler, store, shard, "d" * 64, storage_options={"secret": OPT_SECRET})
     rows = pq.read_table(tmp_path / "out" / "shards" / shard.shard_id / "stats_images.parquet").to_pylist()

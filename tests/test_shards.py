@@ -10,8 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import manifest, storage
+from pipeline import manifest
 from pipeline.shards import label_shard
+from pipeline.storage import commit, layout, outputs
+from pipeline.storage.store import Store
 from tests.conftest import blob_image
 
 
@@ -73,10 +75,10 @@ def test_malformed_jsonl_names_the_line_and_field(tmp_path):
 def test_a_shard_with_bad_images_commits_and_counts_them(labeler, coco_files):
     _, records = manifest.read_coco(f"{coco_files}/instances.json", f"{coco_files}/img")
     shard = next(manifest.shards(records, 10))
-    store = storage.Store.open("memory://out-shards")
+    store = Store.open("memory://out-shards")
     marker = label_shard(labeler, store, shard, "f" * 64)
     assert marker["counts"]["ok"] == 2 and marker["counts"]["failed"] == 3 and marker["counts"]["images"] == 5
-    assert storage.is_committed(store, shard.shard_id, "f" * 64)
+    assert commit.is_committed(store, shard.shard_id, "f" * 64)
     rows = pq.read_table(io.BytesIO(store.read(f"shards/{shard.shard_id}/stats_images.parquet"))).to_pylist()
     status = {r["image_id"]: r["status"] for r in rows}
     assert status == {"1": "ok", "3": "ok", "9": "decode_error", "12": "missing", "20": "unusable"}
@@ -99,11 +101,11 @@ def test_decode_errors_have_stable_messages():
 def test_the_overlapped_shard_path_gives_the_labeler_s_own_label_maps(labeler, coco_files):
     from pipeline import pngs
     from pipeline.decode import decode_image
-    from pipeline.labeler import LabelRequest
+    from pipeline.types import LabelRequest
 
     _, records = manifest.read_coco(f"{coco_files}/instances.json", f"{coco_files}/img")
     good = [r for r in records if r["id"] in ("1", "3")]
-    store = storage.Store.open("memory://out-overlap")
+    store = Store.open("memory://out-overlap")
     shard = next(manifest.shards(good, 10))
     label_shard(labeler, store, shard, "e" * 64)
     fs = fsspec.filesystem("memory")
@@ -111,7 +113,7 @@ def test_the_overlapped_shard_path_gives_the_labeler_s_own_label_maps(labeler, c
     # round differently, so byte identity is promised for a fixed config).
     direct = labeler.label([LabelRequest(r["id"], decode_image(fs.cat(r["uri"])), tuple(r["tags"])) for r in good])
     for r, d in zip(good, direct, strict=True):
-        stored = pngs.decode_png(store.read(storage.label_file(shard.names[r["id"]].label)))
+        stored = pngs.decode_png(store.read(layout.label_file(shard.names[r["id"]].label)))
         assert stored.tobytes() == d.label_map.tobytes()
 
 
@@ -133,7 +135,7 @@ def test_reading_ahead_is_bounded_and_float_maps_are_dropped_before_the_write(la
     records, size = _many(12), 2
     requested, at_infer, maps, alive = [0], [], [], []
     real_request, real_infer, real_finish, real_write = (shards_mod._request, labeler.infer, labeler.finish,
-                                                         storage.write_shard)  # fmt: skip
+                                                         commit.write_shard)  # fmt: skip
 
     def request(*args):
         requested[0] += 1
@@ -157,9 +159,9 @@ def test_reading_ahead_is_bounded_and_float_maps_are_dropped_before_the_write(la
     monkeypatch.setattr(shards_mod, "_request", request)
     monkeypatch.setattr(labeler, "infer", infer)
     monkeypatch.setattr(labeler, "finish", finish)
-    monkeypatch.setattr(shards_mod.storage, "write_shard", write_shard)
+    monkeypatch.setattr(shards_mod.commit, "write_shard", write_shard)
     shard = next(manifest.shards(records, 12))
-    marker = label_shard(labeler, storage.Store.open("memory://bounded"), shard, "a" * 64, batch_size=size)
+    marker = label_shard(labeler, Store.open("memory://bounded"), shard, "a" * 64, batch_size=size)
     monkeypatch.undo()
     assert marker["counts"]["ok"] == 12 and len(maps) == 12
     window = shards_mod.prefetch_window(size, 4)
@@ -174,15 +176,14 @@ def test_a_streamed_shard_batches_by_position_and_writes_what_whole_results_woul
     another batch, so a redone shard batches as before); the files equal those built from whole
     LabelResults of the same batches."""
     from pipeline.decode import decode_image
-    from pipeline.labeler import LabelRequest
-    from pipeline.stats import Failure
+    from pipeline.types import Failure, LabelRequest
 
     records = _many(10, bad=(1,))
     shard = next(manifest.shards(records, 10))
     seen: list[list[str]] = []
     real_infer = labeler.infer
     monkeypatch.setattr(labeler, "infer", lambda batch: seen.append([r.image_id for r in batch]) or real_infer(batch))
-    streamed = storage.Store.open("memory://streamed")
+    streamed = Store.open("memory://streamed")
     label_shard(labeler, streamed, shard, "b" * 64, batch_size=4)
     monkeypatch.undo()
     assert seen == [["im000", "im002", "im003"], ["im004", "im005", "im006", "im007"], ["im008", "im009"]]
@@ -192,7 +193,7 @@ def test_a_streamed_shard_batches_by_position_and_writes_what_whole_results_woul
         reqs = [LabelRequest(records[i]["id"], decode_image(fs.cat(records[i]["uri"])), tuple(records[i]["tags"]))
                 for i in chunk]  # fmt: skip
         results += labeler.label(reqs)
-    whole = storage.build_shard(shard.shard_id, results, [Failure("im001", "decode_error", "x")],
+    whole = outputs.build_shard(shard.shard_id, results, [Failure("im001", "decode_error", "x")],
                                 list(labeler.categories.values()), "b" * 64, shard.names)  # fmt: skip
     for rel, data in whole.files.items():
         if "stats_images" not in rel:  # the failed row's message differs (ours is a stand-in)

@@ -5,7 +5,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import schemas, stats
-from pipeline.labeler import LabelResult
+from pipeline.types import Failure, LabelResult
 
 
 def hand_made_result(segments: bool = True) -> LabelResult:
@@ -26,7 +26,7 @@ def hand_made_result(segments: bool = True) -> LabelResult:
     seg = np.zeros((4, 4), np.int32)
     seg[:, 2:] = 1  # left superpixel pure (8/8), right one holds 4x7, 3x0, 1x255: purity (8 + 4) / 16
     return LabelResult(
-        image_id="img/1", label_map=lm, class_ids=(3, 7, 9), coarse=coarse, refined=refined,
+        image_id="img/1", label_map=lm, class_ids=(3, 7, 9), coarse=coarse, compensated=refined,
         coarse_scores=np.array([0.8, 0.6, 0.1], np.float32), final_scores=np.array([0.9, 0.7, 0.2], np.float32),
         kept_ids=(3, 7), decision=decision, segments=seg if segments else None,
         timings={"clip_coarse": 0.25, "superpixels": 0.125},
@@ -78,13 +78,13 @@ def test_timing_rows_sorted_by_stage():
 
 
 def test_failed_row_and_failure_checks():
-    row = stats.failed_row(stats.Failure("bad.jpg", "decode_error", "truncated JPEG"), "s1")
+    row = stats.failed_row(Failure("bad.jpg", "decode_error", "truncated JPEG"), "s1")
     assert row["status"] == "decode_error" and row["error"] == "truncated JPEG" and row["height"] is None
     assert set(row) == set(schemas.STATS_IMAGES.names)
     with pytest.raises(ValueError, match="other than 'ok'"):
-        stats.Failure("x", "ok", "")
+        Failure("x", "ok", "")
     with pytest.raises(ValueError, match="non-empty string image id"):
-        stats.Failure("", "decode_error", "")
+        Failure("", "decode_error", "")
 
 
 def test_mismatched_decision_shape_is_rejected():
@@ -107,7 +107,7 @@ def test_parquet_is_byte_deterministic_and_typed():
 
 
 def test_row_groups_follow_the_requested_size():
-    rows = [stats.failed_row(stats.Failure(f"i{i}", "decode_error", "x"), "s") for i in range(10)]
+    rows = [stats.failed_row(Failure(f"i{i}", "decode_error", "x"), "s") for i in range(10)]
     meta = pq.ParquetFile(io.BytesIO(stats.parquet_bytes(stats.to_table("stats_images", rows), 4))).metadata
     assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4, 2]
 

@@ -1,3 +1,4 @@
+import argparse
 import hashlib
 import json
 import os
@@ -11,9 +12,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pycocotools.coco import COCO
 
-from pipeline import coco, pngs, storage
-from pipeline.labeler import LabelResult
-from pipeline.stats import Failure
+from pipeline import cli, coco, pngs, retry
+from pipeline.storage import commit, layout, outputs
+from pipeline.storage.merge import merge
+from pipeline.storage.store import Store
+from pipeline.types import (
+    Failure,
+    LabelResult,
+    id_name,
+    image_names,
+    manifest_fingerprint,
+    run_fingerprint,
+    safe_name,
+    shard_id_for,
+)
 
 CATEGORIES = [{"id": 3, "name": "cat"}, {"id": 7, "name": "dog"}, {"id": 90, "name": "toothbrush"}]
 FP = "f" * 64
@@ -30,7 +42,7 @@ def synthetic_result(image_id: str, seed: int, h: int = 24, w: int = 32) -> Labe
     lm[h // 2 : h // 2 + 2] = 255
     return LabelResult(
         image_id=image_id, label_map=lm, class_ids=ids,
-        coarse=rng.random((2, 3, 4), dtype=np.float32), refined=rng.random((2, 8, 8), dtype=np.float32),
+        coarse=rng.random((2, 3, 4), dtype=np.float32), compensated=rng.random((2, 8, 8), dtype=np.float32),
         coarse_scores=rng.random(2, dtype=np.float32), final_scores=rng.random(2, dtype=np.float32),
         kept_ids=ids, decision=rng.random((2, h, w), dtype=np.float32),
         segments=(np.arange(h * w).reshape(h, w) // 37).astype(np.int32), timings={"clip_coarse": rng.random()},
@@ -51,12 +63,12 @@ def s3_store(s3_endpoint, monkeypatch):
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     opts = {"client_kwargs": {"endpoint_url": s3_endpoint}, "skip_instance_cache": True}
-    store = storage.Store.open(f"s3://{bucket}/run1", **opts)
+    store = Store.open(f"s3://{bucket}/run1", **opts)
     store.fs.mkdir(bucket)
     return store
 
 
-def all_files(store: storage.Store) -> dict[str, bytes]:
+def all_files(store: Store) -> dict[str, bytes]:
     store.fs.invalidate_cache()
     return {p[len(store.root) + 1 :]: store.fs.cat_file(p) for p in store.fs.find(store.root)}
 
@@ -78,11 +90,11 @@ def test_three_shards_on_s3_merge_and_reload(s3_store, tmp_path):
     for k in range(3):
         results = shard_inputs(3, offset=10 * k)
         failures = [(f"bad-{k}", "decode_error", "cannot identify image file")] if k == 1 else []
-        shard_id = storage.shard_id_for(k, [r.image_id for r in results] + [f[0] for f in failures])
-        storage.write_shard(s3_store, shard_id, results, failures, CATEGORIES, FP)
+        shard_id = shard_id_for(k, [r.image_id for r in results] + [f[0] for f in failures])
+        commit.write_shard(s3_store, shard_id, results, failures, CATEGORIES, FP)
         shards[shard_id] = results
-    assert all(storage.is_committed(s3_store, s, FP) for s in shards)
-    summary = storage.merge(s3_store, list(shards), FP)
+    assert all(commit.is_committed(s3_store, s, FP) for s in shards)
+    summary = merge(s3_store, list(shards), FP)
     assert summary["counts"] == {"images": 10, "ok": 9, "failed": 1, "annotations": 18, "class_rows": 18,
                                  "label_maps": 9}  # fmt: skip
 
@@ -93,7 +105,7 @@ def test_three_shards_on_s3_merge_and_reload(s3_store, tmp_path):
     assert decoded.keys() == expected.keys()
     for image_id, label_map in expected.items():
         assert np.array_equal(decoded[image_id], label_map), image_id
-        png = s3_store.fs.cat_file(s3_store.path(storage.label_path(image_id)))
+        png = s3_store.fs.cat_file(s3_store.path(layout.label_path(image_id)))
         assert np.array_equal(pngs.decode_png(png), label_map)
 
     images = pq.read_table(s3_store.path("merged/stats_images"), filesystem=s3_store.fs)
@@ -108,11 +120,11 @@ def test_three_shards_on_s3_merge_and_reload(s3_store, tmp_path):
 
 def test_memory_and_local_prefixes_give_identical_bytes(tmp_path):
     results = shard_inputs(4)
-    mem = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
-    loc = storage.Store.open(str(tmp_path / "out"))
+    mem = Store.open(f"memory://{uuid.uuid4().hex}/out")
+    loc = Store.open(str(tmp_path / "out"))
     for store in (mem, loc):
-        storage.write_shard(store, "00000-a", results, [Failure("gone", "download_error", "404")], CATEGORIES, FP)
-        storage.merge(store, ["00000-a"], FP)
+        commit.write_shard(store, "00000-a", results, [Failure("gone", "download_error", "404")], CATEGORIES, FP)
+        merge(store, ["00000-a"], FP)
     mem_files, loc_files = all_files(mem), all_files(loc)
     assert mem_files.keys() == loc_files.keys()
     volatile = {k for k in mem_files if "timings" in k}
@@ -123,14 +135,14 @@ def test_memory_and_local_prefixes_give_identical_bytes(tmp_path):
 
 
 def test_rewrite_is_byte_identical_whatever_the_order_and_timings():
-    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    store = Store.open(f"memory://{uuid.uuid4().hex}/out")
     results = shard_inputs(5)
-    storage.write_shard(store, "s", results, [], CATEGORIES, FP)
+    commit.write_shard(store, "s", results, [], CATEGORIES, FP)
     first = all_files(store)
     shuffled = list(reversed(shard_inputs(5)))
     for r in shuffled:
         r.timings = {"clip_coarse": 99.0}
-    storage.write_shard(store, "s", shuffled, [], CATEGORIES, FP)
+    commit.write_shard(store, "s", shuffled, [], CATEGORIES, FP)
     second = all_files(store)
     assert first.keys() == second.keys()
     assert first["shards/s/timings.parquet"] != second["shards/s/timings.parquet"]
@@ -140,8 +152,8 @@ def test_rewrite_is_byte_identical_whatever_the_order_and_timings():
 
 
 def test_marker_holds_counts_and_checksums_of_what_was_written():
-    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
-    marker = storage.write_shard(store, "s", shard_inputs(2), [("x", "decode_error", "bad")], CATEGORIES, FP)
+    store = Store.open(f"memory://{uuid.uuid4().hex}/out")
+    marker = commit.write_shard(store, "s", shard_inputs(2), [("x", "decode_error", "bad")], CATEGORIES, FP)
     assert marker["counts"] == {"images": 3, "ok": 2, "failed": 1, "annotations": 4, "class_rows": 4,
                                 "label_maps": 2}  # fmt: skip
     files = all_files(store)
@@ -154,54 +166,54 @@ def test_marker_holds_counts_and_checksums_of_what_was_written():
 
 
 def test_marker_is_written_last(monkeypatch):
-    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    store = Store.open(f"memory://{uuid.uuid4().hex}/out")
     calls = []
-    real = storage.Store.write_many
+    real = Store.write_many
     monkeypatch.setattr(
-        storage.Store, "write_many", lambda self, files: calls.append(sorted(files)) or real(self, files)
+        Store, "write_many", lambda self, files: calls.append(sorted(files)) or real(self, files)
     )
-    storage.write_shard(store, "s", shard_inputs(2), [], CATEGORIES, FP)
+    commit.write_shard(store, "s", shard_inputs(2), [], CATEGORIES, FP)
     assert calls[-1] == ["shards/s/_COMMITTED.json"]
     assert all("_COMMITTED" not in rel for call in calls[:-1] for rel in call)
 
 
 def test_uncommitted_or_foreign_shards_are_not_done():
-    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
-    assert not storage.is_committed(store, "s", FP)
-    storage.write_shard(store, "s", shard_inputs(1), [], CATEGORIES, FP)
-    assert storage.is_committed(store, "s", FP)
-    assert not storage.is_committed(store, "s", "0" * 64)
+    store = Store.open(f"memory://{uuid.uuid4().hex}/out")
+    assert not commit.is_committed(store, "s", FP)
+    commit.write_shard(store, "s", shard_inputs(1), [], CATEGORIES, FP)
+    assert commit.is_committed(store, "s", FP)
+    assert not commit.is_committed(store, "s", "0" * 64)
     store.write_many({"shards/s/_COMMITTED.json": b'{"schema": "tag2mask/commit-ma'})  # torn write
-    assert not storage.is_committed(store, "s", FP)
+    assert not commit.is_committed(store, "s", FP)
     with pytest.raises(ValueError, match="shard s is not committed"):
-        storage.merge(store, ["s"], FP)
+        merge(store, ["s"], FP)
 
 
 def test_redo_deletes_stale_files():
-    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    store = Store.open(f"memory://{uuid.uuid4().hex}/out")
     results = shard_inputs(2)
-    storage.write_shard(store, "s", results, [], CATEGORIES, FP)
+    commit.write_shard(store, "s", results, [], CATEGORIES, FP)
     store.write_many({"shards/s/leftover.parquet": b"junk"})
-    storage.write_shard(store, "s", results[:1], [(results[1].image_id, "decode_error", "now broken")], CATEGORIES, FP)
+    commit.write_shard(store, "s", results[:1], [(results[1].image_id, "decode_error", "now broken")], CATEGORIES, FP)
     files = all_files(store)
     assert "shards/s/leftover.parquet" not in files
-    assert storage.label_path(results[1].image_id) not in files
-    assert storage.label_path(results[0].image_id) in files
+    assert layout.label_path(results[1].image_id) not in files
+    assert layout.label_path(results[0].image_id) in files
 
 
 def test_merge_detects_a_tampered_file():
-    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
-    storage.write_shard(store, "s", shard_inputs(1), [], CATEGORIES, FP)
+    store = Store.open(f"memory://{uuid.uuid4().hex}/out")
+    commit.write_shard(store, "s", shard_inputs(1), [], CATEGORIES, FP)
     store.write_many({"shards/s/stats_classes.parquet": b"tampered"})
     with pytest.raises(ValueError, match="does not match the sha256"):
-        storage.merge(store, ["s"], FP)
+        merge(store, ["s"], FP)
 
 
 def test_merged_parquet_is_split_into_parts_in_shard_order():
-    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    store = Store.open(f"memory://{uuid.uuid4().hex}/out")
     for k in range(3):
-        storage.write_shard(store, f"s{k}", shard_inputs(2, offset=10 * k), [], CATEGORIES, FP)
-    summary = storage.merge(store, ["s2", "s0", "s1"], FP, file_rows=4)
+        commit.write_shard(store, f"s{k}", shard_inputs(2, offset=10 * k), [], CATEGORIES, FP)
+    summary = merge(store, ["s2", "s0", "s1"], FP, file_rows=4)
     assert summary["tables"]["stats_images"] == {"files": 2, "rows": 6}
     table = pq.read_table(store.path("merged/stats_images"), filesystem=store.fs)
     assert table.column("image_id").to_pylist() == ["img-000", "img-001", "img-010", "img-011", "img-020", "img-021"]
@@ -212,29 +224,29 @@ UNSAFE_IDS = ["../../x", "/abs/path", "a\x00b", "..", ".", "a/b", "x" * 300, "ok
 
 @pytest.mark.parametrize("image_id", UNSAFE_IDS)
 def test_unsafe_ids_become_plain_names(image_id):
-    name = storage.safe_name(image_id)
+    name = safe_name(image_id)
     assert "/" not in name and "\\" not in name and "\x00" not in name and not name.startswith(".")
     assert len(name) <= 100 and name != image_id
-    assert storage.Store.open("memory://p").path(storage.label_path(image_id)).startswith("/p/labels/")
+    assert Store.open("memory://p").path(layout.label_path(image_id)).startswith("/p/labels/")
 
 
 def test_plain_ids_are_kept():
-    assert storage.safe_name("2008_000123") == "2008_000123"
-    assert storage.safe_name("000000397133") == "000000397133"
+    assert safe_name("2008_000123") == "2008_000123"
+    assert safe_name("000000397133") == "000000397133"
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.sets(st.text(min_size=1, max_size=30), min_size=2, max_size=20))
 def test_safe_names_are_distinct_and_safe(ids):
-    names = [storage.safe_name(i) for i in ids]
+    names = [safe_name(i) for i in ids]
     assert len(set(names)) == len(names)
-    assert all(storage._PART.fullmatch(n) for n in names)
+    assert all(layout.PART.fullmatch(n) for n in names)
 
 
 def test_unsafe_ids_do_not_escape_a_local_prefix(tmp_path):
     prefix = tmp_path / "deep" / "out"
     results = [synthetic_result(i, n) for n, i in enumerate(UNSAFE_IDS[:4])]
-    storage.write_shard(storage.Store.open(str(prefix)), "s", results, [], CATEGORIES, FP)
+    commit.write_shard(Store.open(str(prefix)), "s", results, [], CATEGORIES, FP)
     written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path) for f in files]
     assert len(written) == 4 + 5
     assert all(os.path.realpath(p).startswith(str(prefix) + os.sep) for p in written)
@@ -243,37 +255,37 @@ def test_unsafe_ids_do_not_escape_a_local_prefix(tmp_path):
 @pytest.mark.parametrize("bad", ["../s", "a/b", "", ".", "s\x00"])
 def test_unsafe_shard_ids_are_rejected(bad):
     with pytest.raises(ValueError, match="shard id"):
-        storage.write_shard(storage.Store.open("memory://p"), bad, [], [], CATEGORIES, FP)
+        commit.write_shard(Store.open("memory://p"), bad, [], [], CATEGORIES, FP)
 
 
 def test_unsafe_relative_paths_are_rejected():
     with pytest.raises(ValueError, match="unsafe path"):
-        storage.Store.open("memory://p").path("shards/../../etc")
+        Store.open("memory://p").path("shards/../../etc")
 
 
 def test_duplicate_image_ids_are_rejected():
     with pytest.raises(ValueError, match="unique within a shard"):
-        storage.write_shard(storage.Store.open("memory://p"), "s", shard_inputs(1), [("img-000", "x", "y")],
+        commit.write_shard(Store.open("memory://p"), "s", shard_inputs(1), [("img-000", "x", "y")],
                             CATEGORIES, FP)  # fmt: skip
 
 
 def test_run_record_and_fingerprint():
-    store = storage.Store.open(f"memory://{uuid.uuid4().hex}/out")
+    store = Store.open(f"memory://{uuid.uuid4().hex}/out")
     from pipeline.config import Config
 
     manifest = [{"id": "a", "uri": "a.jpg", "tags": [3]}]
-    run = storage.run_fingerprint(
-        Config().fingerprint(), {"clip": {"sha256": "ab"}}, storage.manifest_fingerprint(manifest)
+    run = run_fingerprint(
+        Config().fingerprint(), {"clip": {"sha256": "ab"}}, manifest_fingerprint(manifest)
     )
-    other = storage.run_fingerprint(Config().fingerprint(), {"clip": {"sha256": "ac"}}, run.manifest)
+    other = run_fingerprint(Config().fingerprint(), {"clip": {"sha256": "ac"}}, run.manifest)
     assert run.digest != other.digest and len(run.digest) == 64
-    assert storage.manifest_fingerprint(manifest) != storage.manifest_fingerprint([{**manifest[0], "tags": [7]}])
-    storage.write_run(store, run, Config().to_dict(), {"clip": {"sha256": "ab"}})
-    assert storage.read_run(store)["fingerprint"] == run.digest
+    assert manifest_fingerprint(manifest) != manifest_fingerprint([{**manifest[0], "tags": [7]}])
+    commit.write_run(store, run, Config().to_dict(), {"clip": {"sha256": "ab"}})
+    assert commit.read_run(store)["fingerprint"] == run.digest
     with pytest.raises(ValueError, match="belongs to another run"):
-        storage.write_run(store, other, Config().to_dict(), {"clip": {"sha256": "ac"}})
-    storage.write_run(store, other, Config().to_dict(), {"clip": {"sha256": "ac"}}, overwrite=True)
-    assert storage.read_run(store)["parts"]["model"] == other.model
+        commit.write_run(store, other, Config().to_dict(), {"clip": {"sha256": "ac"}})
+    commit.write_run(store, other, Config().to_dict(), {"clip": {"sha256": "ac"}}, overwrite=True)
+    assert commit.read_run(store)["parts"]["model"] == other.model
 
 
 # --- label maps named by the image file's stem (issue 11, section 3) ---
@@ -291,11 +303,11 @@ def test_label_maps_are_named_by_the_image_stem_and_coco_keeps_the_image_file_na
     records = _records("/data/coco/val2017/000000000139.jpg", "s3://bucket/photos/beach.png",
                        **{"img-000": "val2017/000000000139.jpg"})  # fmt: skip
     shard = next(manifest.shards(records, 10))
-    store = storage.Store.open(str(tmp_path / "out"))
-    marker = storage.write_shard(store, "s", shard_inputs(2), [], CATEGORIES, FP, shard.names)
+    store = Store.open(str(tmp_path / "out"))
+    marker = commit.write_shard(store, "s", shard_inputs(2), [], CATEGORIES, FP, shard.names)
     labels = sorted(p for p in marker["files"] if p.startswith("labels/"))
     assert labels == ["labels/000000000139.png", "labels/beach.png"]
-    storage.merge(store, ["s"], FP)
+    merge(store, ["s"], FP)
     api = COCO(str(tmp_path / "out" / "merged" / "annotations.json"))
     by_source = {im["source_id"]: im["file_name"] for im in api.imgs.values()}
     # COCO input: the input's file_name (relative to --images); JSONL: the manifest's uri
@@ -314,18 +326,18 @@ def test_shared_stems_get_id_names_whatever_the_shard_boundaries():
     labels = {i: n.label for i, n in whole.items()}
     assert labels["img-000"] == "x" and labels["img-003"] == "y"  # first in manifest order keeps its stem
     for later in ("img-001", "img-002", "img-004"):  # the same stem, also in another case: the id's name
-        assert labels[later] == storage.id_name(later) and labels[later].startswith(f"{later}-")
+        assert labels[later] == id_name(later) and labels[later].startswith(f"{later}-")
     assert len({v.lower() for v in labels.values()}) == len(labels)
-    assert all(storage._PART.fullmatch(v) and not v.startswith(".") for v in labels.values())
+    assert all(layout.PART.fullmatch(v) and not v.startswith(".") for v in labels.values())
 
 
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=12))
 def test_image_names_are_unique_and_safe(stems):
     records = [{"id": f"{i}:{s}", "uri": f"/img/{s}.jpg", "tags": []} for i, s in enumerate(stems)]
-    labels = [n.label for n in storage.image_names(records).values()]
+    labels = [n.label for n in image_names(records).values()]
     assert len({v.lower() for v in labels}) == len(labels)
-    assert all(storage._PART.fullmatch(v) for v in labels)
+    assert all(layout.PART.fullmatch(v) for v in labels)
 
 
 def test_the_readme_training_recipe_pairs_every_labelled_image(tmp_path):
@@ -346,9 +358,9 @@ def test_the_readme_training_recipe_pairs_every_labelled_image(tmp_path):
     _, records = manifest.read_coco(str(tmp_path / "instances.json"), str(images))
     shard = next(manifest.shards(records, 10))
     results = [synthetic_result(r["id"], n) for n, r in enumerate(records[:2])]  # 632 failed: no label map
-    store = storage.Store.open(str(tmp_path / "run1"))
-    storage.write_shard(store, shard.shard_id, results, [("632", "decode_error", "x")], CATEGORIES, FP, shard.names)
-    storage.merge(store, [shard.shard_id], FP)
+    store = Store.open(str(tmp_path / "run1"))
+    commit.write_shard(store, shard.shard_id, results, [("632", "decode_error", "x")], CATEGORIES, FP, shard.names)
+    merge(store, [shard.shard_id], FP)
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     snippet = re.search(r"mmsegmentation \(1\.x\):\n\n```python\n(.*?)```", readme, re.S).group(1)
     snippet = snippet.replace("/data/pseudo/run1", str(tmp_path / "run1")).replace("/data/coco/train2017", str(images))
@@ -362,3 +374,73 @@ def test_the_readme_training_recipe_pairs_every_labelled_image(tmp_path):
         assert (Path(prefix["img_path"]) / (line + dataset["img_suffix"])).is_file()
         assert (root / prefix["seg_map_path"] / (line + dataset["seg_map_suffix"])).is_file()
     assert len(scope["classes"]) == 91 and scope["classes"][90] == "toothbrush"
+
+
+def test_output_formats_are_chosen_by_name(tmp_path):
+    """The default formats write what a run always wrote; one format alone writes only its files
+    (the marker still counts every key); an unknown or empty selection is refused."""
+    results = shard_inputs(3)
+    every = outputs.build_shard("00000-a", results, [("bad", "decode_error", "x")], CATEGORIES, FP)
+    assert outputs.DEFAULT_FORMATS == ("png", "coco", "stats")
+    assert every == outputs.build_shard("00000-a", results, [("bad", "decode_error", "x")], CATEGORIES, FP,
+                                        formats=("stats", "png", "coco"))  # fmt: skip
+    only_coco = outputs.build_shard("00000-a", results, [], CATEGORIES, FP, formats=["coco"])
+    assert sorted(only_coco.files) == ["shards/00000-a/annotations.json"] and only_coco.volatile == {}
+    assert only_coco.files["shards/00000-a/annotations.json"] == every.files["shards/00000-a/annotations.json"]
+    assert only_coco.counts == {"images": 3, "ok": 3, "failed": 0, "annotations": every.counts["annotations"],
+                                "class_rows": 0, "label_maps": 0}  # fmt: skip
+    only_png = outputs.build_shard("00000-a", results, [], CATEGORIES, FP, formats=["png"])
+    assert all(k.startswith("labels/") and k.endswith(".png") for k in only_png.files) and len(only_png.files) == 3
+    for bad in (["coco", "webdataset"], []):
+        with pytest.raises(ValueError, match="must be a non-empty selection of"):
+            outputs.build_shard("00000-a", results, [], CATEGORIES, FP, formats=bad)
+    store = Store.open(str(tmp_path / "run"))
+    marker = commit.write_shard(store, "00000-a", results, [], CATEGORIES, FP, formats=["coco"])
+    assert commit.verify_shard(store, "00000-a") == [] and marker["counts"]["label_maps"] == 0
+    assert not (tmp_path / "run" / "labels").exists()
+
+
+def test_layout_names_and_parses_its_own_paths():
+    assert layout.marker_file("00000-a") == "shards/00000-a/_COMMITTED.json"
+    assert layout.shard_id_of_marker("/data/run/" + layout.marker_file("00000-a")) == "00000-a"
+    assert layout.shard_id_of_marker(layout.marker_file("00001-b")) == "00001-b"
+    assert layout.label_name(layout.label_file("000000000139")) == "000000000139"
+    for bad in ("shards/00000-a/annotations.json", "other/00000-a/_COMMITTED.json"):
+        with pytest.raises(ValueError, match="not a commit marker path"):
+            layout.shard_id_of_marker(bad)
+    with pytest.raises(ValueError, match="not a label file path"):
+        layout.label_name("labels/.png")
+
+
+def test_storage_retry_flags_set_the_policy():
+    parser = argparse.ArgumentParser()
+    cli.add_storage_retry_arguments(parser)
+    assert cli.retry_policy_from_args(parser.parse_args([])) == retry.DEFAULT
+    policy = cli.retry_policy_from_args(parser.parse_args(["--storage-retries", "2", "--storage-backoff", "0.25"]))
+    assert policy == retry.RetryPolicy(attempts=2, base_s=0.25, cap_s=retry.DEFAULT.cap_s)
+    assert Store.open("memory://retry-flags", retry=policy).retry_policy == policy
+    for argv in (["--storage-retries", "0"], ["--storage-backoff", "-1"]):
+        with pytest.raises(ValueError, match="--storage-retries / --storage-backoff"):
+            cli.retry_policy_from_args(parser.parse_args(argv))
+
+
+def test_a_store_retries_as_often_as_its_policy_says(tmp_path, monkeypatch):
+    """Two transient faults: a store allowed two attempts gives up, one allowed three succeeds."""
+    for attempts, ok in ((2, False), (3, True)):
+        store = Store.open(str(tmp_path / f"run{attempts}"), retry=retry.RetryPolicy(attempts, 0.0, 0.0))
+        store.write_many({"x.txt": b"x"})
+        faults = [TimeoutError("slow"), TimeoutError("slow")]
+        real = store.fs.cat_file
+
+        def flaky(path, *a, faults=faults, real=real, **k):
+            if faults:
+                raise faults.pop()
+            return real(path, *a, **k)
+
+        with monkeypatch.context() as patch:  # local filesystems are shared instances: undo each time
+            patch.setattr(store.fs, "cat_file", flaky)
+            if ok:
+                assert store.read("x.txt") == b"x"
+            else:
+                with pytest.raises(retry.StorageError):
+                    store.read("x.txt")

@@ -17,9 +17,12 @@ import pytest
 import s3fs
 from PIL import Image
 
-from pipeline import retry, storage
+from pipeline import retry
 from pipeline.shards import _load
-from pipeline.stats import Failure
+from pipeline.storage import commit, layout
+from pipeline.storage.merge import merge
+from pipeline.storage.store import StorageAccessError, Store, check_access
+from pipeline.types import Failure, shard_id_for
 from tests import faulty_s3
 from tests.conftest import blob_image
 from tests.test_storage import CATEGORIES, FP, all_files, shard_inputs
@@ -76,22 +79,22 @@ def bucket(s3_endpoint: str, name: str) -> s3fs.S3FileSystem:
     return fs
 
 
-def write_and_merge(store: storage.Store, shards: int = 2) -> list[str]:
+def write_and_merge(store: Store, shards: int = 2) -> list[str]:
     """Two shards (one with a failed image), committed and merged: every Store operation in use."""
     ids = []
     for k in range(shards):
         results = shard_inputs(3, offset=10 * k)
         failures = [(f"bad-{k}", "decode_error", "cannot identify image file")] if k else []
-        shard_id = storage.shard_id_for(k, [r.image_id for r in results] + [f[0] for f in failures])
-        storage.write_shard(store, shard_id, results, failures, CATEGORIES, FP)
+        shard_id = shard_id_for(k, [r.image_id for r in results] + [f[0] for f in failures])
+        commit.write_shard(store, shard_id, results, failures, CATEGORIES, FP)
         ids.append(shard_id)
-    storage.merge(store, ids, FP)
+    merge(store, ids, FP)
     return ids
 
 
 def reference_files(s3_endpoint: str, name: str) -> dict[str, bytes]:
     bucket(s3_endpoint, name)
-    store = storage.Store.open(f"s3://{name}/run1", **options(s3_endpoint))
+    store = Store.open(f"s3://{name}/run1", **options(s3_endpoint))
     write_and_merge(store)
     return all_files(store)
 
@@ -112,14 +115,14 @@ def test_faulty_run_writes_merges_and_reads_back_identical_bytes(s3_endpoint, pr
     twice = {"reset": 2}  # aiohttp resends after one reset
     proxy.reads = faulty_s3.seeded(1, {"reset": 0.3, "slowdown": 0.3, "timeout": 0.06, "truncate": 0.3}, twice)
     proxy.writes = faulty_s3.seeded(2, {"reset": 0.3, "slowdown": 0.3, "timeout": 0.06, "truncate": 0.3}, twice)
-    store = storage.Store.open("s3://faults-run/run1", retry=TINY, **options(proxy.url))
+    store = Store.open("s3://faults-run/run1", retry=TINY, **options(proxy.url))
 
     with caplog.at_level(logging.WARNING, logger="pipeline.retry"):
         ids = write_and_merge(store)
-    assert all(storage.is_committed(store, s, FP) for s in ids)
+    assert all(commit.is_committed(store, s, FP) for s in ids)
     assert {rel: store.read(rel) for rel in expected} == expected  # read back through the faults
 
-    written = all_files(storage.Store(direct, "faults-run/run1"))
+    written = all_files(Store(direct, "faults-run/run1"))
     assert written.keys() == expected.keys() and "merged/_MERGED.json" in written
     assert written == expected
     for direction, kinds in (("read", ("reset", "slowdown", "timeout", "truncate")),
@@ -133,19 +136,19 @@ def test_library_retries_and_ours_together(s3_endpoint, proxy, caplog):
     """Library defaults (botocore legacy mode: 5 attempts; s3fs: 5 attempts) with ours outside:
     the libraries absorb most faults; a body cut short 5 times outlasts s3fs and reaches ours."""
     bucket(s3_endpoint, "faults-lib-ref")
-    reference = storage.Store.open("s3://faults-lib-ref/run1", **options(s3_endpoint))
-    storage.write_shard(reference, "s", shard_inputs(3), [], CATEGORIES, FP)
+    reference = Store.open("s3://faults-lib-ref/run1", **options(s3_endpoint))
+    commit.write_shard(reference, "s", shard_inputs(3), [], CATEGORIES, FP)
     bucket(s3_endpoint, "faults-lib")
     marker_get, others = "GET /faults-lib/run1/shards/s/_COMMITTED.json", faulty_s3.seeded(3, {"reset": 0.3})
     proxy.reads = lambda key, seen: ("truncate" if seen < 5 else None) if key == marker_get else others(key, seen)
     proxy.writes = faulty_s3.seeded(4, {"reset": 0.3, "slowdown": 0.3})
-    store = storage.Store.open("s3://faults-lib/run1", retry=TINY, **options(proxy.url, library_retries=True))
+    store = Store.open("s3://faults-lib/run1", retry=TINY, **options(proxy.url, library_retries=True))
 
     with caplog.at_level(logging.WARNING, logger="pipeline.retry"):
-        marker = storage.write_shard(store, "s", shard_inputs(3), [], CATEGORIES, FP)
-        assert storage.read_marker(store, "s") == marker
+        marker = commit.write_shard(store, "s", shard_inputs(3), [], CATEGORIES, FP)
+        assert commit.read_marker(store, "s") == marker
 
-    assert all_files(storage.Store.open("s3://faults-lib/run1", **options(s3_endpoint))) == all_files(reference)
+    assert all_files(Store.open("s3://faults-lib/run1", **options(s3_endpoint))) == all_files(reference)
     assert proxy.injected[("write", "reset")] > 0 and proxy.injected[("write", "slowdown")] > 0
     assert proxy.injected[("read", "truncate")] == 5 and retried_errors(caplog) == {"ClientPayloadError"}
 
@@ -153,7 +156,7 @@ def test_library_retries_and_ours_together(s3_endpoint, proxy, caplog):
 def test_a_permanent_write_error_is_not_retried(s3_endpoint, proxy, only_our_retries):
     bucket(s3_endpoint, "faults-denied")
     proxy.writes = faulty_s3.always("denied")
-    store = storage.Store.open("s3://faults-denied/run1", retry=TINY, **options(proxy.url))
+    store = Store.open("s3://faults-denied/run1", retry=TINY, **options(proxy.url))
     with pytest.raises(PermissionError):
         store.write_many({"a.json": b"{}"})
     assert proxy.requests["PUT /faults-denied/run1/a.json"] == 1
@@ -161,7 +164,7 @@ def test_a_permanent_write_error_is_not_retried(s3_endpoint, proxy, only_our_ret
 
 def test_a_missing_file_reads_as_none_without_retries(s3_endpoint, proxy, only_our_retries):
     bucket(s3_endpoint, "faults-missing")
-    store = storage.Store.open("s3://faults-missing/run1", retry=TINY, **options(proxy.url))
+    store = Store.open("s3://faults-missing/run1", retry=TINY, **options(proxy.url))
     assert store.read("nothing.json") is None
     assert proxy.requests["HEAD /faults-missing/run1/nothing.json"] == 1
 
@@ -213,14 +216,14 @@ def test_a_missing_image_is_missing_and_not_retried(image_uri, proxy, only_our_r
 # --- check_access ------------------------------------------------------------------------------
 
 
-def credentialed(url: str, endpoint: str) -> storage.Store:
-    return storage.Store.open(url, retry=TINY, key="dummy-key-id", secret=SECRET, **options(endpoint))
+def credentialed(url: str, endpoint: str) -> Store:
+    return Store.open(url, retry=TINY, key="dummy-key-id", secret=SECRET, **options(endpoint))
 
 
 def test_check_access_passes_through_transient_faults_and_leaves_nothing(s3_endpoint, proxy, only_our_retries):
     direct = bucket(s3_endpoint, "faults-ok")
     proxy.reads = proxy.writes = faulty_s3.first("reset", "slowdown")
-    storage.check_access(credentialed("s3://faults-ok/run1", proxy.url))
+    check_access(credentialed("s3://faults-ok/run1", proxy.url))
     probes = [key for key in proxy.requests if key.startswith("PUT /faults-ok/run1/_probe/")]
     assert len(probes) == 1 and proxy.requests[probes[0]] == 3
     assert proxy.injected[("read", "reset")] > 0 and proxy.injected[("write", "slowdown")] > 0
@@ -230,8 +233,8 @@ def test_check_access_passes_through_transient_faults_and_leaves_nothing(s3_endp
 
 def test_check_access_names_a_missing_bucket(s3_endpoint, only_our_retries):
     store = credentialed("s3://faults-no-such-bucket/run1", s3_endpoint)
-    with pytest.raises(storage.StorageAccessError) as caught:
-        storage.check_access(store)
+    with pytest.raises(StorageAccessError) as caught:
+        check_access(store)
     message = str(caught.value)
     assert message == "cannot write to s3://faults-no-such-bucket/run1: the bucket does not exist (NoSuchBucket)"
     assert isinstance(caught.value, ValueError) and isinstance(caught.value.__cause__, FileNotFoundError)
@@ -240,8 +243,8 @@ def test_check_access_names_a_missing_bucket(s3_endpoint, only_our_retries):
 def test_check_access_says_permission_denied_without_credentials(s3_endpoint, proxy, only_our_retries):
     bucket(s3_endpoint, "faults-forbidden")
     proxy.writes = faulty_s3.always("denied")
-    with pytest.raises(storage.StorageAccessError, match="permission denied") as caught:
-        storage.check_access(credentialed("s3://faults-forbidden/run1", proxy.url))
+    with pytest.raises(StorageAccessError, match="permission denied") as caught:
+        check_access(credentialed("s3://faults-forbidden/run1", proxy.url))
     message = str(caught.value)
     assert message.startswith("cannot write to s3://faults-forbidden/run1: ") and "AccessDenied" in message
     assert "check the credentials" in message
@@ -252,18 +255,18 @@ def test_check_access_says_permission_denied_without_credentials(s3_endpoint, pr
 def test_check_access_reports_a_fault_that_outlasts_the_retries(s3_endpoint, proxy, only_our_retries):
     bucket(s3_endpoint, "faults-flaky")
     proxy.writes = faulty_s3.always("reset")
-    store = storage.Store.open("s3://faults-flaky/run1", retry=retry.RetryPolicy(3, 0.01, 0.01), **options(proxy.url))
-    with pytest.raises(storage.StorageAccessError, match=r"cannot write to s3://faults-flaky/run1: still failing "
+    store = Store.open("s3://faults-flaky/run1", retry=retry.RetryPolicy(3, 0.01, 0.01), **options(proxy.url))
+    with pytest.raises(StorageAccessError, match=r"cannot write to s3://faults-flaky/run1: still failing "
                                                          r"after 3 attempts \(EndpointConnectionError"):  # fmt: skip
-        storage.check_access(store)
+        check_access(store)
 
 
 def test_check_access_on_a_local_prefix(tmp_path):
-    storage.check_access(storage.Store.open(str(tmp_path / "out")))
-    assert list((tmp_path / "out" / storage.PROBE_DIR).iterdir()) == []
+    check_access(Store.open(str(tmp_path / "out")))
+    assert list((tmp_path / "out" / layout.PROBE_DIR).iterdir()) == []
     (tmp_path / "file").write_bytes(b"x")
-    with pytest.raises(storage.StorageAccessError, match=r"cannot write to .*/file/out: (FileExistsError|NotADir)"):
-        storage.check_access(storage.Store.open(str(tmp_path / "file" / "out")))
+    with pytest.raises(StorageAccessError, match=r"cannot write to .*/file/out: (FileExistsError|NotADir)"):
+        check_access(Store.open(str(tmp_path / "file" / "out")))
 
 
 # --- retry.call and is_transient, no network ---------------------------------------------------

@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import models, storage, weights
+from pipeline import models, weights
 from pipeline.bench.architectures import build_clip, build_sd
 from pipeline.config import SD21_BASE, SD21_BASE_FORMER, ClipConfig, ModelConfig, SDConfig, build_config
+from pipeline.storage import commit
+from pipeline.storage.store import Store
+from pipeline.types import run_fingerprint
 from pipeline.usecases import weights as weights_command
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +41,7 @@ def bucket(s3_endpoint, monkeypatch, tmp_path):
     monkeypatch.setenv(weights.CACHE_ENV, str(tmp_path / "node-cache"))
     opts = {"client_kwargs": {"endpoint_url": s3_endpoint}, "skip_instance_cache": True}
     name = f"w-{uuid.uuid4().hex[:12]}"
-    fs = storage.Store.open(f"s3://{name}", **opts).fs
+    fs = Store.open(f"s3://{name}", **opts).fs
     fs.mkdir(name)
     return name, opts, fs
 
@@ -156,20 +159,20 @@ def hub_cache(tmp_path, monkeypatch):
     return cache
 
 
-def _run_record(store: storage.Store, model_cfg: ModelConfig, overwrite: bool = False) -> dict:
+def _run_record(store: Store, model_cfg: ModelConfig, overwrite: bool = False) -> dict:
     config = build_config("voc-vit-b16", {"model": {"clip": {"model": model_cfg.clip.model, "pretrained": None,
                                                              "checkpoint": model_cfg.clip.checkpoint},
                                                     "sd": {"model": model_cfg.sd.model}, "device": "cpu"}})  # fmt: skip
     pinned, fp = models.pin_weights(config.model)  # as jobs/label_coco.py does
     config = dataclasses.replace(config, model=pinned)
-    run = storage.run_fingerprint(config.fingerprint(), fp, "0" * 64)
-    return storage.write_run(store, run, config.to_dict(), fp, overwrite=overwrite)
+    run = run_fingerprint(config.fingerprint(), fp, "0" * 64)
+    return commit.write_run(store, run, config.to_dict(), fp, overwrite=overwrite)
 
 
 def test_a_run_found_under_the_old_sd_id_resumes_under_the_new_id_and_a_changed_file_is_refused(
     tiny_paths, hub_cache, tmp_path
 ):
-    store = storage.Store.open(str(tmp_path / "run"))
+    store = Store.open(str(tmp_path / "run"))
     clip = _tiny_clip(tiny_paths)
     old = _hub_snapshot(hub_cache, SD21_BASE_FORMER, tiny_paths["sd_dir"], "a" * 40)
     first = _run_record(store, ModelConfig(clip=clip, sd=SDConfig(model=SD21_BASE_FORMER)))

@@ -13,12 +13,15 @@ from typing import Any
 
 import fsspec
 
-from pipeline import refine, shards, storage
+from pipeline import refine, shards
 from pipeline.bench.common import FINGERPRINT, synchronize
 from pipeline.decode import decode_image
-from pipeline.labeler import Labeler, LabelRequest
+from pipeline.labeler import Labeler
 from pipeline.manifest import Shard
 from pipeline.shards import label_shard
+from pipeline.storage import commit
+from pipeline.storage.store import Store
+from pipeline.types import LabelRequest
 
 # ---------------------------------------------------------------- busy fraction and overlap
 
@@ -56,7 +59,7 @@ def synthetic_shard(blobs: Sequence[bytes], tags: Sequence[int], root: str) -> S
     return Shard("00000-bench", tuple(records))
 
 
-def serial_shard(labeler: Labeler, shard: Shard, store: storage.Store) -> None:
+def serial_shard(labeler: Labeler, shard: Shard, store: Store) -> None:
     """The shard with nothing overlapped: read, decode, segment, infer, finish, write in turn.
     Reading, decoding and segmenting are ``label_shard``'s own steps (``shards._request``), and so
     is the batching, so the two passes differ only in what overlaps."""
@@ -67,7 +70,7 @@ def serial_shard(labeler: Labeler, shard: Shard, store: storage.Store) -> None:
         if len(requests) != len(loaded):
             raise ValueError(f"shard {shard.shard_id}: an image of the benchmark's own shard failed to load")
         results += [labeler.finish(w) for w in labeler.infer(requests)]
-    storage.write_shard(store, shard.shard_id, results, [], list(labeler.categories.values()), FINGERPRINT)
+    commit.write_shard(store, shard.shard_id, results, [], list(labeler.categories.values()), FINGERPRINT)
 
 
 def gil_share(fn: Callable[[], object], seconds: float = 1.0) -> float:
@@ -98,7 +101,7 @@ def gil_share(fn: Callable[[], object], seconds: float = 1.0) -> float:
 
 def _shard_pass(labeler: Labeler, shard: Shard, overlapped: bool, io_threads: int) -> tuple[float, float]:
     """(wall seconds, seconds inside ``infer``) of one pass over ``shard``."""
-    store = storage.Store.open("memory://bench-busy-out")
+    store = Store.open("memory://bench-busy-out")
     with InferTimer(labeler).installed() as timer:
         t0 = time.perf_counter()
         if overlapped:
@@ -154,7 +157,7 @@ class SimulatedGPU:
     def rate(self, shard: Shard, io_threads: int) -> dict[str, float]:
         """images/s of ``label_shard`` with this stand-in, and the stand-in's busy fraction."""
         self.busy = 0.0
-        store = storage.Store.open("memory://bench-sim-out")
+        store = Store.open("memory://bench-sim-out")
         self.labeler.infer = self  # type: ignore[method-assign]
         try:
             t0 = time.perf_counter()

@@ -19,8 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from pipeline import compensation
 from pipeline.bench.architectures import clip_models, sd_models
 from pipeline.config import Config, build_config
-from pipeline.labeler import Category, Labeler
+from pipeline.labeler import Labeler
 from pipeline.models import DTYPES, ClipModels
+from pipeline.types import Category
 
 # size -> (open_clip architecture, SD shape, preset)
 SIZES = {

@@ -22,10 +22,11 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from pipeline import audit, consensus, storage
+from pipeline import audit, consensus, types
 from pipeline.config import Config
-from pipeline.labeler import LabelResult
-from pipeline.labels import IGNORE
+from pipeline.storage import commit
+from pipeline.storage.store import Store
+from pipeline.types import IGNORE, LabelResult
 
 CATS = [{"id": i, "name": f"class{i}"} for i in range(1, 6)]
 SIZE = (96, 128)
@@ -106,15 +107,15 @@ def write_runs(out: Path, images: int, seed: int) -> dict[str, np.ndarray]:
         for name, err in ERRORS.items():
             maps[name][key] = simulate(objects, err, rng)
     for name in ERRORS:
-        store = storage.Store.open(str(out / name))
+        store = Store.open(str(out / name))
         model = {"simulated": name}
-        run = storage.run_fingerprint(Config().fingerprint(), model, storage.manifest_fingerprint([{"seed": seed}]))
-        storage.write_run(store, run, Config().to_dict(), model, overwrite=True)
+        run = types.run_fingerprint(Config().fingerprint(), model, types.manifest_fingerprint([{"seed": seed}]))
+        commit.write_run(store, run, Config().to_dict(), model, overwrite=True)
         keys = sorted(truth)
         for start in range(0, len(keys), SHARD):
             part = keys[start : start + SHARD]
             results = [_result(k, maps[name][k], tags[k]) for k in part]
-            storage.write_shard(store, storage.shard_id_for(start // SHARD, part), results, [], CATS, run.digest)
+            commit.write_shard(store, types.shard_id_for(start // SHARD, part), results, [], CATS, run.digest)
     return truth
 
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     outputs = {name: out / name for name in ERRORS}
     for combo in ("AB", "AC", "BC", "ABC"):
         inputs = consensus.open_inputs([str(out / n) for n in combo])
-        consensus.write_consensus(inputs, storage.Store.open(str(out / f"consensus-{combo}")))
+        consensus.write_consensus(inputs, Store.open(str(out / f"consensus-{combo}")))
         outputs[f"consensus {'+'.join(combo)}"] = out / f"consensus-{combo}"
     print(f"{args.images} synthetic images {SIZE[0]}x{SIZE[1]}, seed {args.seed}; errors: "
           + "; ".join(f"{k} {v}" for k, v in ERRORS.items()))  # fmt: skip

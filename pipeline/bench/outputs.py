@@ -19,8 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import coco, pngs, stats, storage
-from pipeline.labeler import LabelResult
+from pipeline import coco, pngs, stats
+from pipeline.storage import commit
+from pipeline.storage.store import Store
+from pipeline.types import LabelResult
 
 HEIGHT, WIDTH = 375, 500
 CLASS_IDS = (3, 8, 15)
@@ -40,7 +42,7 @@ def synthetic_result(index: int) -> LabelResult:
     k = len(CLASS_IDS)
     return LabelResult(
         image_id=f"bench_{index:06d}", label_map=label_map, class_ids=CLASS_IDS,
-        coarse=rng.random((k, 21, 28), dtype=np.float32), refined=rng.random((k, 64, 64), dtype=np.float32),
+        coarse=rng.random((k, 21, 28), dtype=np.float32), compensated=rng.random((k, 64, 64), dtype=np.float32),
         coarse_scores=rng.random(k, dtype=np.float32), final_scores=rng.random(k, dtype=np.float32),
         kept_ids=CLASS_IDS, decision=rng.random((k, HEIGHT, WIDTH), dtype=np.float32), segments=segments,
         timings={"clip_coarse": 0.1},
@@ -70,8 +72,8 @@ def time_stage(fn: Callable[[LabelResult], object], results: list[LabelResult], 
 def bytes_written(results: list[LabelResult]) -> dict[str, int]:
     """Total bytes per file kind for one shard of ``results`` written to a local temp dir."""
     with tempfile.TemporaryDirectory() as tmp:
-        store = storage.Store.open(tmp)
-        storage.write_shard(store, "00000-bench", results, [], CATEGORIES, "0" * 64)
+        store = Store.open(tmp)
+        commit.write_shard(store, "00000-bench", results, [], CATEGORIES, "0" * 64)
         totals: dict[str, int] = defaultdict(int)
         for path in Path(tmp).rglob("*"):
             if path.is_file():

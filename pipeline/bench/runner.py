@@ -16,9 +16,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pipeline import manifest, storage
-from pipeline.labeler import Category
-from pipeline.stats import Failure
+from pipeline import manifest
+from pipeline.storage import commit
+from pipeline.storage.store import Store
+from pipeline.types import Category, Failure
 
 
 def _peak_mib() -> float:
@@ -57,9 +58,9 @@ def _shard_memory(n: int, h: int, w: int) -> None:
             fs.pipe(f"/bench/{i}.jpg", buf.getvalue())
             records.append({"id": f"im{i:04d}", "uri": f"memory:///bench/{i}.jpg", "tags": [1, 7]})
         warm = next(manifest.shards(records[:1], 1))
-        label_shard(labeler, storage.Store.open("memory://warm"), warm, "0" * 64)
+        label_shard(labeler, Store.open("memory://warm"), warm, "0" * 64)
         base, t0 = _rss_mib(), time.perf_counter()
-        label_shard(labeler, storage.Store.open("memory://bench-out"), next(manifest.shards(records, n)), "0" * 64)
+        label_shard(labeler, Store.open("memory://bench-out"), next(manifest.shards(records, n)), "0" * 64)
         seconds, peak = time.perf_counter() - t0, _peak_mib()
     print(f"{'measure (one shard, tiny models, CPU)':<58}{'value':>14}")
     print(f"{'  images x size, batch size':<58}{f'{n} x {h}x{w}, {cfg.batch_size}':>14}")
@@ -93,13 +94,13 @@ def main(argv: list[str] | None = None) -> None:
         plan_s = time.perf_counter() - t0
         stream_peak = _peak_mib()
 
-        store = storage.Store.open(str(Path(tmp) / "out"))
+        store = Store.open(str(Path(tmp) / "out"))
         recs = ({"id": f"s{i}", "uri": f"x/{i}.jpg", "tags": [1]} for i in range(args.shards))
         shard_list = list(manifest.shards(recs, 1))
         for s in shard_list:  # committed shards holding one recorded failure each: markers only
-            storage.write_shard(store, s.shard_id, [], [Failure(s.records[0]["id"], "missing", "x")], cats, fp)
+            commit.write_shard(store, s.shard_id, [], [Failure(s.records[0]["id"], "missing", "x")], cats, fp)
         t0 = time.perf_counter()
-        skipped = sum(storage.is_committed(store, s.shard_id, fp) for s in shard_list)
+        skipped = sum(commit.is_committed(store, s.shard_id, fp) for s in shard_list)
         skip_s = time.perf_counter() - t0
 
     print(f"{'measure':<58}{'value':>14}")

@@ -17,8 +17,9 @@ from pipeline import compensation
 from pipeline.bench.common import Models, count_flops, median_seconds, synced_clock, synthetic_jpeg
 from pipeline.config import Config
 from pipeline.decode import decode_image
-from pipeline.labeler import Labeler, LabelRequest
+from pipeline.labeler import Labeler
 from pipeline.prompts import background_classes, templates
+from pipeline.types import LabelRequest
 
 # ---------------------------------------------------------------- chain order
 
@@ -293,6 +294,6 @@ def text_cache_identical(labeler: Labeler, req: LabelRequest) -> bool:
     cached = labeler.label([other, req])[1]
     fresh = Labeler(labeler.clip, labeler.sd, labeler.config, list(labeler.categories.values())).label([req])[0]
     return all(np.array_equal(getattr(cached, name), getattr(fresh, name))
-               for name in ("label_map", "coarse", "refined", "coarse_scores", "final_scores", "decision"))  # fmt: skip
+               for name in ("label_map", "coarse", "compensated", "coarse_scores", "final_scores", "decision"))  # fmt: skip
 
 

@@ -13,7 +13,7 @@ import fsspec
 import numpy as np
 import torch
 
-from pipeline import methods, storage
+from pipeline import methods
 from pipeline.bench.common import (
     CPU_STAGES,
     FINGERPRINT,
@@ -27,7 +27,10 @@ from pipeline.bench.common import (
 )
 from pipeline.config import build_config
 from pipeline.decode import decode_image
-from pipeline.labeler import Labeler, LabelRequest, LabelResult
+from pipeline.labeler import Labeler
+from pipeline.storage import commit
+from pipeline.storage.store import Store
+from pipeline.types import LabelRequest, LabelResult
 
 # ---------------------------------------------------------------- stages, batch sizes, dtypes
 
@@ -66,7 +69,7 @@ def batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
-def _label_batch(labeler: Labeler, blobs: Sequence[bytes], ids: Sequence[str], store: storage.Store,
+def _label_batch(labeler: Labeler, blobs: Sequence[bytes], ids: Sequence[str], store: Store,
                  shard_id: str) -> tuple[list[LabelResult], dict[str, float]]:  # fmt: skip
     """Decode, label, encode and write one batch serially; returns results and per-image seconds
     of the stages the labeler does not time itself."""
@@ -76,7 +79,7 @@ def _label_batch(labeler: Labeler, blobs: Sequence[bytes], ids: Sequence[str], s
     tags = tuple(labeler.categories)
     results = labeler.label([LabelRequest(i, im, tags) for i, im in zip(ids, images, strict=True)])
     t2 = time.perf_counter()
-    storage.write_shard(store, shard_id, results, [], list(labeler.categories.values()), FINGERPRINT)
+    commit.write_shard(store, shard_id, results, [], list(labeler.categories.values()), FINGERPRINT)
     n = len(blobs)
     return results, {"decode": (t1 - t0) / n, "encode_write": (time.perf_counter() - t2) / n}
 
@@ -86,7 +89,7 @@ def start_run(labeler: Labeler, batch_size: int, blobs: Sequence[bytes]) -> Stag
     labeler = with_batch_size(labeler, batch_size)
     device = labeler.clip.model.logit_scale.device
     warm = blobs[: batch_size if device.type == "cuda" else 1]
-    store = storage.Store.open("memory://bench-warm")
+    store = Store.open("memory://bench-warm")
     _label_batch(labeler, warm, [f"warm{i}" for i in range(len(warm))], store, "warm")
     fsspec.filesystem("memory").rm("memory://bench-warm", recursive=True)
     return StageRun(labeler.config.model.dtype, batch_size, labeler)
@@ -99,7 +102,7 @@ def stage_pass(run: StageRun, blobs: Sequence[bytes]) -> None:
         torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     root = f"memory://bench-stages-{run.dtype}-{run.batch_size}"
-    store = storage.Store.open(root)
+    store = Store.open(root)
     t0 = time.perf_counter()
     for b, chunk in enumerate(batches(list(blobs), run.batch_size)):
         ids = [f"img{b * run.batch_size + i:04d}" for i in range(len(chunk))]

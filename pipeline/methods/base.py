@@ -17,8 +17,8 @@ import torch
 
 if TYPE_CHECKING:
     from pipeline.config import Config
-    from pipeline.labeler import Category, LabelRequest
     from pipeline.models import ClipModels
+    from pipeline.types import Category, LabelRequest
 
 
 @dataclass(frozen=True)
@@ -45,14 +45,15 @@ class Assembly:
 class MethodOutput:
     """One image's maps, one entry per candidate class (``Item.class_ids`` order).
 
-    refined: [C, h, w] the score maps the label map is built from (any resolution);
+    compensated: [C, h, w] the score maps the label map is built from (any resolution; CLIPer's
+    SD-compensated map, CLIP-ES's CAA-refined map);
     final_scores: [C] class scores; coarse / coarse_scores: the method's first-stage map and scores
-    (the refined ones when it has no such stage); diagnostics: the method's own maps by name, as
+    (the compensated ones when it has no such stage); diagnostics: the method's own maps by name, as
     ``jobs/explain.py --dump`` writes them; tokens: [h, w, E] float32 L2-normalised final-layer
     patch features on the ViT grid, set only when ``discovery.enabled`` (None otherwise).
     """
 
-    refined: torch.Tensor
+    compensated: torch.Tensor
     final_scores: torch.Tensor
     coarse: torch.Tensor
     coarse_scores: torch.Tensor

@@ -15,8 +15,8 @@ from pipeline.methods.base import Assembly, Clock, Item, Method, MethodOutput
 
 if TYPE_CHECKING:
     from pipeline.config import Config
-    from pipeline.labeler import Category
     from pipeline.models import ClipModels
+    from pipeline.types import Category
 
 
 class ClipEs(Method):
@@ -73,7 +73,7 @@ class ClipEs(Method):
                                             len(item.class_ids), image.shape[:2], c.box_threshold,
                                             dense_tokens=self.config.discovery.enabled)  # fmt: skip
             item.output = MethodOutput(
-                refined=out.refined, final_scores=out.scores, coarse=out.cam, coarse_scores=out.scores,
+                compensated=out.refined, final_scores=out.scores, coarse=out.cam, coarse_scores=out.scores,
                 diagnostics={"cam": out.cam, "refined": out.refined, "box_mask": out.box_mask}, tokens=out.tokens,
             )  # fmt: skip
             item.timings["clip_es"] = clock() - t0

@@ -16,8 +16,8 @@ from pipeline.prompts import background_classes, templates
 
 if TYPE_CHECKING:
     from pipeline.config import Config
-    from pipeline.labeler import Category, LabelRequest
     from pipeline.models import ClipModels
+    from pipeline.types import Category, LabelRequest
 
 
 @dataclass
@@ -176,10 +176,10 @@ class Cliper(Method):
                 # Views of each layer's maps, not a stacked [layers, heads, n, n] copy.
                 chain = compensation.attention_chain([maps[name][j] for name in c.sd_layers], c.attention_thr)
                 assert w.coarse is not None and w.coarse_scores is not None  # set by _coarse
-                refined = compensation.compensate(chain, w.coarse.to(chain[0].device))
-                final = 0.5 * cliper.class_scores(refined[None])[0] + 0.5 * w.coarse_scores.to(refined.device)
-                w.output = MethodOutput(refined, final, w.coarse, w.coarse_scores,
-                                        {"coarse": w.coarse, "refined": refined}, w.tokens)  # fmt: skip
+                compensated = compensation.compensate(chain, w.coarse.to(chain[0].device))
+                final = 0.5 * cliper.class_scores(compensated[None])[0] + 0.5 * w.coarse_scores.to(compensated.device)
+                w.output = MethodOutput(compensated, final, w.coarse, w.coarse_scores,
+                                        {"coarse": w.coarse, "refined": compensated}, w.tokens)  # fmt: skip
                 w.timings.update({stage: sec / len(chunk) for stage, sec in split.items()})
                 w.timings["compensation"] = clock() - t0
             del maps

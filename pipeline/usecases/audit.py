@@ -16,7 +16,7 @@ from typing import Any
 import fsspec
 import numpy as np
 
-from pipeline import audit, report, stats
+from pipeline import audit, report, stats, types
 from pipeline.audit import LabelSource
 
 DESCRIPTION = """Audit pseudo labels against ground truth: Parquet tables, a one-screen summary and report.html.
@@ -136,7 +136,7 @@ def _missing_rows(result: audit.Audit, only_gt: list[str], only_pred: list[str],
     failed = {}
     if run_stats is not None:
         for r in run_stats.select(["image_id", "status", "error"]).to_pylist():
-            if r["status"] != stats.OK:
+            if r["status"] != types.OK:
                 failed[r["image_id"]] = f"the run failed this image: {r['status']}: {r['error']}"
     for key in only_gt:
         result.add_unscored(key, audit.MISSING_PRED, failed.get(key, "not in the prediction"))

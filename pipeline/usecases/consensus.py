@@ -9,7 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline import consensus, storage
+from pipeline import consensus
+from pipeline.storage.store import Store
 
 DESCRIPTION = """Consensus labels of several runs: the class where every run agrees, 255 where they disagree or
 any run ignores the pixel. Written under --out like a run (label PNGs, COCO annotations, stats,
@@ -25,7 +26,7 @@ def consensus_of(runs: Sequence[str], out: str, overwrite: bool = False) -> dict
     """Write the consensus of the output prefixes ``runs`` (two or more, A first) under ``out``,
     shard by shard as run A's, resuming committed shards; returns ``consensus.write_consensus``'s
     record (written, skipped, not_in_a, merged). Raises ``ValueError``/``FileNotFoundError``."""
-    return consensus.write_consensus(consensus.open_inputs(list(runs)), storage.Store.open(out), overwrite)
+    return consensus.write_consensus(consensus.open_inputs(list(runs)), Store.open(out), overwrite)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

@@ -15,10 +15,10 @@ import numpy as np
 from pipeline.cli import add_model_arguments, config_from_args
 from pipeline.config import Config
 from pipeline.decode import ImageDecodeError, read_image
-from pipeline.labeler import Category, Labeler, LabelRequest, LabelResult
-from pipeline.labels import IGNORE
+from pipeline.labeler import Labeler
 from pipeline.models import WeightsUnavailableError
 from pipeline.prompts import DATASET_CLASSES, class_prompt
+from pipeline.types import IGNORE, Category, LabelRequest, LabelResult
 
 DESCRIPTION = """Show what the labeler sees for one image and its tags.
 
@@ -140,13 +140,13 @@ def explain_image(config: Config, image_path: str, tags: Sequence[str], out: str
     folder.mkdir(parents=True, exist_ok=True)
     names = {c.id: c.name for c in cands}
     shown = [names[c] for c in result.class_ids]
-    maps = result.maps or {"coarse": result.coarse, "refined": result.refined}
+    maps = result.maps or {"coarse": result.coarse, "refined": result.compensated}
     for name, m in maps.items():
         _heatmaps(image, m.astype(np.float32), shown, name, folder / f"{name}.png")
     _overlay(image, result, names, folder / "overlay.png")
     if dump:
         Path(dump).parent.mkdir(parents=True, exist_ok=True)
-        fixed = dict(coarse=result.coarse, refined=result.refined, coarse_scores=result.coarse_scores,
+        fixed = dict(coarse=result.coarse, refined=result.compensated, coarse_scores=result.coarse_scores,
                      final_scores=result.final_scores, label_map=result.label_map,
                      class_ids=np.array(result.class_ids), class_names=np.array(shown),
                      method=np.array(config.method), maps=np.array(list(maps)))  # fmt: skip

@@ -17,11 +17,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import lease, manifest, methods, redact, storage
-from pipeline.cli import add_model_arguments, config_from_args, storage_options_from_arg
+from pipeline import lease, manifest, methods, redact, types
+from pipeline.cli import (
+    add_model_arguments,
+    add_storage_retry_arguments,
+    config_from_args,
+    retry_policy_from_args,
+    storage_options_from_arg,
+)
 from pipeline.config import Config, build_config
-from pipeline.labeler import Category
 from pipeline.models import WeightsUnavailableError, pin_weights
+from pipeline.retry import RetryPolicy
+from pipeline.storage import commit
+from pipeline.storage.merge import merge
+from pipeline.storage.store import Store, check_access
+from pipeline.types import Category
 
 DESCRIPTION = """Label a dataset on a Ray cluster (or a local Ray) and write COCO annotations, PNG label maps and
 Parquet statistics under --output. Rerun the same command to finish an interrupted run.
@@ -70,6 +80,7 @@ class JobSettings:
     lease_ttl_s: float = 300.0
     overwrite: bool = False
     merge: bool = True
+    storage_retry: RetryPolicy | None = None  # the output prefix's reads and writes; None: retry.DEFAULT
 
 
 @dataclass(frozen=True)
@@ -117,9 +128,9 @@ class Outcome:
 class _Prepared:
     config: Config
     inputs: Inputs
-    fingerprint: storage.RunFingerprint
+    fingerprint: types.RunFingerprint
     models_fp: dict
-    store: storage.Store
+    store: Store
 
 
 def read_inputs(dataset: Dataset, prompt_set: str, opts: dict) -> Inputs:
@@ -172,21 +183,21 @@ def check_image_root(records: Callable[[], Iterator[dict]], opts: dict) -> None:
         ) from None
 
 
-def _prepare(dataset: Dataset, output: str, config: Config, opts: dict) -> _Prepared:
+def _prepare(dataset: Dataset, output: str, config: Config, opts: dict, retry: RetryPolicy | None = None) -> _Prepared:
     """Inputs checked, weights pinned (hub commits), the run fingerprinted; nothing written."""
     redact.install(redact.secret_values(opts))  # storage libraries' error texts must not carry them
     inputs = read_inputs(dataset, config.cliper.prompt_set, opts)
     check_image_root(inputs.records, opts)
     pinned, models_fp = pin_weights(config.model, opts, need_sd=methods.needs_sd(config))
     config = dataclasses.replace(config, model=pinned)
-    run_fp = storage.run_fingerprint(config.fingerprint(), models_fp, inputs.fingerprint)
-    return _Prepared(config, inputs, run_fp, models_fp, storage.Store.open(output, **opts))
+    run_fp = types.run_fingerprint(config.fingerprint(), models_fp, inputs.fingerprint)
+    return _Prepared(config, inputs, run_fp, models_fp, Store.open(output, retry=retry, **opts))
 
 
 def _plan(p: _Prepared) -> Plan:
     shard_ids = [s.shard_id for s in manifest.shards(p.inputs.records(), p.config.shard_size)]
-    committed = sum(storage.is_committed(p.store, sid, p.fingerprint.digest) for sid in shard_ids)
-    old = storage.read_run(p.store)
+    committed = sum(commit.is_committed(p.store, sid, p.fingerprint.digest) for sid in shard_ids)
+    old = commit.read_run(p.store)
     return Plan(len(shard_ids), committed, p.config.shard_size, not old or old["fingerprint"] == p.fingerprint.digest)
 
 
@@ -207,15 +218,15 @@ def label_dataset(dataset: Dataset, output: str, config: Config, settings: JobSe
     prefix held by another driver or run, storage not writable, actors that cannot be placed),
     ``WeightsUnavailableError`` or ``OSError``; per-image problems are stats rows, not errors."""
     opts = storage_options or {}
-    p = _prepare(dataset, output, config, opts)
-    storage.check_access(p.store)
+    p = _prepare(dataset, output, config, opts, settings.storage_retry)
+    check_access(p.store)
     keeper = lease.Keeper(p.store, settings.lease_ttl_s)
     with keeper:  # one driver per prefix: a second one is refused here (LeaseHeldError)
-        storage.write_run(p.store, p.fingerprint, p.config.to_dict(), p.models_fp, overwrite=settings.overwrite)
+        commit.write_run(p.store, p.fingerprint, p.config.to_dict(), p.models_fp, overwrite=settings.overwrite)
         summary = _run(p, output, settings, opts, progress(p.inputs.count) if progress else None, keeper.lost)
     merged = None
     if settings.merge and not summary.stopped_early and not summary.shards_failed and summary.committed:
-        merged = storage.merge(p.store, sorted(summary.committed), p.fingerprint.digest)
+        merged = merge(p.store, sorted(summary.committed), p.fingerprint.digest)
     return Outcome(summary, merged)
 
 
@@ -226,6 +237,7 @@ def _run(p: _Prepared, output: str, settings: JobSettings, opts: dict, progress,
     options = runner.RunOptions(num_actors=settings.num_actors, max_attempts=settings.max_attempts,
                                 max_failure_rate=settings.max_failure_rate, storage_options=opts,
                                 actor_cpus=settings.actor_cpus, model_fingerprint=p.models_fp,
+                                storage_retry=p.store.retry_policy,
                                 **{k: v for k, v in timeouts.items() if v is not None})  # fmt: skip
     shards = manifest.shards(p.inputs.records(), p.config.shard_size)
     return runner.run(p.config, p.inputs.categories, shards, output, p.fingerprint.digest, options, progress,
@@ -267,6 +279,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help="fsspec options for every URL (endpoint, region, ...): inline JSON, or a JSON file's path "
                           "(credentials only in a file or the environment)")  # fmt: skip
     add_model_arguments(p)
+    add_storage_retry_arguments(p)
     return p
 
 
@@ -312,7 +325,8 @@ def _settings(args: argparse.Namespace) -> JobSettings:
     return JobSettings(num_actors=args.num_actors, max_attempts=args.max_attempts,
                        max_failure_rate=args.max_failure_rate, shard_timeout_s=args.shard_timeout,
                        startup_timeout_s=args.startup_timeout, actor_cpus=args.actor_cpus,
-                       lease_ttl_s=args.lease_ttl, overwrite=args.overwrite, merge=not args.no_merge)  # fmt: skip
+                       lease_ttl_s=args.lease_ttl, overwrite=args.overwrite, merge=not args.no_merge,
+                       storage_retry=retry_policy_from_args(args))  # fmt: skip
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -1,0 +1,98 @@
+"""Merge: every committed shard of a run into ``merged/`` (one COCO file, one Parquet dataset
+per table), each file checked against its shard's marker; ``merged/_MERGED.json`` last.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import coco, schemas, stats
+from pipeline.storage import commit, layout, outputs
+from pipeline.storage.store import Store
+from pipeline.types import sha256_hex
+
+FILE_ROWS = 8 * stats.ROW_GROUP_ROWS  # rows per file of a merged Parquet dataset
+
+
+def _read_checked(store: Store, rel: str, marker: Mapping[str, Any]) -> bytes:
+    data = store.read(rel)
+    expected = marker["files"].get(rel)
+    if data is None or expected is None or sha256_hex(data) != expected["sha256"]:
+        raise ValueError(f"{store.path(rel)} is missing or does not match the sha256 in its shard's commit marker; "
+                         f"delete the shard's {layout.MARKER} to redo it")  # fmt: skip
+    return data
+
+
+def _committed_markers(store: Store, shard_ids: Sequence[str], fingerprint: str) -> list[dict[str, Any]]:
+    markers = []
+    for shard_id in sorted(shard_ids):
+        marker = commit.read_marker(store, shard_id)
+        if marker is None or marker["fingerprint"] != fingerprint:
+            raise ValueError(f"shard {shard_id} is not committed by this run (fingerprint {fingerprint[:12]}); "
+                             "run it before merging")  # fmt: skip
+        markers.append(marker)
+    return markers
+
+
+def _parquet_parts(tables: Iterable[pa.Table], file_rows: int) -> Iterator[pa.Table]:
+    """Regroup a stream of tables into tables of ``file_rows`` rows (the last one shorter)."""
+    buffer: list[pa.Table] = []
+    rows = 0
+    for table in tables:
+        buffer.append(table)
+        rows += table.num_rows
+        while rows >= file_rows:
+            whole = pa.concat_tables(buffer)
+            yield whole.slice(0, file_rows)
+            buffer, rows = [whole.slice(file_rows)], rows - file_rows
+    if rows:
+        yield pa.concat_tables(buffer)
+
+
+def _merge_table(store: Store, name: str, markers: Sequence[Mapping[str, Any]], file_rows: int) -> dict[str, int]:
+    """Write ``merged/<name>/part-NNNNN.parquet`` from every shard's table, in shard order."""
+
+    def tables() -> Iterator[pa.Table]:
+        for marker in markers:
+            rel = layout.table_file(marker["shard_id"], name)
+            data = store.read(rel) if name in outputs.VOLATILE_TABLES else _read_checked(store, rel, marker)
+            if data is None:
+                raise ValueError(f"{store.path(rel)} is missing although its shard is committed")
+            table = pq.read_table(io.BytesIO(data))
+            schemas.check_table(name, table)
+            yield table
+
+    store.remove_tree(layout.merged_table_dir(name))
+    parts, rows = 0, 0
+    for part in _parquet_parts(tables(), file_rows):
+        store.write_many({layout.merged_part(name, parts): stats.parquet_bytes(part)})
+        parts, rows = parts + 1, rows + part.num_rows
+    if not parts:  # an empty table still tells readers the schema
+        store.write_many({layout.merged_part(name, 0): stats.parquet_bytes(stats.to_table(name, []))})
+        parts = 1
+    return {"files": parts, "rows": rows}
+
+
+def merge(store: Store, shard_ids: Sequence[str], fingerprint: str, file_rows: int = FILE_ROWS) -> dict[str, Any]:
+    """Merge committed shards (in sorted shard-id order) into ``merged/``; returns the summary also
+    written to ``merged/_MERGED.json`` (last). Raises ValueError if a shard is not committed by
+    this run or a file does not match its marker's checksum."""
+    if not shard_ids:
+        raise ValueError("merge needs at least one shard id")
+    markers = _committed_markers(store, shard_ids, fingerprint)
+    store.remove_files([layout.MERGED_MARKER])
+    docs = [json.loads(_read_checked(store, layout.shard_file(m["shard_id"], layout.ANNOTATIONS), m)) for m in markers]
+    merged = coco.merge_coco(docs, {"description": "tag2mask pseudo-labels", "fingerprint": fingerprint})
+    store.write_many({layout.MERGED_ANNOTATIONS: json.dumps(merged, separators=(",", ":")).encode()})
+    tables = {name: _merge_table(store, name, markers, file_rows) for name in outputs.TABLES + outputs.VOLATILE_TABLES}
+    counts = {key: sum(m["counts"][key] for m in markers) for key in markers[0]["counts"]}
+    summary = {"fingerprint": fingerprint, "shards": [m["shard_id"] for m in markers], "counts": counts,
+               "tables": tables}  # fmt: skip
+    store.write_many({layout.MERGED_MARKER: json.dumps(summary, indent=1).encode()})
+    return summary
