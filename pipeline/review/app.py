@@ -28,7 +28,7 @@ from pipeline.decode import ImageDecodeError, decode_image
 from pipeline.review import render
 from pipeline.review.decisions import DECISIONS, DecisionLog
 from pipeline.review.queries import PAGE_SIZES, GalleryQuery, RunIndex
-from pipeline.review.run import ReviewRun, open_review_run
+from pipeline.review.run import ReviewRun, image_url, open_review_run
 from pipeline.review.tryit import Trier, TryUnavailable, parse_tags
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Review:
     def picture(self, row: dict[str, Any], shape: tuple[int, int]) -> np.ndarray | None:
         """The image (HWC uint8 RGB, oriented to the label map's ``shape``), or None when it cannot be read."""
         name = self.run.file_names(row["shard_id"]).get(row["image_id"])
-        url = _resolve(name, self.images)
+        url = image_url(name, self.images)
         if url is None:
             return None
         import fsspec
@@ -107,18 +107,6 @@ class Review:
 
     def refresh(self) -> None:
         self.index.set_decisions({k: d.decision for k, d in self.decisions.latest().items()})
-
-
-def _resolve(file_name: str | None, images: str | None) -> str | None:
-    """Where an image's file is: its recorded URL or absolute path as is; a relative name under
-    ``images`` (refused when it climbs out with ``..``); None when unknown."""
-    if not file_name:
-        return None
-    if "://" in file_name or file_name.startswith("/"):
-        return file_name
-    if images is None or ".." in file_name.split("/"):
-        return None
-    return f"{images.rstrip('/')}/{file_name}"
 
 
 def _review(request: Request) -> Review:

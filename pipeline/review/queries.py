@@ -179,14 +179,10 @@ class RunIndex:
             self.con.register("decisions", table)
 
     def _sql(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        with self._lock:
-            cur = self.con.cursor()
-            try:
-                result = cur.execute(sql, list(params))
-                names = [d[0] for d in result.description]
-                return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
-            finally:
-                cur.close()
+        with self._lock:  # one connection: registered Arrow tables are visible to it alone
+            result = self.con.execute(sql, list(params))
+            names = [d[0] for d in result.description]
+            return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
 
     # --- the gallery -----------------------------------------------------------------------
 

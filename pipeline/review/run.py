@@ -108,7 +108,14 @@ def open_review_run(url: str, **storage_options: Any) -> ReviewRun:
                      categories, (record or {}).get("config", {}))  # fmt: skip
 
 
-def label_colours() -> list[tuple[int, int, int]]:
-    """RGB of each label value 0..255, as the run's label PNGs colour them."""
-    raw = palette()
-    return [(raw[3 * i], raw[3 * i + 1], raw[3 * i + 2]) for i in range(256)]
+def image_url(file_name: str | None, images: str | None) -> str | None:
+    """Where an image's file is, from the ``file_name`` the run's COCO file records: a URL or an
+    absolute path as it is; a relative name under ``images`` (None when it climbs out with
+    ``..``, or no root is given); None when unknown."""
+    if not file_name:
+        return None
+    if "://" in file_name or file_name.startswith("/"):
+        return file_name
+    if images is None or ".." in file_name.split("/"):
+        return None
+    return f"{images.rstrip('/')}/{file_name}"
