@@ -1,6 +1,10 @@
 """The run as the review app and the exports read it: the one module of ``pipeline.review`` that
 imports the storage layer, so the names it needs can be re-pointed in one place.
 
+The storage layer is imported when a run is opened, not with this module: today
+``pipeline.storage`` pulls in torch and open_clip (through coco -> labels), which the app's
+pages do not need; once it no longer does, these imports can move to the top.
+
 Only shards committed under ``run.json``'s fingerprint count (as ``audit.open_run`` reads a run).
 Stats come from ``merged/`` when its ``_MERGED.json`` carries the run's fingerprint, else from
 the committed shards' own Parquet files; either way they are listed, never loaded here.
@@ -13,10 +17,12 @@ import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.pngs import decode_png, palette
-from pipeline.storage import MARKER, MERGED_MARKER, RUN_FILE, Store, read_marker, read_run, shard_dir
+
+if TYPE_CHECKING:
+    from pipeline.storage import Store
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +71,16 @@ class ReviewRun:
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one run per app; shards are small
     def file_names(self, shard_id: str) -> dict[str, str]:
         """Manifest id -> the image's ``file_name`` from the shard's COCO file."""
+        from pipeline.storage import shard_dir
+
         data = self.read(f"{shard_dir(shard_id)}/annotations.json")
         doc = json.loads(data) if data else {"images": []}
         return {str(im.get("source_id", im["id"])): im["file_name"] for im in doc["images"]}
 
 
 def _committed(store: Store, fingerprint: str | None) -> list[str]:
+    from pipeline.storage import MARKER, read_marker
+
     found = store.fs.glob(f"{store.path('shards')}/*/{MARKER}")
     shards = []
     for shard_id in sorted(p.rsplit("/", 2)[-2] for p in found):
@@ -81,6 +91,8 @@ def _committed(store: Store, fingerprint: str | None) -> list[str]:
 
 
 def _merged_files(store: Store, fingerprint: str | None, name: str) -> list[str] | None:
+    from pipeline.storage import MERGED_MARKER
+
     data = store.read(MERGED_MARKER)
     if data is None or (fingerprint is not None and json.loads(data).get("fingerprint") != fingerprint):
         return None
@@ -90,6 +102,8 @@ def _merged_files(store: Store, fingerprint: str | None, name: str) -> list[str]
 def open_review_run(url: str, **storage_options: Any) -> ReviewRun:
     """Open the run under ``url`` (local path or fsspec URL). Raises ValueError when nothing
     under it is committed by the run in its ``run.json``."""
+    from pipeline.storage import MARKER, RUN_FILE, Store, read_run, shard_dir
+
     store = Store.open(url, **storage_options)
     record = read_run(store)
     fingerprint = record["fingerprint"] if record else None
