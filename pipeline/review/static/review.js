@@ -13,6 +13,9 @@ function setupRanges() {
   });
   const form = document.getElementById("filters");
   if (!form) return;
+  // Picking a class brings its score and pixel-share sliders: apply at once.
+  const cat = form.querySelector("select[name=cat]");
+  cat.addEventListener("change", () => form.requestSubmit());
   form.addEventListener("submit", () => {
     // Only the sliders a user moved (or that were already set) become URL parameters.
     form.querySelectorAll("fieldset.range input[type=hidden]").forEach((h) => h.remove());
