@@ -33,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.cli import storage_options_from_arg
 
     try:
-        s = export(args.run, args.to, args.out, args.rejected, args.images, storage_options_from_arg(args.storage_options))
+        s = export(
+            args.run, args.to, args.out, args.rejected, args.images, storage_options_from_arg(args.storage_options)
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -195,8 +195,9 @@ def brush_rle(mask: np.ndarray) -> list[int]:
 def label_config(names: Mapping[int, str]) -> str:
     """A Label Studio labeling config with one brush label per class (colours as in the label PNGs)."""
     raw = palette()
-    labels = "".join(f"\n    <Label value={quoteattr(name)} background=\"#{raw[3 * i]:02x}{raw[3 * i + 1]:02x}"
-                     f"{raw[3 * i + 2]:02x}\"/>" for i, name in sorted(names.items()) if i not in (0, IGNORE))  # fmt: skip
+    colour = {i: "#" + raw[3 * i : 3 * i + 3].hex() for i in names}
+    labels = "".join(f'\n    <Label value={quoteattr(name)} background="{colour[i]}"/>'
+                     for i, name in sorted(names.items()) if i not in (0, IGNORE))  # fmt: skip
     return (f'<View>\n  <Image name="{TO_NAME}" value="$image" zoom="true"/>\n'
             f'  <BrushLabels name="{FROM_NAME}" toName="{TO_NAME}">{labels}\n  </BrushLabels>\n</View>\n')  # fmt: skip
 
@@ -212,7 +213,8 @@ def ls_task(item: Item, names: Mapping[int, str], model_version: str) -> dict[st
         **({"score": round(item.scores[cid], 6)} if cid in item.scores else {}),
     } for cid in np.unique(item.label_map).tolist() if cid not in (0, IGNORE)]  # fmt: skip
     data = {"image": item.picture or "", "image_id": item.row["image_id"], "label_file": item.row["label_file"],
-            **{k: item.row[k] for k in STAT_FIELDS}, **({"review": item.decision} if item.decision else {})}  # fmt: skip
+            **{k: item.row[k] for k in STAT_FIELDS},
+            **({"review": item.decision} if item.decision else {})}  # fmt: skip
     return {"data": data, "predictions": [{"model_version": model_version, "score": image_score(item),
                                            "result": results}]}  # fmt: skip
 

@@ -73,7 +73,10 @@ def test_rejected_images_are_left_out_or_tagged(run_copy, tmp_path):
     ids = [t["data"]["image_id"] for t in json.loads((tmp_path / "skip" / "tasks.json").read_text())]
     assert "both-2" not in ids and len(ids) == 4 and skipped.rejected_skipped == 1
     export.export(str(run_copy), "labelstudio", tmp_path / "tag", rejected="tag")
-    tagged = {t["data"]["image_id"]: t["data"].get("review") for t in json.loads((tmp_path / "tag" / "tasks.json").read_text())}
+    tagged = {
+        t["data"]["image_id"]: t["data"].get("review")
+        for t in json.loads((tmp_path / "tag" / "tasks.json").read_text())
+    }
     assert tagged["both-2"] == "reject" and len(tagged) == 5
     export.export(str(run_copy), "cvat", tmp_path / "cvat", rejected="tag")
     assert (tmp_path / "cvat" / "rejected.txt").read_text() == "both-2\n"

@@ -160,7 +160,7 @@ def gallery(request: Request) -> HTMLResponse:
         page = review.index.gallery(q)
     except ValueError as err:
         raise HTTPException(400, str(err)) from err
-    return _page(request, "gallery.html", page=page, q=q, ranges=review.index.ranges(),
+    return _page(request, "gallery.html", page=page, q=q, ranges=review.index.slider_ranges(),
                  statuses=review.index.statuses(), categories=review.index.categories,
                  audit=review.index.audit_key is not None)  # fmt: skip
 
@@ -277,7 +277,7 @@ def try_form(request: Request, id: str | None = None) -> HTMLResponse:  # noqa: 
 
 @trying.post("/try", response_class=HTMLResponse)
 def try_run(request: Request, tags: str = Form(""), image_id: str = Form(""),
-            upload: UploadFile | None = File(None)) -> HTMLResponse:  # fmt: skip
+            upload: UploadFile | None = File(None)) -> HTMLResponse:  # noqa: B008  # fmt: skip
     review = _review(request)
     context = {"image_id": image_id, "tags": tags, "result": None, "error": None,
                "categories": review.index.categories}  # fmt: skip
@@ -314,16 +314,17 @@ def _data_uri(png: bytes) -> str:
 def _try_pictures(image: np.ndarray, result: Any) -> dict[str, Any]:
     h, w = result.label_map.shape
     size = (min(w, 256), max(1, round(h * min(w, 256) / w)))
-    classes = [{"name": name, "id": cid, "score": score,
+    classes = [{"name": name, "id": cid, "score": result.scores[k],
                 "coarse": _data_uri(render.heatmap_png(result.coarse[k], size)),
                 "refined": _data_uri(render.heatmap_png(result.refined[k], size))}
-               for k, (name, cid, score) in enumerate(zip(result.names, result.class_ids, result.scores, strict=True))]  # fmt: skip
+               for k, (name, cid) in enumerate(zip(result.names, result.class_ids, strict=True))]  # fmt: skip
     final = _data_uri(render.thumbnail_png(image, result.label_map, size=max(size)))
     return {"classes": classes, "final": final}
 
 
 def create_app(run: str | ReviewRun, audit: str | None = None, *, gt: str | None = None, gt_format: str = "png",
-               images: str | None = None, session: str | None = None, storage_options: dict | None = None) -> FastAPI:  # fmt: skip
+               images: str | None = None, session: str | None = None,
+               storage_options: dict | None = None) -> FastAPI:  # fmt: skip
     """The review app over ``run`` (an output prefix, local or fsspec URL, or an opened run).
     ``audit``: the ``--out`` folder of ``audit_masks.py`` (per-image and per-class IoU);
     ``gt``: ground truth as the audit reads it, shown beside the labels; ``images``: the root

@@ -9,6 +9,7 @@ always bound parameters.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -124,6 +125,7 @@ class RunIndex:
         self.con.execute(f"CREATE VIEW raw_images AS SELECT * FROM read_parquet({_list(paths[0])})")
         self.con.execute(f"CREATE VIEW classes AS SELECT * FROM read_parquet({_list(paths[1])})")
         self.audit_classes: list[dict[str, Any]] = []
+        self._counts: dict[tuple[str, tuple[Any, ...]], int] = {}  # a view's size, until decisions change
         self.audit_key = self._attach_audit(audit) if audit else None
         self.set_decisions({})
         self.columns = self._numeric_columns()
@@ -177,6 +179,7 @@ class RunIndex:
                           "decision": pa.array(list(latest.values()), pa.string())})  # fmt: skip
         with self._lock:
             self.con.register("decisions", table)
+            self._counts.clear()
 
     def _sql(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._lock:  # one connection: registered Arrow tables are visible to it alone
@@ -233,38 +236,56 @@ class RunIndex:
     def gallery(self, q: GalleryQuery) -> Page:
         """The rows of the view's page, in its order, and how many images the view holds."""
         tail, params = self._where(q)
-        total = self._sql(f"SELECT count(*) AS n FROM images i{tail}", params)[0]["n"]
+        key = (tail, tuple(params))
+        if key not in self._counts:  # the stats never change; decisions clear this
+            self._counts[key] = self._sql(f"SELECT count(*) AS n FROM images i{tail}", params)[0]["n"]
+        total = self._counts[key]
         rows = self._sql(f"{self._select(q)}{tail} ORDER BY {self._order(q)} LIMIT ? OFFSET ?",
                          [*params, q.per_page, (q.page - 1) * q.per_page])  # fmt: skip
         return Page(rows, total, q, self.sortable(q))
 
     def around(self, q: GalleryQuery, image_id: str, position: int | None) -> tuple[str | None, str | None, int | None]:
         """(previous id, next id, position of ``image_id``) in the view's order. ``position`` is a
-        hint (the gallery passes each image's place); when it is stale the place is looked up."""
+        hint (the gallery passes each image's place): one query reads the three ids around it;
+        only when the hint is stale is the place looked up with a window function."""
         tail, params = self._where(q)
         order = self._order(q)
-        if position is None or position < 0 or not self._at(q, tail, params, order, position, image_id):
-            found = self._sql(f"SELECT n FROM (SELECT i.image_id, row_number() OVER (ORDER BY {order}) - 1 AS n "
-                              f"FROM images i{tail}) WHERE image_id = ?", [*params, image_id])  # fmt: skip
-            if not found:
-                return None, None, None
-            position = int(found[0]["n"])
-        start = max(0, position - 1)
-        ids = [r["image_id"] for r in self._sql(f"SELECT i.image_id FROM images i{tail} ORDER BY {order} "
-                                                "LIMIT ? OFFSET ?", [*params, position + 2 - start, start])]  # fmt: skip
-        prev_id = ids[0] if position > 0 else None
-        next_id = ids[position - start + 1] if len(ids) > position - start + 1 else None
-        return prev_id, next_id, position
+        if position is not None and position >= 0:
+            ids = self._window(tail, params, order, position)
+            if ids[position - max(0, position - 1) : position - max(0, position - 1) + 1] == [image_id]:
+                return self._neighbours(ids, position)
+        found = self._sql(f"SELECT n FROM (SELECT i.image_id, row_number() OVER (ORDER BY {order}) - 1 AS n "
+                          f"FROM images i{tail}) WHERE image_id = ?", [*params, image_id])  # fmt: skip
+        if not found:
+            return None, None, None
+        position = int(found[0]["n"])
+        return self._neighbours(self._window(tail, params, order, position), position)
 
-    def _at(self, q: GalleryQuery, tail: str, params: list[Any], order: str, position: int, image_id: str) -> bool:
-        got = self._sql(f"SELECT i.image_id FROM images i{tail} ORDER BY {order} LIMIT 1 OFFSET ?", [*params, position])
-        return bool(got) and got[0]["image_id"] == image_id
+    def _window(self, tail: str, params: list[Any], order: str, position: int) -> list[str]:
+        """Ids at positions ``position - 1 .. position + 1`` of the view (fewer at its ends)."""
+        start = max(0, position - 1)
+        rows = self._sql(f"SELECT i.image_id FROM images i{tail} ORDER BY {order} LIMIT ? OFFSET ?",
+                         [*params, position + 2 - start, start])  # fmt: skip
+        return [r["image_id"] for r in rows]
+
+    @staticmethod
+    def _neighbours(ids: list[str], position: int) -> tuple[str | None, str | None, int]:
+        at = position - max(0, position - 1)
+        return (ids[at - 1] if at > 0 else None), (ids[at + 1] if len(ids) > at + 1 else None), position
+
+    @functools.cached_property
+    def _ranges(self) -> dict[str, tuple[float, float]]:
+        return self.ranges()
+
+    def slider_ranges(self) -> dict[str, tuple[float, float]]:
+        """``ranges``, computed once (a run's stats do not change while it is reviewed)."""
+        return self._ranges
 
     def ranges(self) -> dict[str, tuple[float, float]]:
         """(min, max) of each numeric column over the run, for the sliders (columns never null)."""
         if not self.columns:
             return {}
-        parts = ", ".join(f"min({c}) AS \"min_{c}\", max({c}) AS \"max_{c}\"" for c in self.columns)
+        parts = ", ".join(f'min({c}) AS "min_{c}", max({c}) AS "max_{c}"' for c in self.columns)
         row = self._sql(f"SELECT {parts} FROM images")[0]
         out = {c: (float(row[f"min_{c}"]), float(row[f"max_{c}"])) for c in self.columns if row[f"min_{c}"] is not None}
         out.update({"class_score": (0.0, 1.0), "class_fraction": (0.0, 1.0)})
@@ -292,7 +313,9 @@ class RunIndex:
             f"list(least(floor(class_score * {bins}), {bins - 1})::INTEGER) AS score_bins "
             "FROM classes GROUP BY category_id ORDER BY category_id"
         )
-        total = self._sql("SELECT coalesce(sum(height::BIGINT * width), 0) AS n FROM images WHERE status = 'ok'")[0]["n"]
+        total = self._sql("SELECT coalesce(sum(height::BIGINT * width), 0) AS n FROM images WHERE status = 'ok'")[0][
+            "n"
+        ]
         iou = {int(r["category_id"]): r.get("iou") for r in self.audit_classes}
         for row in rows:
             counts = [0] * bins

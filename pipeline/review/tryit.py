@@ -1,4 +1,4 @@
-""""Try it": label one image with typed tags, with the run's own method, config and categories,
+""" "Try it": label one image with typed tags, with the run's own method, config and categories,
 and show its coarse, refined (compensated) and final maps. The model stack (torch, open_clip,
 diffusers) is imported here only when the page is first used, so the app starts without it.
 Missing weights give ``TryUnavailable`` with the loader's own message, naming what is missing."""
@@ -31,7 +31,7 @@ class TryResult:
 
 
 def parse_tags(text: str, categories: Sequence[Mapping[str, Any]]) -> tuple[int, ...]:
-    """"cat, 7" -> category ids (names or ids of the run's categories); raises ValueError naming
+    """ "cat, 7" -> category ids (names or ids of the run's categories); raises ValueError naming
     the tags that are none of them."""
     by_name = {str(c["name"]).lower(): int(c["id"]) for c in categories}
     ids = {int(c["id"]) for c in categories}
