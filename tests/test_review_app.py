@@ -4,6 +4,7 @@ survive a restart, and no route reading or writing outside the run prefix."""
 from __future__ import annotations
 
 import html as html_text
+import importlib.util
 import io
 import json
 import shutil
@@ -220,3 +221,36 @@ def test_the_app_and_exports_import_without_the_model_stack():
                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def _review_job():
+    spec = importlib.util.spec_from_file_location("review_job", ROOT / "jobs" / "review.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_review_job_binds_loopback_and_refuses_a_prefix_without_a_run(tmp_path, capsys):
+    job = _review_job()
+    assert job.parse_args(["--run", "x"]).host == "127.0.0.1"
+    assert job.main(["--run", str(tmp_path / "nothing")]) == 2
+    assert "no shards committed by the run" in capsys.readouterr().err
+
+
+def test_a_run_on_s3_is_read_through_fsspec(run_copy, s3_endpoint, monkeypatch):
+    """DuckDB reads the Parquet stats through the run's fsspec filesystem; decisions land in the bucket."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("review-bucket")
+    fs.put(str(run_copy), "review-bucket/run", recursive=True)
+    client = TestClient(create_app("s3://review-bucket/run", session="s3", storage_options=options))
+    assert _cards(client.get("/gallery?cat=7&sort=class_score&desc=1").text) == ["dog-1", "three-4", "both-2"]
+    lm = label_maps(run_copy)["dog-1"]
+    mask = np.array(Image.open(io.BytesIO(client.get("/picture/mask?id=dog-1&label=7").content)))
+    assert np.array_equal(mask[..., 3] == 255, lm == 7)
+    client.post("/api/decision", json={"image_id": "dog-1", "decision": "accept"})
+    assert json.loads(fs.cat("review-bucket/run/review/decisions-s3.jsonl"))["decision"] == "accept"

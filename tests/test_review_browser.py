@@ -95,6 +95,13 @@ def test_review_walk_in_a_real_browser(server):
         assert page.locator("#try-result img").count() == 3  # final map, cat coarse, cat refined
         widths = page.eval_on_selector_all("#try-result img", "imgs => imgs.map(i => i.naturalWidth)")
         assert min(widths) > 0
+        page.set_input_files("input[name=upload]", str(prefix.parent / "images" / "three-4.png"))  # an upload
+        page.fill("input[name=image_id]", "")
+        page.fill("input[name=tags]", "dog, person")
+        page.click("#try-run")
+        page.wait_for_selector("#try-result, #try-error", timeout=300_000)
+        assert page.locator("#try-error").count() == 0, page.locator("#try-error").inner_text()
+        assert page.locator("#try-result img").count() == 5  # final map, then coarse and refined per class
         browser.close()
     assert not errors, errors
     shot = np.asarray(Image.open(SCREENSHOT).convert("RGB"))

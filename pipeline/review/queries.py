@@ -135,7 +135,8 @@ class RunIndex:
         fs = self.run.store.fs
         if isinstance(fs, LocalFileSystem):  # local paths go to DuckDB as they are
             return list(files)
-        self.con.register_filesystem(fs)
+        if not self.con.filesystem_is_registered(fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]):
+            self.con.register_filesystem(fs)
         return [fs.unstrip_protocol(f) for f in files]
 
     def _attach_audit(self, folder: str) -> str:
