@@ -30,6 +30,11 @@ and, beside it, audit and comparison: pseudo labels vs ground truth, runs vs run
     compare_report.py   the comparison's HTML report, in the audit report's style
     consensus.py     label maps where several runs agree (255 elsewhere), written as a run
 
+and, after a run, the people who curate it
+
+    review/          the review web app: gallery, image pages, decisions, classes, "try it"
+    export.py        FiftyOne, Label Studio and CVAT exports that honour review decisions
+
 Beside them: prompts.py (prompt data), cli.py (options every job shares), architectures.py
 (model shapes for tests and benchmarks), demo.py (the demo dataset: scikit-image photographs
 with a COCO instances file, and tiny random-weight models).

@@ -231,8 +231,13 @@ class RunIndex:
         return f"{ref} {'DESC' if q.descending else 'ASC'} NULLS LAST, i.image_id"
 
     def _select(self, q: GalleryQuery) -> str:
-        extra = ", c.class_score, c.class_fraction" if q.category is not None else ""
-        return f"SELECT i.*, d.decision{extra} FROM images i"
+        """The columns a gallery card shows (fewer columns through the sort: faster pages)."""
+        cols = ["i.image_id", "i.status", "d.decision"]
+        if q.sort not in ("image_id", *CLASS_COLUMNS):
+            cols.append(f"i.{q.sort}")
+        if q.category is not None:
+            cols += ["c.class_score", "c.class_fraction"]
+        return f"SELECT {', '.join(cols)} FROM images i"
 
     def gallery(self, q: GalleryQuery) -> Page:
         """The rows of the view's page, in its order, and how many images the view holds."""
