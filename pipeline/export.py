@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import quoteattr
 
-import fsspec
 import numpy as np
 import pyarrow.dataset as ds
 from PIL import Image
@@ -128,11 +127,12 @@ def to_fiftyone(run: ReviewRun, out: Path, images: str | None, rejected: str, su
     for item in items(run, images):
         if not _kept(item, rejected, summary):
             continue
-        if item.picture is None or not fsspec.core.url_to_fs(item.picture)[0].exists(item.picture):
+        fs = None if item.picture is None else run.filesystem_for(item.picture)
+        if fs is None or not fs.exists(item.picture):
             summary.missing_pictures.append(item.row["image_id"])
             continue
         ext = Path(item.picture).suffix.lower() or ".jpg"
-        with fsspec.open(item.picture, "rb") as src, open(out / "data" / f"{item.stem}{ext}", "wb") as dst:
+        with fs.open(item.picture, "rb") as src, open(out / "data" / f"{item.stem}{ext}", "wb") as dst:
             shutil.copyfileobj(src, dst)
         (out / "labels" / f"{item.stem}.png").write_bytes(_png(item.label_map))
         present |= set(np.unique(item.label_map).tolist())

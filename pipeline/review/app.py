@@ -88,10 +88,8 @@ class Review:
         url = image_url(name, self.images)
         if url is None:
             return None
-        import fsspec
-
         try:
-            with fsspec.open(url, "rb") as f:
+            with self.run.filesystem_for(url).open(url, "rb") as f:
                 return decode_image(f.read(), expected_size=(shape[1], shape[0]))
         except (OSError, ImageDecodeError) as err:
             log.info("image %s: cannot show %s (%s)", row["image_id"], url, err)

@@ -73,6 +73,7 @@ class DecisionLog:
         self.run = run
         self.session = session or session_name()
         self.rel = f"{REVIEW_DIR}/decisions-{self.session}.jsonl"
+        run.store.path(self.rel)  # a session name that is no plain file name raises ValueError here
         self._lock = threading.Lock()
         self._mine: list[bytes] = []
         self.all: list[Decision] = []

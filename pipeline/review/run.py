@@ -61,6 +61,15 @@ class ReviewRun:
         folder = self.store.path(REVIEW_DIR)
         return sorted(p.rsplit("/", 1)[-1] for p in self.store.fs.glob(f"{folder}/{pattern}"))
 
+    def filesystem_for(self, url: str) -> Any:
+        """The fsspec filesystem to read ``url`` (an image) with: the run's own when the protocol
+        is the same (so a bucket's storage options serve it too), else fsspec's default."""
+        import fsspec
+
+        fs = self.store.fs
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+        return fs if fsspec.utils.get_protocol(url) in protocols else fsspec.core.url_to_fs(url)[0]
+
     def label_map(self, label_file: str) -> Any:
         """[H, W] uint8 label map stored at ``label_file`` (a stats row's path under the prefix)."""
         data = self.read(label_file)
