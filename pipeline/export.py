@@ -128,7 +128,7 @@ def to_fiftyone(run: ReviewRun, out: Path, images: str | None, rejected: str, su
         if not _kept(item, rejected, summary):
             continue
         fs = None if item.picture is None else run.filesystem_for(item.picture)
-        if fs is None or not fs.exists(item.picture):
+        if fs is None or item.picture is None or not fs.exists(item.picture):
             summary.missing_pictures.append(item.row["image_id"])
             continue
         ext = Path(item.picture).suffix.lower() or ".jpg"

@@ -20,7 +20,7 @@ from PIL import Image
 from pipeline import export
 from pipeline.review.decisions import DecisionLog
 from pipeline.review.run import open_review_run
-from tests.review_data import IMAGES, label_maps, review_run  # noqa: F401 (fixture)
+from tests.review_data import IMAGES, label_maps, review_run, tree_digest  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 # class scores by image (review_data.painted: the tags' scores are linspace(0.9, 0.3) in tag order)
@@ -164,3 +164,11 @@ def test_export_job_prints_what_it_wrote(run_copy, tmp_path, capsys):
     assert _job().main([str(run_copy), "--to", "labelstudio", "--out", str(tmp_path / "ls")]) == 0
     assert "labelstudio: 5 images exported" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "ls" / "tasks.json").read_text())) == len(IMAGES) - 1
+
+
+@pytest.mark.parametrize("fmt", sorted(export.EXPORTERS))
+def test_an_export_is_byte_identical_when_repeated(run_copy, tmp_path, fmt):
+    _reject(run_copy, "dog-1")
+    export.export(str(run_copy), fmt, tmp_path / "a", rejected="tag")
+    export.export(str(run_copy), fmt, tmp_path / "b", rejected="tag")
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b") != {}

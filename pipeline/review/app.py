@@ -277,7 +277,7 @@ def try_form(request: Request, id: str | None = None) -> HTMLResponse:  # noqa: 
 def try_run(request: Request, tags: str = Form(""), image_id: str = Form(""),
             upload: UploadFile | None = File(None)) -> HTMLResponse:  # noqa: B008  # fmt: skip
     review = _review(request)
-    context = {"image_id": image_id, "tags": tags, "result": None, "error": None,
+    context: dict[str, Any] = {"image_id": image_id, "tags": tags, "result": None, "error": None,
                "categories": review.index.categories}  # fmt: skip
     try:
         image = _try_image(review, image_id, upload)

@@ -10,6 +10,7 @@ import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -17,14 +18,14 @@ from PIL import Image
 SHARD = 256
 PICTURES = 8  # distinct label maps and photos, reused by every row
 H, W = 375, 500
-CATEGORIES = [{"id": i, "name": f"class{i}"} for i in range(1, 21)]
+CATEGORIES: list[dict[str, Any]] = [{"id": i, "name": f"class{i}"} for i in range(1, 21)]
 
 
 def _label_map(k: int, rng: np.random.Generator) -> np.ndarray:
     lm = np.zeros((H, W), np.uint8)
     for _ in range(3):
         y, x = rng.integers(0, H - 100), rng.integers(0, W - 100)
-        lm[y : y + rng.integers(40, 100), x : x + rng.integers(40, 100)] = CATEGORIES[(k * 3 + _) % 20]["id"]
+        lm[y : y + rng.integers(40, 100), x : x + rng.integers(40, 100)] = int(CATEGORIES[(k * 3 + _) % 20]["id"])
     return lm
 
 

@@ -157,8 +157,9 @@ class RunIndex:
         audit = table.filter(pc.equal(table["status"], "ok")).drop(["status"])
         self.con.register("audit_rows", audit)
         stem = "regexp_extract(label_file, '([^/]+)\\.png$', 1)"
-        counts = {key: self.con.execute(f"SELECT count(*) FROM raw_images r JOIN audit_rows a ON a.image_id = {key}")
-                  .fetchone()[0] for key in ("r.image_id", stem.replace("label_file", "r.label_file"))}  # fmt: skip
+        pairs = "SELECT count(*) AS n FROM raw_images r JOIN audit_rows a ON a.image_id = "
+        keys = ("r.image_id", stem.replace("label_file", "r.label_file"))
+        counts = {key: self._sql(pairs + key)[0]["n"] for key in keys}
         key = max(counts, key=lambda k: (counts[k], k == "r.image_id")).replace("r.", "i.")
         cols = ", ".join(f"a.{c} AS {c}" for c in AUDIT_COLUMNS if c != "ignored_fraction")
         self.con.execute(f"CREATE VIEW images AS SELECT i.*, {cols} FROM raw_images i "
@@ -198,7 +199,7 @@ class RunIndex:
         allowed = set(self.sortable(q))
         if q.sort not in allowed:
             raise ValueError(f"cannot sort by {q.sort!r}; choose one of {sorted(allowed)}")
-        joins, where, params = "", [], []
+        joins, where, params = "", [], list[Any]()
         if q.category is not None:
             if q.category not in self.categories:
                 raise ValueError(f"class {q.category} is not one of the run's categories {sorted(self.categories)}")

@@ -126,7 +126,7 @@ def open_review_run(url: str, **storage_options: Any) -> ReviewRun:
         tables[name] = merged or [store.path(f"{shard_dir(s)}/{name}.parquet") for s in shards]
     first = store.read(f"{shard_dir(shards[0])}/annotations.json")
     cats = json.loads(first)["categories"] if first else []
-    categories = tuple(sorted(({"id": int(c["id"]), "name": str(c["name"])} for c in cats), key=lambda c: c["id"]))
+    categories = tuple({"id": int(c["id"]), "name": str(c["name"])} for c in sorted(cats, key=lambda c: int(c["id"])))
     return ReviewRun(store, fingerprint, tuple(shards), tuple(tables["stats_images"]), tuple(tables["stats_classes"]),
                      categories, (record or {}).get("config", {}))  # fmt: skip
 
