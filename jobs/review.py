@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from pipeline.cli import storage_options_from_arg
-from pipeline.review.app import create_app, serve
+from pipeline.review.app import LOOPBACK_HOSTS, create_app, serve
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,8 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        options = storage_options_from_arg(args.storage_options)
         app = create_app(args.run, args.audit, gt=args.gt, gt_format=args.gt_format, images=args.images,
-                         storage_options=storage_options_from_arg(args.storage_options))  # fmt: skip
+                         storage_options=options, allowed_hosts=sorted({*LOOPBACK_HOSTS, args.host}))  # fmt: skip
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

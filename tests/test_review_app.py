@@ -36,12 +36,16 @@ def run_copy(review_run, tmp_path) -> Path:  # noqa: F811
     return tmp_path / "copy" / "run"
 
 
+def _client(app) -> TestClient:
+    return TestClient(app, base_url="http://127.0.0.1")
+
+
 def _cards(html: str) -> list[str]:
     return [part.split('"', 1)[0] for part in html.split('data-id="')[1:]]
 
 
 def test_gallery_filters_by_class_and_sorts_by_its_score(run_copy):
-    client = TestClient(create_app(str(run_copy)))
+    client = _client(create_app(str(run_copy)))
     # dog (7) has pixels in dog-1, both-2, three-4; its score is 0.9, 0.3, 0.6 there (review_data.painted)
     page = client.get("/gallery?cat=7&sort=class_score&desc=1")
     assert page.status_code == 200
@@ -56,7 +60,7 @@ def test_range_filters_match_the_label_maps(run_copy):
     background = {k: float(np.mean(v == 0)) for k, v in maps.items()}
     values = sorted(background.values())
     cut = (values[2] + values[3]) / 2  # between the third and fourth: no tie with a stored (rounded) value
-    client = TestClient(create_app(str(run_copy)))
+    client = _client(create_app(str(run_copy)))
     got = _cards(client.get(f"/gallery?max_background_fraction={cut}&sort=background_fraction").text)
     assert got == sorted((k for k, v in background.items() if v <= cut), key=lambda k: (background[k], k))
     assert len(got) == 3
@@ -66,7 +70,7 @@ def test_the_url_holds_the_view_and_bad_values_are_400(run_copy):
     q = GalleryQuery.from_params({"cat": "7", "min_class_score": "0.5", "sort": "class_score", "desc": "1",
                                   "page": "2", "status": "ok"})  # fmt: skip
     assert GalleryQuery.from_params(dict(p.split("=") for p in q.to_params().split("&"))) == q
-    client = TestClient(create_app(str(run_copy)))
+    client = _client(create_app(str(run_copy)))
     bad = client.get("/gallery?min_ignore_fraction=lots")
     assert bad.status_code == 400 and "min_ignore_fraction='lots' must be a number" in bad.text
     assert client.get("/gallery?sort=nonsense").status_code == 400
@@ -82,7 +86,7 @@ def test_pages_of_a_view_and_neighbours_of_an_image(run_copy):
     assert index.around(q, ids[3], 3) == (ids[2], ids[4], 3)
     assert index.around(q, ids[3], 0) == (ids[2], ids[4], 3)  # a stale position is looked up
     assert index.around(q, ids[0], None) == (None, ids[1], 0)
-    client = TestClient(create_app(str(run_copy)))
+    client = _client(create_app(str(run_copy)))
     html = client.get("/image?id=cat-0&pos=1&cat=1").text  # cat pixels: both-2, cat-0, three-4
     assert 'data-prev="/image?id=both-2&pos=0&cat=1"' in html
     assert 'data-next="/image?id=three-4&pos=2&cat=1"' in html
@@ -91,7 +95,7 @@ def test_pages_of_a_view_and_neighbours_of_an_image(run_copy):
 
 def test_image_pictures_show_the_label_map(run_copy):
     lm = label_maps(run_copy)["three-4"]
-    client = TestClient(create_app(str(run_copy)))
+    client = _client(create_app(str(run_copy)))
     html = client.get("/image?id=three-4").text
     for cid, name in ((1, "cat"), (7, "dog"), (15, "person")):
         assert f'data-label="{cid}"' in html and name in html
@@ -109,14 +113,14 @@ def test_image_pictures_show_the_label_map(run_copy):
 
 
 def test_decisions_survive_a_restart_and_the_latest_wins(run_copy):
-    client = TestClient(create_app(str(run_copy), session="s1"))
+    client = _client(create_app(str(run_copy), session="s1"))
     assert client.post("/api/decision", json={"image_id": "cat-0", "decision": "reject", "note": "leg"}).json()[
         "counts"] == {"accept": 0, "reject": 1, "needs_fix": 0}  # fmt: skip
     client.post("/api/decision", json={"image_id": "dog-1", "decision": "needs_fix"})
     assert client.post("/api/decision", json={"image_id": "dog-1", "decision": "maybe"}).status_code == 400
     lines = (run_copy / "review" / "decisions-s1.jsonl").read_text().splitlines()
     assert [json.loads(x)["decision"] for x in lines] == ["reject", "needs_fix"]
-    again = TestClient(create_app(str(run_copy), session="s2"))  # a restarted server
+    again = _client(create_app(str(run_copy), session="s2"))  # a restarted server
     assert "reject" in again.get("/image?id=cat-0").text and "leg" in again.get("/image?id=cat-0").text
     again.post("/api/decision", json={"image_id": "cat-0", "decision": "accept"})
     assert (run_copy / "review" / "decisions-s1.jsonl").read_text().splitlines() == lines  # never edited
@@ -146,7 +150,7 @@ EVIL = ["../run.json", "/etc/passwd", "..%2f..%2fetc%2fpasswd", "%2e%2e/run.json
 
 def test_no_route_reads_or_writes_outside_the_run_prefix(run_copy):
     before = tree_digest(run_copy.parent)
-    client = TestClient(create_app(str(run_copy), session="s1"))
+    client = _client(create_app(str(run_copy), session="s1"))
     for evil in EVIL:
         for url in ("/thumb?id=", "/picture/photo?id=", "/picture/gt?id=", "/image?id="):
             assert client.get(url + evil).status_code == 404, url + evil
@@ -161,7 +165,7 @@ def test_no_route_reads_or_writes_outside_the_run_prefix(run_copy):
 
 
 def test_classes_and_failed_pages(run_copy):
-    client = TestClient(create_app(str(run_copy)))
+    client = _client(create_app(str(run_copy)))
     classes = client.get("/classes").text
     # cat is tagged on cat-0, both-2, three-4 and broken (failed: no class row), with pixels on the first three
     row = classes.split(">cat</a>")[1].split("</tr>")[0]
@@ -191,7 +195,7 @@ def test_an_audit_adds_image_iou_and_ground_truth(run_copy, tmp_path):
     truth = np.zeros((48, 64), np.uint8)
     truth[10:20, 5:30] = 1
     Image.fromarray(truth, mode="L").save(gt / "cat-0.png")
-    client = TestClient(create_app(str(run_copy), str(tmp_path / "audit"), gt=str(gt)))
+    client = _client(create_app(str(run_copy), str(tmp_path / "audit"), gt=str(gt)))
     order = _cards(client.get("/gallery?sort=miou&desc=1").text)
     assert order == ["three-4", "person-3", "dog-1", "cat-0", "both-2", "broken"]  # broken: no mIoU, last
     assert "image mIoU 0.100" in client.get("/image?id=cat-0").text
@@ -206,7 +210,7 @@ def test_try_it_without_weights_says_which_are_missing(run_copy, tmp_path):
     config = json.loads(json.dumps(opened.config))
     config["model"]["clip"]["checkpoint"] = str(tmp_path / "no-such-clip.pt")
     config["model"]["sd"]["checkpoint"] = str(tmp_path / "no-such-sd")
-    client = TestClient(create_app(replace(opened, config=config)))
+    client = _client(create_app(replace(opened, config=config)))
     html = client.post("/try", data={"image_id": "cat-0", "tags": "cat"}).text
     assert "Missing model weights" in html and "no-such-clip.pt" in html and "no-such-sd" in html
     answer = html_text.unescape(client.post("/try", data={"image_id": "cat-0", "tags": "zebra"}).text)
@@ -247,10 +251,20 @@ def test_a_run_on_s3_is_read_through_fsspec(run_copy, s3_endpoint, monkeypatch):
     fs = s3fs.S3FileSystem(**options)
     fs.mkdir("review-bucket")
     fs.put(str(run_copy), "review-bucket/run", recursive=True)
-    client = TestClient(create_app("s3://review-bucket/run", session="s3", storage_options=options))
+    client = _client(create_app("s3://review-bucket/run", session="s3", storage_options=options))
     assert _cards(client.get("/gallery?cat=7&sort=class_score&desc=1").text) == ["dog-1", "three-4", "both-2"]
     lm = label_maps(run_copy)["dog-1"]
     mask = np.array(Image.open(io.BytesIO(client.get("/picture/mask?id=dog-1&label=7").content)))
     assert np.array_equal(mask[..., 3] == 255, lm == 7)
     client.post("/api/decision", json={"image_id": "dog-1", "decision": "accept"})
     assert json.loads(fs.cat("review-bucket/run/review/decisions-s3.jsonl"))["decision"] == "accept"
+
+
+def test_only_loopback_host_names_are_served(run_copy):
+    """A page elsewhere that rebinds its DNS name to 127.0.0.1 sends its own Host: refused."""
+    app = create_app(str(run_copy), session="s1")
+    assert TestClient(app, base_url="http://evil.example").get("/gallery").status_code == 400
+    assert TestClient(app, base_url="http://evil.example").post(
+        "/api/decision", json={"image_id": "cat-0", "decision": "reject"}).status_code == 400  # fmt: skip
+    assert not (run_copy / "review").exists()
+    assert TestClient(app, base_url="http://localhost:8000").get("/gallery").status_code == 200

@@ -12,7 +12,7 @@ import base64
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from pipeline.decode import ImageDecodeError, decode_image
 from pipeline.review import render
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 THUMB_CACHE = 4096  # thumbnails kept in memory (about 20 kB each)
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 MAX_UPLOAD = 20 * 1024 * 1024  # bytes of an uploaded "try it" image
 FAILED_PAGE = 100
 
@@ -321,13 +323,14 @@ def _try_pictures(image: np.ndarray, result: Any) -> dict[str, Any]:
 
 
 def create_app(run: str | ReviewRun, audit: str | None = None, *, gt: str | None = None, gt_format: str = "png",
-               images: str | None = None, session: str | None = None,
-               storage_options: dict | None = None) -> FastAPI:  # fmt: skip
+               images: str | None = None, session: str | None = None, storage_options: dict | None = None,
+               allowed_hosts: Sequence[str] = LOOPBACK_HOSTS) -> FastAPI:  # fmt: skip
     """The review app over ``run`` (an output prefix, local or fsspec URL, or an opened run).
     ``audit``: the ``--out`` folder of ``audit_masks.py`` (per-image and per-class IoU);
     ``gt``: ground truth as the audit reads it, shown beside the labels; ``images``: the root
     that relative image file names (COCO inputs) are under; ``session``: the decisions file's
-    name (default: start time + random)."""
+    name (default: start time + random); ``allowed_hosts``: the Host headers served (loopback
+    names by default, so a web page cannot reach the app through DNS rebinding)."""
     opened = run if isinstance(run, ReviewRun) else open_review_run(run, **(storage_options or {}))
     index = RunIndex(opened, audit)
     truth = None
@@ -340,6 +343,7 @@ def create_app(run: str | ReviewRun, audit: str | None = None, *, gt: str | None
     review.refresh()
     app = FastAPI(title="tag2mask review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.review = review
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     for router in (pages, pictures, api, trying):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")

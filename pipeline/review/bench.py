@@ -105,7 +105,7 @@ def run_bench(root: Path, images: int = 100_000, requests: int = 50) -> list[dic
     prefix = write_synthetic_run(root, images)
     written = time.perf_counter() - t0
     t0 = time.perf_counter()
-    client = TestClient(create_app(str(prefix), session="bench"))
+    client = TestClient(create_app(str(prefix), session="bench"), base_url="http://127.0.0.1")
     started = time.perf_counter() - t0
     rng = np.random.default_rng(1)
     sorts = ["image_id", "background_fraction", "coarse_refined_agreement", "ignore_fraction"]
