@@ -2,8 +2,6 @@
 
 The stages, in the order an image meets them (one module each):
 
-    types.py         the records every stage shares (Category, LabelRequest/LabelResult, Failure,
-                     statuses, IGNORE), image and shard names, run fingerprints; no torch
     config.py        frozen settings, named presets (cliper-method.md section 5)
     schemas.py       JSON Schemas (schemas/) and Arrow schemas: manifest, config, stats, marker
     decode.py        bytes -> upright HWC uint8 RGB, bad images -> ImageDecodeError
@@ -18,9 +16,7 @@ The stages, in the order an image meets them (one module each):
     labels.py        scores -> label map (background threshold, argmax, ignore)
     labeler.py       holds the configured method, runs it on a batch, assembles each label map
     coco.py, pngs.py, stats.py   label map -> COCO RLE, indexed PNG, Parquet quality rows
-    storage/         a run's outputs by job: layout.py (every path: the only module that knows
-                     them), store.py (fsspec I/O, retries, access probe), outputs.py (the formats
-                     a shard writes, by name), commit.py (run.json, commit marker), merge.py
+    storage.py       the only module that knows paths: shard files, commit marker, merge
     manifest.py      JSONL / COCO manifests streamed into content-named shards
     shards.py        one shard end to end with a labeler in hand (I/O threads overlap the models)
     runner.py        the only module that talks to Ray: actors, deadlines, retries, resume, progress
@@ -34,9 +30,12 @@ and, beside it, audit and comparison: pseudo labels vs ground truth, runs vs run
     compare_report.py   the comparison's HTML report, in the audit report's style
     consensus.py     label maps where several runs agree (255 elsewhere), written as a run
 
-Beside them: prompts.py (prompt data), cli.py (the ``tag2mask`` command and the options every job
-shares), usecases/ (one module per command: label_dataset, plan, run_audit, ...; jobs/ are thin
-entries in front of them), bench/ (the benchmarks, and the model shapes tests and benchmarks
-build), demo.py (the demo dataset: scikit-image photographs with a COCO instances file, and tiny
-random-weight models).
+and, after a run, the people who curate it
+
+    review/          the review web app: gallery, image pages, decisions, classes, "try it"
+    export.py        FiftyOne, Label Studio and CVAT exports that honour review decisions
+
+Beside them: prompts.py (prompt data), cli.py (options every job shares), architectures.py
+(model shapes for tests and benchmarks), demo.py (the demo dataset: scikit-image photographs
+with a COCO instances file, and tiny random-weight models).
 """

@@ -27,6 +27,7 @@ LABELS_DIR = "labels"
 MERGED_DIR = "merged"
 MERGED_MARKER = f"{MERGED_DIR}/_MERGED.json"
 MERGED_ANNOTATIONS = f"{MERGED_DIR}/annotations.json"
+REVIEW_DIR = "review"  # review decisions (pipeline.review), append-only files
 PROBE_DIR = "_probe"  # check_access writes, reads and deletes one small object here
 ANNOTATIONS = "annotations.json"  # a shard's COCO file
 

@@ -1,0 +1,99 @@
+"""Pictures for the review pages, as pure functions of arrays: overlays, per-class masks, score
+heatmaps (PNG bytes) and score histograms (inline SVG). Colours are the label PNGs' palette."""
+
+from __future__ import annotations
+
+import html
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+from pipeline.review.run import palette
+
+IGNORE = 255
+THUMB = 192  # longest side of a gallery thumbnail, pixels
+OVERLAY_ALPHA = 0.55
+
+
+def colours() -> np.ndarray:
+    """[256, 3] uint8 RGB of each label value."""
+    return np.frombuffer(palette(), dtype=np.uint8).reshape(256, 3)
+
+
+def hex_colour(label: int) -> str:
+    r, g, b = colours()[label]
+    return f"#{r:02x}{g:02x}{b:02x}"
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def overlay(image: np.ndarray | None, label_map: np.ndarray, alpha: float = OVERLAY_ALPHA) -> np.ndarray:
+    """HWC uint8 RGB: the label colours over ``image`` (HWC uint8 RGB, same H, W) where the label
+    is neither background nor ignore; without an image, the colours over grey."""
+    lm = np.asarray(label_map)
+    base = np.full((*lm.shape, 3), 96, np.uint8) if image is None else image
+    if base.shape[:2] != lm.shape:
+        raise ValueError(f"image {base.shape[:2]} and label map {lm.shape} must have the same height and width")
+    painted = (lm != 0) & (lm != IGNORE)
+    out = base.astype(np.float32)
+    out[painted] = (1 - alpha) * out[painted] + alpha * colours()[lm[painted]].astype(np.float32)
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def thumbnail_png(image: np.ndarray | None, label_map: np.ndarray, size: int = THUMB) -> bytes:
+    """PNG bytes of the overlay, its longest side ``size`` pixels."""
+    pic = Image.fromarray(overlay(image, label_map))
+    pic.thumbnail((size, size), Image.Resampling.BILINEAR)
+    return _png(np.asarray(pic))
+
+
+def class_mask_png(label_map: np.ndarray, label: int) -> bytes:
+    """RGBA PNG: the class's colour where the label map holds ``label``, transparent elsewhere."""
+    rgba = np.zeros((*label_map.shape, 4), np.uint8)
+    where = label_map == label
+    rgba[where, :3] = colours()[label]
+    rgba[where, 3] = 255
+    return _png(rgba)
+
+
+def colour_png(label_map: np.ndarray) -> bytes:
+    """RGB PNG of a label map in the palette's colours (ground truth, the final map)."""
+    return _png(colours()[label_map])
+
+
+def photo_png(image: np.ndarray) -> bytes:
+    return _png(image)
+
+
+def heatmap_png(scores: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
+    """[h, w] float scores -> RGB PNG (dark blue low, yellow high, scaled to the map's own range),
+    resized to ``size`` (width, height) when given."""
+    s = np.asarray(scores, np.float64)
+    lo, hi = float(np.nanmin(s)), float(np.nanmax(s))
+    t = np.zeros_like(s) if hi <= lo else (s - lo) / (hi - lo)
+    rgb = np.stack([t * 250, 40 + t * 190, 140 * (1 - t) + 20], axis=-1)
+    pic = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    if size is not None:
+        pic = pic.resize(size, Image.Resampling.BILINEAR)
+    return _png(np.asarray(pic))
+
+
+def histogram_svg(counts: Sequence[int], width: int = 160, height: int = 48, title: str = "") -> str:
+    """An inline SVG bar chart of ``counts`` (bins of equal width over [0, 1])."""
+    top = max(max(counts, default=0), 1)
+    bar = width / max(len(counts), 1)
+    bars = "".join(
+        f'<rect x="{i * bar:.1f}" y="{height - h:.1f}" width="{bar - 1:.1f}" height="{h:.1f}">'
+        f"<title>{i / len(counts):.1f}-{(i + 1) / len(counts):.1f}: {c}</title></rect>"
+        for i, c in enumerate(counts)
+        for h in [height * c / top]
+    )
+    label = html.escape(title)
+    return (f'<svg class="hist" role="img" aria-label="{label}" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}">{bars}</svg>')  # fmt: skip

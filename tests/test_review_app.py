@@ -1,0 +1,270 @@
+"""The review app's routes (Starlette's TestClient): gallery views, image pages, decisions that
+survive a restart, and no route reading or writing outside the run prefix."""
+
+from __future__ import annotations
+
+import html as html_text
+import importlib.util
+import io
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from pipeline.review import create_app
+from pipeline.review.decisions import DecisionLog
+from pipeline.review.queries import GalleryQuery, RunIndex
+from pipeline.review.run import open_review_run
+from tests.review_data import IMAGES, label_maps, review_run, tree_digest  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run_copy(review_run, tmp_path) -> Path:  # noqa: F811
+    """A fresh copy of the run (decisions are written under the prefix)."""
+    shutil.copytree(review_run.parent, tmp_path / "copy", ignore=shutil.ignore_patterns("tiny*"))
+    return tmp_path / "copy" / "run"
+
+
+def _client(app) -> TestClient:
+    return TestClient(app, base_url="http://127.0.0.1")
+
+
+def _cards(html: str) -> list[str]:
+    return [part.split('"', 1)[0] for part in html.split('data-id="')[1:]]
+
+
+def test_gallery_filters_by_class_and_sorts_by_its_score(run_copy):
+    client = _client(create_app(str(run_copy)))
+    # dog (7) has pixels in dog-1, both-2, three-4; its score is 0.9, 0.3, 0.6 there (review_data.painted)
+    page = client.get("/gallery?cat=7&sort=class_score&desc=1")
+    assert page.status_code == 200
+    assert _cards(page.text) == ["dog-1", "three-4", "both-2"]
+    assert _cards(client.get("/gallery?cat=7&sort=class_score").text) == ["both-2", "three-4", "dog-1"]
+    assert _cards(client.get("/gallery?cat=7&min_class_score=0.5").text) == ["dog-1", "three-4"]
+    assert _cards(client.get("/gallery?status=decode_error").text) == ["broken"]
+
+
+def test_range_filters_match_the_label_maps(run_copy):
+    maps = label_maps(run_copy)
+    background = {k: float(np.mean(v == 0)) for k, v in maps.items()}
+    values = sorted(background.values())
+    cut = (values[2] + values[3]) / 2  # between the third and fourth: no tie with a stored (rounded) value
+    client = _client(create_app(str(run_copy)))
+    got = _cards(client.get(f"/gallery?max_background_fraction={cut}&sort=background_fraction").text)
+    assert got == sorted((k for k, v in background.items() if v <= cut), key=lambda k: (background[k], k))
+    assert len(got) == 3
+
+
+def test_the_url_holds_the_view_and_bad_values_are_400(run_copy):
+    q = GalleryQuery.from_params({"cat": "7", "min_class_score": "0.5", "sort": "class_score", "desc": "1",
+                                  "page": "2", "status": "ok"})  # fmt: skip
+    assert GalleryQuery.from_params(dict(p.split("=") for p in q.to_params().split("&"))) == q
+    client = _client(create_app(str(run_copy)))
+    bad = client.get("/gallery?min_ignore_fraction=lots")
+    assert bad.status_code == 400 and "min_ignore_fraction='lots' must be a number" in bad.text
+    assert client.get("/gallery?sort=nonsense").status_code == 400
+    assert "cannot filter on 'drop table'" in client.get("/gallery?min_drop table=1").text
+
+
+def test_pages_of_a_view_and_neighbours_of_an_image(run_copy):
+    index = RunIndex(open_review_run(str(run_copy)))
+    q = GalleryQuery(per_page=2, page=2)
+    page = index.gallery(q)
+    ids = sorted(IMAGES)
+    assert [r["image_id"] for r in page.rows] == ids[2:4] and page.total == 6 and page.pages == 3
+    assert index.around(q, ids[3], 3) == (ids[2], ids[4], 3)
+    assert index.around(q, ids[3], 0) == (ids[2], ids[4], 3)  # a stale position is looked up
+    assert index.around(q, ids[0], None) == (None, ids[1], 0)
+    client = _client(create_app(str(run_copy)))
+    html = client.get("/image?id=cat-0&pos=1&cat=1").text  # cat pixels: both-2, cat-0, three-4
+    assert 'data-prev="/image?id=both-2&pos=0&cat=1"' in html
+    assert 'data-next="/image?id=three-4&pos=2&cat=1"' in html
+    assert 'data-next=""' in client.get("/image?id=three-4&pos=2&cat=1").text
+
+
+def test_image_pictures_show_the_label_map(run_copy):
+    lm = label_maps(run_copy)["three-4"]
+    client = _client(create_app(str(run_copy)))
+    html = client.get("/image?id=three-4").text
+    for cid, name in ((1, "cat"), (7, "dog"), (15, "person")):
+        assert f'data-label="{cid}"' in html and name in html
+        mask = np.array(Image.open(io.BytesIO(client.get(f"/picture/mask?id=three-4&label={cid}").content)))
+        assert np.array_equal(mask[..., 3] == 255, lm == cid)
+    photo = np.array(Image.open(io.BytesIO(client.get("/picture/photo?id=three-4").content)))
+    source = np.array(Image.open(run_copy.parent / "images" / "three-4.png"))
+    assert np.array_equal(photo, source)
+    thumb = np.array(Image.open(io.BytesIO(client.get("/thumb?id=three-4").content)).convert("RGB"))
+    assert thumb.shape[:2] == lm.shape  # smaller than a thumbnail already: kept as is
+    assert (np.abs(thumb.astype(int) - source).sum(axis=2)[(lm != 0) & (lm != 255)] > 30).all()
+    assert np.array_equal(thumb[lm == 0], source[lm == 0])
+    assert "decode_error" in client.get("/image?id=broken").text
+    assert client.get("/thumb?id=broken").status_code == 404
+
+
+def test_decisions_survive_a_restart_and_the_latest_wins(run_copy):
+    client = _client(create_app(str(run_copy), session="s1"))
+    assert client.post("/api/decision", json={"image_id": "cat-0", "decision": "reject", "note": "leg"}).json()[
+        "counts"] == {"accept": 0, "reject": 1, "needs_fix": 0}  # fmt: skip
+    client.post("/api/decision", json={"image_id": "dog-1", "decision": "needs_fix"})
+    assert client.post("/api/decision", json={"image_id": "dog-1", "decision": "maybe"}).status_code == 400
+    lines = (run_copy / "review" / "decisions-s1.jsonl").read_text().splitlines()
+    assert [json.loads(x)["decision"] for x in lines] == ["reject", "needs_fix"]
+    again = _client(create_app(str(run_copy), session="s2"))  # a restarted server
+    assert "reject" in again.get("/image?id=cat-0").text and "leg" in again.get("/image?id=cat-0").text
+    again.post("/api/decision", json={"image_id": "cat-0", "decision": "accept"})
+    assert (run_copy / "review" / "decisions-s1.jsonl").read_text().splitlines() == lines  # never edited
+    latest = {k: d.decision for k, d in DecisionLog(open_review_run(str(run_copy))).latest().items()}
+    assert latest == {"cat-0": "accept", "dog-1": "needs_fix"}
+    assert _cards(again.get("/gallery?decision=needs_fix").text) == ["dog-1"]
+    assert _cards(again.get("/gallery?decision=none").text) == ["both-2", "broken", "person-3", "three-4"]
+    summary = again.get("/decisions").text
+    assert "<th>accepted</th><td>1</td>" in summary and "<th>needs fix</th><td>1</td>" in summary
+
+
+def test_a_line_cut_short_by_a_crash_is_skipped(run_copy):
+    folder = run_copy / "review"
+    folder.mkdir()
+    good = json.dumps({"image_id": "cat-0", "decision": "reject", "note": "", "time": 1.0})
+    (folder / "decisions-a.jsonl").write_text(good + '\n{"image_id": "dog-1", "deci')
+    assert {k: d.decision for k, d in DecisionLog(open_review_run(str(run_copy))).latest().items()} == {
+        "cat-0": "reject"}  # fmt: skip
+    (folder / "decisions-b.jsonl").write_text('{"nonsense": 1}\n' + good + "\n")
+    with pytest.raises(ValueError, match="decisions-b.jsonl line 1: not a decision"):
+        DecisionLog(open_review_run(str(run_copy)))
+
+
+EVIL = ["../run.json", "/etc/passwd", "..%2f..%2fetc%2fpasswd", "%2e%2e/run.json", "labels/cat-0.png",
+        "shards/../../x", "cat-0/../../../x", "\\..\\run.json"]  # fmt: skip
+
+
+def test_no_route_reads_or_writes_outside_the_run_prefix(run_copy):
+    before = tree_digest(run_copy.parent)
+    client = _client(create_app(str(run_copy), session="s1"))
+    for evil in EVIL:
+        for url in ("/thumb?id=", "/picture/photo?id=", "/picture/gt?id=", "/image?id="):
+            assert client.get(url + evil).status_code == 404, url + evil
+        assert client.get(f"/picture/mask?id={evil}&label=1").status_code == 404
+        assert client.post("/api/decision", json={"image_id": evil, "decision": "reject"}).status_code == 404
+        assert "no labelled image" in client.post("/try", data={"image_id": evil, "tags": "cat"}).text
+    for path in ("/static/../app.py", "/static/..%2fapp.py", "/static/%2e%2e/app.py", "/static//etc/passwd",
+                 "/static/..%2f..%2f..%2frun.json"):  # fmt: skip
+        response = client.get(path)
+        assert response.status_code == 404 and "create_app" not in response.text, path
+    assert tree_digest(run_copy.parent) == before  # nothing written, not even under the prefix
+
+
+def test_classes_and_failed_pages(run_copy):
+    client = _client(create_app(str(run_copy)))
+    classes = client.get("/classes").text
+    # cat is tagged on cat-0, both-2, three-4 and broken (failed: no class row), with pixels on the first three
+    row = classes.split(">cat</a>")[1].split("</tr>")[0]
+    assert "<td>3</td><td>3</td>" in row and row.count("<rect") == 10
+    failed = client.get("/failed").text
+    assert "broken" in failed and "decode_error" in failed and "cannot decode image" in failed
+    assert "Failed images (1)" in failed
+
+
+def _audit_folder(run_copy: Path, folder: Path) -> None:
+    """An audit output as audit_masks.py writes it, keyed by file stem: mIoU 0.1 * image index."""
+    from pipeline import audit
+
+    rows = [dict.fromkeys(audit.IMAGE_SCHEMA.names) | {"image_id": k, "status": "ok", "miou": 0.1 * i}
+            for i, k in enumerate(sorted(label_maps(run_copy)))]  # fmt: skip
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=audit.IMAGE_SCHEMA), folder / "images.parquet")
+    classes = [{"category_id": 7, "name": "dog", "gt_pixels": 1, "pred_pixels": 1, "true_positive": 1,
+                "ignored_by_us": 0, "iou": 0.625, "precision": 1.0, "recall": 1.0}]  # fmt: skip
+    pq.write_table(pa.Table.from_pylist(classes, schema=audit.CLASS_SCHEMA), folder / "classes.parquet")
+
+
+def test_an_audit_adds_image_iou_and_ground_truth(run_copy, tmp_path):
+    _audit_folder(run_copy, tmp_path / "audit")
+    gt = tmp_path / "gt"
+    gt.mkdir()
+    truth = np.zeros((48, 64), np.uint8)
+    truth[10:20, 5:30] = 1
+    Image.fromarray(truth, mode="L").save(gt / "cat-0.png")
+    client = _client(create_app(str(run_copy), str(tmp_path / "audit"), gt=str(gt)))
+    order = _cards(client.get("/gallery?sort=miou&desc=1").text)
+    assert order == ["three-4", "person-3", "dog-1", "cat-0", "both-2", "broken"]  # broken: no mIoU, last
+    assert "image mIoU 0.100" in client.get("/image?id=cat-0").text
+    shown = np.array(Image.open(io.BytesIO(client.get("/picture/gt?id=cat-0").content)))
+    assert (shown[truth == 1] == (128, 0, 0)).all() and (shown[truth == 0] == 0).all()
+    assert client.get("/picture/gt?id=dog-1").status_code == 404
+    assert "<td>0.625</td>" in client.get("/classes").text.split(">dog</a>")[1].split("</tr>")[0]
+
+
+def test_try_it_without_weights_says_which_are_missing(run_copy, tmp_path):
+    opened = open_review_run(str(run_copy))
+    config = json.loads(json.dumps(opened.config))
+    config["model"]["clip"]["checkpoint"] = str(tmp_path / "no-such-clip.pt")
+    config["model"]["sd"]["checkpoint"] = str(tmp_path / "no-such-sd")
+    client = _client(create_app(replace(opened, config=config)))
+    html = client.post("/try", data={"image_id": "cat-0", "tags": "cat"}).text
+    assert "Missing model weights" in html and "no-such-clip.pt" in html and "no-such-sd" in html
+    answer = html_text.unescape(client.post("/try", data={"image_id": "cat-0", "tags": "zebra"}).text)
+    assert "tags ['zebra'] are none of the run's classes: cat, dog, person" in answer
+
+
+def test_the_app_and_exports_import_without_the_model_stack():
+    code = ("import sys, pipeline.review.app, pipeline.export; "
+            "heavy = ('torch', 'open_clip', 'diffusers', 'pipeline.labeler'); "
+            "print(sorted(m for m in heavy if m in sys.modules))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                         env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def _review_job():
+    spec = importlib.util.spec_from_file_location("review_job", ROOT / "jobs" / "review.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_review_job_binds_loopback_and_refuses_a_prefix_without_a_run(tmp_path, capsys):
+    job = _review_job()
+    assert job.parse_args(["--run", "x"]).host == "127.0.0.1"
+    assert job.main(["--run", str(tmp_path / "nothing")]) == 2
+    assert "no shards committed by the run" in capsys.readouterr().err
+
+
+def test_a_run_on_s3_is_read_through_fsspec(run_copy, s3_endpoint, monkeypatch):
+    """DuckDB reads the Parquet stats through the run's fsspec filesystem; decisions land in the bucket."""
+    import s3fs
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    options = {"client_kwargs": {"endpoint_url": s3_endpoint}}
+    fs = s3fs.S3FileSystem(**options)
+    fs.mkdir("review-bucket")
+    fs.put(str(run_copy), "review-bucket/run", recursive=True)
+    client = _client(create_app("s3://review-bucket/run", session="s3", storage_options=options))
+    assert _cards(client.get("/gallery?cat=7&sort=class_score&desc=1").text) == ["dog-1", "three-4", "both-2"]
+    lm = label_maps(run_copy)["dog-1"]
+    mask = np.array(Image.open(io.BytesIO(client.get("/picture/mask?id=dog-1&label=7").content)))
+    assert np.array_equal(mask[..., 3] == 255, lm == 7)
+    client.post("/api/decision", json={"image_id": "dog-1", "decision": "accept"})
+    assert json.loads(fs.cat("review-bucket/run/review/decisions-s3.jsonl"))["decision"] == "accept"
+
+
+def test_only_loopback_host_names_are_served(run_copy):
+    """A page elsewhere that rebinds its DNS name to 127.0.0.1 sends its own Host: refused."""
+    app = create_app(str(run_copy), session="s1")
+    assert TestClient(app, base_url="http://evil.example").get("/gallery").status_code == 400
+    assert TestClient(app, base_url="http://evil.example").post(
+        "/api/decision", json={"image_id": "cat-0", "decision": "reject"}).status_code == 400  # fmt: skip
+    assert not (run_copy / "review").exists()
+    assert TestClient(app, base_url="http://localhost:8000").get("/gallery").status_code == 200
