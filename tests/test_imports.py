@@ -17,7 +17,8 @@ TORCH_FREE = (
     "pipeline.types", "pipeline.manifest", "pipeline.config", "pipeline.stats", "pipeline.coco",
     "pipeline.audit", "pipeline.compare", "pipeline.consensus", "pipeline.report",
     "pipeline.storage.layout", "pipeline.storage.store", "pipeline.storage.outputs",
-    "pipeline.storage.commit", "pipeline.storage.merge",
+    "pipeline.storage.commit", "pipeline.storage.merge", "pipeline.review.run", "pipeline.review.app",
+    "pipeline.export", "pipeline.discovery", "pipeline.usecases.audit",
 )  # fmt: skip
 MODEL_STACK = ("torch", "open_clip", "diffusers", "transformers")
 

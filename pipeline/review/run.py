@@ -82,7 +82,7 @@ class ReviewRun:
 
 
 def _committed(store: Store, fingerprint: str | None) -> list[str]:
-    found = store.fs.glob(store.path(layout.marker_glob()))
+    found = store.fs.glob(f"{store.root}/{layout.marker_glob()}")
     shards = []
     for shard_id in sorted(layout.shard_id_of_marker(p) for p in found):
         marker = read_marker(store, shard_id)
