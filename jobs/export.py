@@ -1,50 +1,13 @@
 """Export a run to FiftyOne, Label Studio or CVAT, honouring review decisions.
 
     python jobs/export.py s3://bucket/pseudo/run1 --to labelstudio --out ls/ [--rejected skip|tag]
-        [--images s3://bucket/coco/train2017/]
 
-fiftyone: ImageSegmentationDirectory (data/, labels/, mask_targets.json, fields.json);
-labelstudio: tasks.json with brushlabels predictions and a score, label_config.xml;
-cvat: Segmentation mask 1.1 (SegmentationClass/, ImageSets/Segmentation/default.txt, labelmap.txt).
-Images rejected in review are left out (--rejected skip, the default) or kept and marked (tag).
+The code and every option: pipeline/usecases/export.py; also `tag2mask export`.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from pipeline.export import EXPORTERS, REJECTED, export
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", help="the run's output prefix (local path, s3://, gs://)")
-    p.add_argument("--to", required=True, choices=sorted(EXPORTERS), help="the tool to export to")
-    p.add_argument("--out", required=True, help="local folder to write the export into")
-    p.add_argument("--rejected", choices=REJECTED, default="skip", help="rejected images: leave out, or keep marked")
-    p.add_argument("--images", help="root of relative image file names (COCO inputs); FiftyOne copies the images")
-    p.add_argument("--storage-options", help="fsspec options for the run prefix: inline JSON or a JSON file")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from pipeline.cli import storage_options_from_arg
-
-    try:
-        s = export(
-            args.run, args.to, args.out, args.rejected, args.images, storage_options_from_arg(args.storage_options)
-        )
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{s.format}: {s.exported} images exported to {s.out}; rejected: {s.rejected_skipped} left out, "
-          f"{s.rejected_tagged} kept and marked")  # fmt: skip
-    if s.missing_pictures:
-        print(f"{len(s.missing_pictures)} image files not found (give --images ROOT), e.g. {s.missing_pictures[:3]}")
-    return 0
-
+from pipeline.usecases import export
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(export.main())

@@ -1,51 +1,13 @@
 """Review a run in the browser: gallery, image pages with keyboard decisions, classes, failures, "try it".
 
     python jobs/review.py --run s3://bucket/pseudo/run1 [--audit report/] [--gt instances_val2017.json]
-        [--images s3://bucket/coco/train2017/] [--host 127.0.0.1 --port 8000]
 
-Binds 127.0.0.1 unless told otherwise; on a cluster head, tunnel to it:
-``ssh -L 8000:127.0.0.1:8000 head`` and open http://127.0.0.1:8000. Decisions are saved under
-the run prefix (review/decisions-<session>.jsonl) as they are made.
+The code and every option: pipeline/usecases/review.py; also `tag2mask review`.
 """
 
-from __future__ import annotations
-
-import argparse
 import sys
 
-from pipeline.cli import storage_options_from_arg
-from pipeline.review.app import LOOPBACK_HOSTS, create_app, serve
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="the run's output prefix (local path, s3://, gs://)")
-    p.add_argument("--audit", help="the --out folder of audit_masks.py: per-image and per-class IoU")
-    p.add_argument("--gt", help="ground truth shown beside the labels, as audit_masks.py --gt reads it")
-    p.add_argument("--gt-format", choices=("png", "cocostuff"), default="png", help="as audit_masks.py --gt-format")
-    p.add_argument("--images", help="root of relative image file names (COCO inputs: audit/label_coco --images)")
-    p.add_argument("--storage-options", help="fsspec options for the run prefix: inline JSON or a JSON file")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: tunnel over SSH)")
-    p.add_argument("--port", type=int, default=8000)
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        options = storage_options_from_arg(args.storage_options)
-        app = create_app(args.run, args.audit, gt=args.gt, gt_format=args.gt_format, images=args.images,
-                         storage_options=options, allowed_hosts=sorted({*LOOPBACK_HOSTS, args.host}))  # fmt: skip
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: serving on {args.host}: anyone who reaches it can read the run and write decisions",
-              file=sys.stderr)  # fmt: skip
-    print(f"review of {args.run}: http://{args.host}:{args.port}/")
-    serve(app, args.host, args.port)
-    return 0
-
+from pipeline.usecases import review
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(review.main())

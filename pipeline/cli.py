@@ -169,6 +169,8 @@ COMMANDS: dict[str, Command] = {
     "benchmark": Command("pipeline.bench.main", "jobs/benchmark.py", "labeler speed on random-weight models"),
     "stage-weights": Command("pipeline.usecases.weights", "jobs/stage_weights.py", "copy the weights to a bucket"),
     "demo": Command("pipeline.usecases.demo", "jobs/demo.py", "the whole job on tiny models, on a local Ray"),
+    "review": Command("pipeline.usecases.review", "jobs/review.py", "look at a run in the browser and judge it"),
+    "export": Command("pipeline.usecases.export", "jobs/export.py", "a run to FiftyOne, Label Studio or CVAT"),
 }  # fmt: skip
 
 

@@ -4,7 +4,6 @@ their documented layouts say, and compared pixel for pixel with the run's label 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -145,10 +144,9 @@ def test_brush_rle_splits_runs_longer_than_its_widest_length_field():
 
 
 def _job():
-    spec = importlib.util.spec_from_file_location("export_job", ROOT / "jobs" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from pipeline.usecases import export as command
+
+    return command
 
 
 def test_misuse_is_refused_with_a_sentence(run_copy, tmp_path, capsys):

@@ -4,7 +4,6 @@ survive a restart, and no route reading or writing outside the run prefix."""
 from __future__ import annotations
 
 import html as html_text
-import importlib.util
 import io
 import json
 import shutil
@@ -228,15 +227,14 @@ def test_the_app_and_exports_import_without_the_model_stack():
 
 
 def _review_job():
-    spec = importlib.util.spec_from_file_location("review_job", ROOT / "jobs" / "review.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from pipeline.usecases import review as command
+
+    return command
 
 
 def test_review_job_binds_loopback_and_refuses_a_prefix_without_a_run(tmp_path, capsys):
     job = _review_job()
-    assert job.parse_args(["--run", "x"]).host == "127.0.0.1"
+    assert job.build_parser().parse_args(["--run", "x"]).host == "127.0.0.1"
     assert job.main(["--run", str(tmp_path / "nothing")]) == 2
     assert "no shards committed by the run" in capsys.readouterr().err
 
