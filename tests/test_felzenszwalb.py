@@ -85,3 +85,18 @@ def test_compiled_parts_release_the_gil() -> None:
 
     for func in (module._segment, module._costs_numba, module._relabel):
         assert func.targetoptions.get("nogil") is True, func
+
+
+@pytest.mark.parametrize(("scale", "merged"), [(100.0, True), (0.3, False)])
+def test_merge_threshold_is_rounded_to_float32(scale: float, merged: bool) -> None:
+    """Two pixels whose difference lies between the threshold scale/255 and that threshold in
+    float32: skimage keeps thresholds in C floats, so 100/255 (rounded up in float32) merges a
+    difference of exactly 100/255, and 0.3/255 (rounded down) keeps a difference equal to its
+    float32 value apart."""
+    t = scale / 255
+    t32 = float(np.float32(t))
+    assert (t32 > t) == merged  # the case each parameter is chosen for
+    image = np.array([[0.0, t if merged else t32]])
+    expected = np.array([[0, 0]] if merged else [[0, 1]])
+    assert np.array_equal(reference(image, scale, 0.0, 1), expected)
+    assert np.array_equal(felzenszwalb(image, scale, 0.0, 1), expected)
