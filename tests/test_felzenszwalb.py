@@ -100,3 +100,19 @@ def test_merge_threshold_is_rounded_to_float32(scale: float, merged: bool) -> No
     expected = np.array([[0, 0]] if merged else [[0, 1]])
     assert np.array_equal(reference(image, scale, 0.0, 1), expected)
     assert np.array_equal(felzenszwalb(image, scale, 0.0, 1), expected)
+
+
+@pytest.mark.parametrize("channels", [1, 3, 9])
+def test_edge_costs_are_skimages_to_the_bit(channels: int) -> None:
+    """Edge costs as skimage computes them (numpy's sum over channels, then sqrt), in its edge
+    order (right, down, down-right, up-right): one ulp off can reorder the edge sort."""
+    from pipeline.felzenszwalb import _costs
+
+    image = np.random.default_rng(channels).random((7, 9, channels))
+
+    def dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.sqrt(np.sum((a - b) * (a - b), axis=-1)).ravel()
+
+    expected = np.hstack([dist(image[:, 1:], image[:, :-1]), dist(image[1:], image[:-1]),
+                          dist(image[1:, 1:], image[:-1, :-1]), dist(image[1:, :-1], image[:-1, 1:])])  # fmt: skip
+    assert np.array_equal(_costs(image), expected)
