@@ -253,7 +253,7 @@ def shards(records: Iterable[dict[str, Any]], shard_size: int) -> Iterator[Shard
     named over the whole stream (``storage.ImageNamer``), so names do not depend on the shard size."""
     if shard_size < 1:
         raise ValueError(f"shard size must be at least 1, got {shard_size}")
-    namer = storage.ImageNamer()
+    namer = storage.ImageNamer(CompactStringSet())  # names over millions of records in ~8 bytes each
     batch: list[dict[str, Any]] = []
     index = 0
     for record in records:
