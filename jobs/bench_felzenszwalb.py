@@ -35,13 +35,16 @@ def _numba(image: np.ndarray) -> np.ndarray:
     return numba_fz.felzenszwalb(image, CFG.scale, CFG.sigma, CFG.min_size)
 
 
-def _ms(func: Callable[[], object], repeat: int) -> float:
-    times = []
+def _ms(funcs: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
+    """Median ms per call of each function, the functions interleaved round by round so that a
+    shared machine's load falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in funcs}
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        func()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+        for name, func in funcs.items():
+            t0 = time.perf_counter()
+            func()
+            times[name].append(time.perf_counter() - t0)
+    return {name: 1000 * statistics.median(t) for name, t in times.items()}
 
 
 def _throughput(func: Callable[[np.ndarray], object], image: np.ndarray, threads: int, n: int) -> float:
@@ -69,26 +72,30 @@ def main() -> None:
     blurred = numba_fz._blur(numba_fz.img_as_float64(image), CFG.sigma)
     costs = numba_fz._costs(blurred)
     order = np.argsort(costs)
-    rows = [
-        ("skimage felzenszwalb", _ms(lambda: _skimage(image), args.repeat)),
-        ("numba felzenszwalb", _ms(lambda: _numba(image), args.repeat)),
-        ("  of which blur", _ms(lambda: numba_fz._blur(numba_fz.img_as_float64(image), CFG.sigma), args.repeat)),
-        ("  of which edge costs", _ms(lambda: numba_fz._costs(blurred), args.repeat)),
-        ("  of which np.argsort", _ms(lambda: np.argsort(costs), args.repeat)),
-        ("  of which merge+relabel", _ms(lambda: numba_fz._segment(order, costs, 375, 500, CFG.scale / 255,
-                                                                   CFG.min_size), args.repeat)),  # fmt: skip
-    ]
+    rows = _ms({
+        "skimage felzenszwalb": lambda: _skimage(image),
+        "numba felzenszwalb": lambda: _numba(image),
+        "  of which blur": lambda: numba_fz._blur(numba_fz.img_as_float64(image), CFG.sigma),
+        "  of which edge costs": lambda: numba_fz._costs(blurred),
+        "  of which np.argsort": lambda: np.argsort(costs),
+        "  of which merge+relabel": lambda: numba_fz._segment(order, costs, 375, 500, CFG.scale / 255, CFG.min_size),
+    }, args.repeat)  # fmt: skip
     print(f"500x375 astronaut crop, scale={CFG.scale} sigma={CFG.sigma} min_size={CFG.min_size}, "
           f"{os.cpu_count()} CPUs, median of {args.repeat}")  # fmt: skip
     print(f"{'step':28s} {'ms/image':>9s}")
-    for name, ms in rows:
+    for name, ms in rows.items():
         print(f"{name:28s} {ms:9.1f}")
-    print(f"speed-up (skimage / numba): {rows[0][1] / rows[1][1]:.2f}x")
+    print(f"speed-up (skimage / numba): {rows['skimage felzenszwalb'] / rows['numba felzenszwalb']:.2f}x")
     n = 2 * args.repeat
-    print(f"\n{'threads':28s} {'img/s 1 thr':>11s} {'img/s 2 thr':>11s} {'ratio':>6s}")
-    for name, func in (("skimage", _skimage), ("numba", _numba)):
-        one, two = _throughput(func, image, 1, n), _throughput(func, image, 2, n)
-        print(f"{name:28s} {one:11.1f} {two:11.1f} {two / one:6.2f}")
+    print(f"\n{'threads (interleaved, 3 rounds)':32s} {'img/s 1 thr':>11s} {'img/s 2 thr':>11s} {'ratio':>6s}")
+    rates: dict[tuple[str, int], list[float]] = {}
+    for _ in range(3):
+        for name, func in (("skimage", _skimage), ("numba", _numba)):
+            for threads in (1, 2):
+                rates.setdefault((name, threads), []).append(_throughput(func, image, threads, n))
+    for name in ("skimage", "numba"):
+        one, two = statistics.median(rates[name, 1]), statistics.median(rates[name, 2])
+        print(f"{name:32s} {one:11.1f} {two:11.1f} {two / one:6.2f}")
     with tempfile.TemporaryDirectory() as cache:
         cold, cached = _first_call(cache), _first_call(cache)
     print(f"\nfirst call in a fresh process: {cold:.2f} s with an empty numba cache, {cached:.2f} s cached")
