@@ -116,7 +116,8 @@ def main() -> None:
         if r["records"] != n or r["problems"]:
             raise SystemExit(f"planning {path} kept {r['records']} of {n} records, {r['problems']} problems")
         total = r["scan_s"] + r["shard_s"]
-        print(f"{n:10d} {r['scan_s']:8.1f} {r['shard_s']:8.1f} {total:8.1f} {r['shards']:7d} {r['rss_growth_mib']:15.1f}")
+        growth = r["rss_growth_mib"]
+        print(f"{n:10d} {r['scan_s']:8.1f} {r['shard_s']:8.1f} {total:8.1f} {r['shards']:7d} {growth:15.1f}")
     if args.coco:
         path = args.dir / "instances_train2017_synthetic.json"
         if not path.exists():

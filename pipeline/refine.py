@@ -5,6 +5,7 @@ so label boundaries follow image edges. Pure numpy; the segmentation is ``pipeli
 from __future__ import annotations
 
 import numpy as np
+
 from pipeline.config import RefineConfig
 from pipeline.felzenszwalb import felzenszwalb
 
