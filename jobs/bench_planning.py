@@ -47,10 +47,18 @@ def write_coco(path: Path, images: int = 118_287, annotations: int = 860_001) ->
     rng = random.Random(0)
     doc = {
         "images": [{"id": i, "file_name": f"{i:012d}.jpg", "width": 640, "height": 480} for i in range(1, images + 1)],
-        "annotations": [{"id": a, "image_id": rng.randint(1, images), "category_id": rng.randint(1, 80),
-                         "bbox": [1.0, 2.0, 30.0, 40.0], "area": 1200.0, "iscrowd": 0,
-                         "segmentation": [[1.0, 2.0, 31.0, 2.0, 31.0, 42.0, 1.0, 42.0]]}
-                        for a in range(annotations)],  # fmt: skip
+        "annotations": [
+            {
+                "id": a,
+                "image_id": rng.randint(1, images),
+                "category_id": rng.randint(1, 80),
+                "bbox": [1.0, 2.0, 30.0, 40.0],
+                "area": 1200.0,
+                "iscrowd": 0,
+                "segmentation": [[1.0, 2.0, 31.0, 2.0, 31.0, 42.0, 1.0, 42.0]],
+            }
+            for a in range(annotations)
+        ],  # fmt: skip
         "categories": [{**c, "supercategory": "x"} for c in CATEGORIES],
     }
     path.write_text(json.dumps(doc))
