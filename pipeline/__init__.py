@@ -13,6 +13,7 @@ The stages, in the order an image meets them (one module each):
     compensation.py  SD self-attention capture and the right-to-left fusion chain
     clip_es.py       CLIP-ES: softmax-GradCAM and class-aware attention affinity
     refine.py        Felzenszwalb superpixels and score pooling
+    felzenszwalb.py  the superpixel segmentation: scikit-image's algorithm compiled with numba
     labels.py        scores -> label map (background threshold, argmax, ignore)
     labeler.py       holds the configured method, runs it on a batch, assembles each label map
     coco.py, pngs.py, stats.py   label map -> COCO RLE, indexed PNG, Parquet quality rows
