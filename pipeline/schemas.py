@@ -23,6 +23,8 @@ import jsonschema
 import pyarrow as pa
 from referencing import Registry, Resource
 
+from pipeline.types import MAX_CLASS_ID
+
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 JSON_SCHEMAS = {
     "manifest_record": "manifest_record.v1.schema.json",
@@ -96,7 +98,7 @@ def _valid_manifest_record(doc: Any) -> bool:
         if type(value) is not int or value < 1:
             return False
     for tag in tags:
-        if not ((type(tag) is int and 1 <= tag <= 254) or (type(tag) is str and tag)):
+        if not ((type(tag) is int and 1 <= tag <= MAX_CLASS_ID) or (type(tag) is str and tag)):
             return False
     return len(set(tags)) == len(tags)  # uniqueItems (ints and strings never compare equal)
 

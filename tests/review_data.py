@@ -15,11 +15,11 @@ import pytest
 from PIL import Image
 
 from pipeline import types
+from pipeline.decode import ImageDecodeError, decode_image
+from pipeline.stats import Failure
 from pipeline.storage import commit, merge
 from pipeline.storage.store import Store
-from pipeline.decode import ImageDecodeError, decode_image
 from pipeline.types import LabelResult
-from pipeline.stats import Failure
 from tests.conftest import CATEGORIES, blob_image
 
 # image id -> tags; "broken" is a truncated file

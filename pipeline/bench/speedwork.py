@@ -294,6 +294,7 @@ def text_cache_identical(labeler: Labeler, req: LabelRequest) -> bool:
     cached = labeler.label([other, req])[1]
     fresh = Labeler(labeler.clip, labeler.sd, labeler.config, list(labeler.categories.values())).label([req])[0]
     return all(np.array_equal(getattr(cached, name), getattr(fresh, name))
-               for name in ("label_map", "coarse", "compensated", "coarse_scores", "final_scores", "decision"))  # fmt: skip
+               for name in ("label_map", "coarse", "compensated", "coarse_scores", "final_scores",
+                            "decision"))  # fmt: skip
 
 

@@ -60,9 +60,9 @@ class Trier:
     def _build(self) -> Any:
         from pipeline.config import build_config
         from pipeline.labeler import Labeler
-        from pipeline.types import Category
         from pipeline.models import WeightsUnavailableError
         from pipeline.prompts import class_prompt
+        from pipeline.types import Category
 
         if not self.config:
             raise TryUnavailable("the run has no run.json config, so the labeler that made it is unknown")
