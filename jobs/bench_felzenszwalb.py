@@ -1,4 +1,4 @@
-"""Felzenszwalb superpixels: skimage vs pipeline.felzenszwalb (numba) on one 500x375 photograph,
+"""Felzenszwalb superpixels: skimage against pipeline.felzenszwalb (numba), steps, threads, first call.
 
     python jobs/bench_felzenszwalb.py --help
 
