@@ -286,3 +286,22 @@ def test_a_discovery_run_resumes_byte_identically_and_loads(tmp_path, tiny_paths
         assert table.num_rows and set(table.column("suggested_class").to_pylist()) <= {c.name for c in CATEGORIES}
         images = pq.read_table(out / layout.table_file(shard.shard_id, "stats_images")).to_pydict()
         assert all(n >= 1 for n in images["n_unknown_regions"])
+
+
+@pytest.mark.slow
+def test_explain_draws_the_regions_and_their_suggestions(tmp_path, tiny_paths, planted_tokens):
+    from pipeline.usecases import explain
+
+    Image.fromarray(blob_image(48, 64)).save(tmp_path / "scene.png")
+    overrides = merge_overrides(tiny_overrides(tiny_paths, compensation=False),
+                                {"discovery": {"enabled": True, "unknown": "ignore", "max_area": 0.7}})  # fmt: skip
+    config = build_config("voc-vit-b16", overrides)
+    done = explain.explain_image(config, str(tmp_path / "scene.png"), ["cat"], str(tmp_path / "out"),
+                                 dump=str(tmp_path / "maps.npz"))  # fmt: skip
+    assert Image.open(tmp_path / "out" / "regions.png").size[0] > 0
+    arrays = np.load(tmp_path / "maps.npz")
+    region_map = arrays["region_map"]
+    assert region_map.shape == (48, 64) and region_map.max() == len(done.result.suggestions) >= 1
+    assert (region_map[24:, 32:] > 0).mean() > 0.5 and not region_map[:20, :28].any()  # the planted quadrant
+    assert list(arrays["suggested_classes"]) == [n for n, _ in done.result.suggestions]
+    assert (done.result.label_map[region_map > 0] != 0).all()  # "ignore": the region's background became 255
