@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import methods, redact, retry
-from pipeline.discovery import UNKNOWN_MODES
 from pipeline.config import (
     PRESETS,
     SD21_BASE,
@@ -29,6 +28,7 @@ from pipeline.config import (
     load_config_file,
     merge_overrides,
 )
+from pipeline.discovery import UNKNOWN_MODES
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,8 +70,8 @@ def add_discovery_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--discovery", action="store_const", const=True,
                    help="find potential objects in the untagged area and suggest the missing tags")  # fmt: skip
     g.add_argument("--unknown", choices=UNKNOWN_MODES,
-                   help="what the label map does with them: background (default; as without discovery), "
-                   "ignore (their background pixels become 255) or regions (a region map and COCO file beside)")  # fmt: skip
+                   help="what the label map does with them: background (default; as without discovery), ignore "
+                   "(their background pixels become 255) or regions (a region map and COCO file beside)")  # fmt: skip
     g.add_argument("--discovery-vocabulary", metavar="coco|dataset|FILE",
                    help="class names to suggest from: the run's classes (dataset, default), the 80 COCO "
                    "classes, or a text file with one name a line (its content enters the fingerprint)")  # fmt: skip

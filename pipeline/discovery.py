@@ -21,8 +21,7 @@ import math
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -374,7 +373,7 @@ def vocabulary_prompts(spec: str, categories: Sequence[Category]) -> tuple[tuple
 
 def suggestion_rows(
     regions: Regions, suggestions: Sequence[tuple[str, float]], shard_id: str, image_id: str
-) -> list[dict[str, object]]:
+) -> list[dict[str, Any]]:
     """Rows of ``suggestions.parquet`` for one image: one per region (id 1..R), with its best
     vocabulary class and score (``score_regions``), its area (fraction of the ViT grid) and
     coherence."""
@@ -382,8 +381,10 @@ def suggestion_rows(
         raise ValueError(f"image {image_id}: {len(suggestions)} suggestions for {len(regions.masks)} regions")
     return [
         {"shard_id": shard_id, "image_id": image_id, "region": int(rid), "suggested_class": name,
-         "score": round(float(score), DIGITS), "area": round(float(area), DIGITS), "coherence": round(float(coh), DIGITS)}
-        for rid, (name, score), area, coh in zip(regions.ids, suggestions, regions.areas, regions.coherence, strict=True)
+         "score": round(float(score), DIGITS), "area": round(float(area), DIGITS),
+         "coherence": round(float(coh), DIGITS)}
+        for rid, (name, score), area, coh in zip(regions.ids, suggestions, regions.areas, regions.coherence,
+                                                 strict=True)
     ]  # fmt: skip
 
 
@@ -411,8 +412,8 @@ def decode_region_png(data: bytes) -> np.ndarray:
 
 
 def regions_coco(
-    items: Sequence[tuple[str, np.ndarray, Sequence[Mapping[str, object]], str]], info: Mapping[str, object]
-) -> dict[str, object]:
+    items: Sequence[tuple[str, np.ndarray, Sequence[Mapping[str, Any]], str]], info: Mapping[str, Any]
+) -> dict[str, Any]:
     """COCO document of discovered regions from ``(source_id, [H, W] uint16 region map, the
     image's suggestion rows, file_name)`` items: every image, one annotation per region present
     in the map, category ``UNKNOWN_OBJECT`` (id 1000, outside the dataset's 1..254), compressed
@@ -422,7 +423,8 @@ def regions_coco(
 
     from pipeline import coco  # here: pycocotools is not needed by the algorithm
 
-    images, anns = [], []
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
     for coco_id, (source_id, region_map, rows, file_name) in zip(
         coco.coco_image_ids([it[0] for it in items]), items, strict=True
     ):
@@ -440,5 +442,6 @@ def regions_coco(
             anns.append({"id": len(anns) + 1, "image_id": coco_id, "category_id": UNKNOWN_OBJECT_ID,
                          "segmentation": rles[k], "area": int(areas[k]), "bbox": [float(v) for v in boxes[k]],
                          "iscrowd": 0, "score": row.get("coherence", 0.0), "region": rid,
-                         "suggested_class": row.get("suggested_class"), "suggestion_score": row.get("score")})  # fmt: skip
+                         "suggested_class": row.get("suggested_class"),
+                         "suggestion_score": row.get("score")})  # fmt: skip
     return {"info": dict(info), "licenses": [], "images": images, "annotations": anns, "categories": [UNKNOWN_OBJECT]}

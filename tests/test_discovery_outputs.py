@@ -100,7 +100,8 @@ def test_without_discovery_the_shard_writes_what_it_wrote_before(tmp_path):
     """No region or suggestion files, the stats_images schema and bytes of a run without them."""
     store = Store.open(str(tmp_path))
     plain = commit.write_shard(store, "s0", [_result("a", None)], [], CATEGORIES, FP)
-    expected = [layout.shard_file("s0", f) for f in ("annotations.json", "stats_images.parquet", "stats_classes.parquet")]
+    shard_files = ("annotations.json", "stats_images.parquet", "stats_classes.parquet")
+    expected = [layout.shard_file("s0", f) for f in shard_files]
     assert sorted(plain["files"]) == sorted([*expected, layout.label_file("a")])
     table = pq.read_table(tmp_path / layout.table_file("s0", "stats_images"))
     assert table.schema.remove_metadata().equals(schemas.STATS_IMAGES.remove_metadata())

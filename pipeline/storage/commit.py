@@ -82,7 +82,8 @@ def marker_doc(shard_id: str, built: outputs.ShardFiles, fingerprint: str) -> di
 def write_shard(store: Store, shard_id: str, results: Sequence[LabelResult | ImageEntry],
                 failures: Sequence[Failure | tuple[str, str, str]], categories: Sequence[Any],
                 fingerprint: str, names: Mapping[str, ImageName] | None = None,
-                formats: Iterable[str] = outputs.DEFAULT_FORMATS, discovery: bool = False) -> dict[str, Any]:  # fmt: skip
+                formats: Iterable[str] = outputs.DEFAULT_FORMATS,
+                discovery: bool = False) -> dict[str, Any]:  # fmt: skip
     """Write one shard from scratch and commit it; returns the marker.
 
     results: labelled images; failures: ``Failure`` or ``(image_id, status, error)`` for images

@@ -115,8 +115,8 @@ def _regions_panel(image: np.ndarray, region_map: np.ndarray, result: LabelResul
     handles = []
     for k, (name, score) in enumerate(result.suggestions, start=1):
         mask = region_map == k
-        color = np.array(cmap((k - 1) % 20)[:3])
-        out[mask] = 0.4 * out[mask] + 0.6 * color
+        color = cmap((k - 1) % 20)[:3]
+        out[mask] = 0.4 * out[mask] + 0.6 * np.array(color)
         handles.append(Patch(color=color, label=f"{k}: {name} ({score:.2f})"))
     fig, ax = plt.subplots(figsize=(8, 8 * image.shape[0] / image.shape[1]))
     ax.imshow(out)
