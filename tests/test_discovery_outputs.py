@@ -306,3 +306,38 @@ def test_explain_draws_the_regions_and_their_suggestions(tmp_path, tiny_paths, p
     assert (region_map[24:, 32:] > 0).mean() > 0.5 and not region_map[:20, :28].any()  # the planted quadrant
     assert list(arrays["suggested_classes"]) == [n for n, _ in done.result.suggestions]
     assert (done.result.label_map[region_map > 0] != 0).all()  # "ignore": the region's background became 255
+
+
+def _review_run(tmp_path: Path, discovery_on: bool) -> Path:
+    from pipeline import types
+
+    prefix = tmp_path / ("on" if discovery_on else "off")
+    store = Store.open(str(prefix))
+    config = build_config(None, {"discovery": {"enabled": discovery_on, "unknown": "regions"}})
+    fp = types.run_fingerprint(config.fingerprint(), {"clip": {"sha256": "tiny"}}, "e" * 64)
+    commit.write_run(store, fp, config.to_dict(), {"clip": {"sha256": "tiny"}})
+    results = [_result("a", _regions(TWO) if discovery_on else None), _result("b", None)]
+    commit.write_shard(store, "s0", results, [], CATEGORIES, fp.digest, discovery=discovery_on)
+    merge.merge(store, ["s0"], fp.digest)
+    return prefix
+
+
+def test_review_image_page_shows_regions_and_suggestions(tmp_path):
+    from starlette.testclient import TestClient
+
+    from pipeline.review.app import create_app
+
+    client = TestClient(create_app(str(_review_run(tmp_path, True))), base_url="http://127.0.0.1")
+    page = client.get("/image", params={"id": "a"})
+    assert page.status_code == 200
+    assert 'id="regions-toggle"' in page.text and "/picture/regions?id=a" in page.text
+    table = page.text.split('id="suggestions"')[1].split("</table>")[0]
+    assert table.count("<td>dog</td>") == 2 and "<td>1</td>" in table and "<td>2</td>" in table
+    png = client.get("/picture/regions", params={"id": "a"})
+    rgba = np.array(Image.open(io.BytesIO(png.content)))
+    assert png.status_code == 200 and np.array_equal(rgba[..., 3] > 0, _regions(TWO).region_map((16, 20)) > 0)
+    assert "regions-toggle" not in client.get("/image", params={"id": "b"}).text  # no regions for b
+    assert client.get("/picture/regions", params={"id": "b"}).status_code == 404
+    off = TestClient(create_app(str(_review_run(tmp_path, False))), base_url="http://127.0.0.1")
+    text = off.get("/image", params={"id": "a"}).text
+    assert "regions-toggle" not in text and 'id="suggestions"' not in text

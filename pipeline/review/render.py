@@ -62,6 +62,16 @@ def class_mask_png(label_map: np.ndarray, label: int) -> bytes:
     return _png(rgba)
 
 
+def regions_png(region_map: np.ndarray) -> bytes:
+    """RGBA PNG of a [H, W] uint16 region map (discovery): each region in a palette colour (its id
+    taken modulo 254, skipping 0 and 255), transparent where there is none."""
+    rgba = np.zeros((*region_map.shape, 4), np.uint8)
+    where = region_map > 0
+    rgba[where, :3] = colours()[(region_map[where].astype(np.int64) - 1) % 254 + 1]
+    rgba[where, 3] = 255
+    return _png(rgba)
+
+
 def colour_png(label_map: np.ndarray) -> bytes:
     """RGB PNG of a label map in the palette's colours (ground truth, the final map)."""
     return _png(colours()[label_map])
