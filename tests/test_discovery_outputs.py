@@ -171,6 +171,10 @@ def test_cli_flags_set_discovery(tmp_path):
         cli.config_from_args(_args(["--unknown", "ignore"]))
     with pytest.raises(SystemExit):
         _args(["--discovery", "--unknown", "hide"])
+    from pipeline.usecases import explain, label
+
+    for parser in (label.build_parser(), explain.build_parser()):  # the label and explain commands take them
+        assert all(f in parser.format_help() for f in ("--discovery", "--unknown", "--discovery-vocabulary"))
 
 
 def test_vocabulary_file_content_enters_the_fingerprint_only_when_on(tmp_path):
@@ -341,3 +345,17 @@ def test_review_image_page_shows_regions_and_suggestions(tmp_path):
     off = TestClient(create_app(str(_review_run(tmp_path, False))), base_url="http://127.0.0.1")
     text = off.get("/image", params={"id": "a"}).text
     assert "regions-toggle" not in text and 'id="suggestions"' not in text
+
+
+def test_the_label_summary_prints_the_missing_tags(tmp_path, capsys):
+    from pipeline.runner import RunSummary
+    from pipeline.usecases.label import Outcome, print_outcome
+
+    store = Store.open(str(tmp_path))
+    commit.write_shard(store, "s0", [_result("a", _regions(TWO))], [], CATEGORIES, FP, discovery=True)
+    merged = merge.merge(store, ["s0"], FP)
+    print_outcome(Outcome(RunSummary(shards_done=1, images=1, committed=["s0"]), merged), str(tmp_path), 8)
+    out = capsys.readouterr().out
+    assert "suggested but never tagged" in out and "dog (2 regions, mean score 0.70)" in out
+    print_outcome(Outcome(RunSummary(), {"shards": ["s0"]}), str(tmp_path), 8)  # discovery off: no such line
+    assert "never tagged" not in capsys.readouterr().out
