@@ -117,6 +117,8 @@ class Labeler:
         work = [self._work(r) for r in requests]
         todo = [w for w in work if w.class_ids]
         if todo:
+            if self.config.discovery.enabled:
+                self.vocabulary()  # embedded here, on the model's thread, not in a concurrent ``finish``
             self.method.infer(todo, self._clock)
         return work
 
