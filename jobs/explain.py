@@ -2,6 +2,7 @@
 and with --dump the raw arrays.
 
     python jobs/explain.py --image cat.jpg --tags cat,dog --out explain/ [--dump explain/maps.npz]
+    python jobs/explain.py --image cat.jpg --tags cat --out explain/ --discovery   # + regions.png
 
 The code and every option: pipeline/usecases/explain.py (explain_image); also `tag2mask explain`.
 """

@@ -28,6 +28,7 @@ from pipeline.config import (
     load_config_file,
     merge_overrides,
 )
+from pipeline.discovery import UNKNOWN_MODES
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +64,32 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
 
 
+def add_discovery_arguments(parser: argparse.ArgumentParser) -> None:
+    """Discovery's options (docs/DISCOVERY.md); each overrides the ``discovery`` section of ``--config``."""
+    g = parser.add_argument_group("discovery (objects nobody tagged; off by default)")
+    g.add_argument("--discovery", action="store_const", const=True,
+                   help="find potential objects in the untagged area and suggest the missing tags")  # fmt: skip
+    g.add_argument("--unknown", choices=UNKNOWN_MODES,
+                   help="what the label map does with them: background (default; as without discovery), ignore "
+                   "(their background pixels become 255) or regions (a region map and COCO file beside)")  # fmt: skip
+    g.add_argument("--discovery-vocabulary", metavar="coco|dataset|FILE",
+                   help="class names to suggest from: the run's classes (dataset, default), the 80 COCO "
+                   "classes, or a text file with one name a line (its content enters the fingerprint)")  # fmt: skip
+
+
+def _discovery_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {"discovery.enabled": getattr(args, "discovery", None), "discovery.unknown": getattr(args, "unknown", None),
+            "discovery.vocabulary": getattr(args, "discovery_vocabulary", None)}  # fmt: skip
+
+
+def _check_discovery(config: Config, args: argparse.Namespace) -> None:
+    """--unknown / --discovery-vocabulary without discovery on would be silently ignored: refuse."""
+    given = [f for f, v in (("--unknown", getattr(args, "unknown", None)),
+                            ("--discovery-vocabulary", getattr(args, "discovery_vocabulary", None))) if v]  # fmt: skip
+    if given and not config.discovery.enabled:
+        raise ValueError(f"{' and '.join(given)} need discovery on: add --discovery (or discovery.enabled in --config)")
+
+
 def _nested(pairs: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for dotted, value in pairs.items():
@@ -77,7 +104,7 @@ def _nested(pairs: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """Config = defaults <- preset <- --config file <- explicit model options."""
+    """Config = defaults <- preset <- --config file <- explicit model and discovery options."""
     overrides = load_config_file(args.config) if args.config else {}
     flags = _nested({
         "model.clip.model": args.clip_model,
@@ -87,13 +114,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
         "model.sd.checkpoint": args.sd_checkpoint,
         "model.device": args.device,
         "method": getattr(args, "method", None),
+        **_discovery_flags(args),
     })  # fmt: skip
     if args.clip_checkpoint and args.clip_pretrained is None and args.clip_model and args.clip_model.endswith(".json"):
         # A custom architecture has no open_clip tag: its checkpoint stands alone.
         flags["model"]["clip"]["pretrained"] = None
     overrides = merge_overrides(overrides, flags)
     preset = args.preset or overrides.pop("preset", None)
-    return build_config(preset, overrides)
+    config = build_config(preset, overrides)
+    _check_discovery(config, args)
+    return config
 
 
 def add_storage_retry_arguments(parser: argparse.ArgumentParser) -> None:

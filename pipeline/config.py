@@ -172,8 +172,17 @@ class Config:
         """The settings that decide the labels (what to compute), as a dict: ``to_dict()`` less the
         how-to-run settings (``RUN_SETTINGS``; ``batch_size`` only for a method whose labels do not
         depend on it, ``Method.batch_invariant``), less another method's settings and less where the
-        weights live (``LOCATION_FIELDS``: the model fingerprint names weights by content)."""
-        return identity_of(self.to_dict())
+        weights live (``LOCATION_FIELDS``: the model fingerprint names weights by content). With
+        discovery on and a vocabulary file, the file's sha256 too (``vocabulary_sha256``): its
+        content decides the suggestions (ValueError when the file cannot be read)."""
+        data = identity_of(self.to_dict())
+        if self.discovery.enabled:
+            from pipeline import discovery  # here: discovery's type hints import this module
+
+            digest = discovery.vocabulary_sha256(self.discovery.vocabulary)
+            if digest is not None:
+                data["discovery"]["vocabulary_sha256"] = digest
+        return data
 
     def fingerprint(self) -> str:
         """SHA-256 of the canonical JSON of ``identity()``: equal for two configs that give the

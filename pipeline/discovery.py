@@ -15,21 +15,27 @@ label maps [H, W] uint8 (0 background, 1..254 classes, 255 ignore); region maps 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 from collections import Counter, defaultdict
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
     from pipeline.config import DiscoveryConfig
+    from pipeline.types import Category
 
 UNKNOWN_MODES = ("background", "ignore", "regions")
 IGNORE = 255  # the label maps' ignore index (pipeline.labels.IGNORE; not imported: labels imports torch)
 _EPS = 1e-12
+BUILTIN_VOCABULARIES = ("dataset", "coco")
+UNKNOWN_OBJECT_ID = 1000  # COCO category id of discovered regions: dataset ids are 1..254 (pipeline.types)
+UNKNOWN_OBJECT = {"id": UNKNOWN_OBJECT_ID, "name": "unknown object", "supercategory": ""}
+DIGITS = 6  # scores, areas and coherence are rounded in the outputs: float32 carries ~7 digits
 
 
 @dataclass(frozen=True)
@@ -320,8 +326,8 @@ def run_suggestions(
 
 def load_vocabulary(spec: str, dataset_names: Sequence[str]) -> tuple[str, ...]:
     """Class names to suggest from: ``dataset`` (the run's own classes), ``coco`` (the 80 COCO
-    names), or the path of a UTF-8 text file with one name a line (an LVIS list, for example;
-    blank lines and lines starting with # are skipped). Names keep their first occurrence."""
+    names), or the path or fsspec URL of a UTF-8 text file with one name a line (an LVIS list, for
+    example; blank lines and lines starting with # are skipped). Names keep their first occurrence."""
     if spec == "dataset":
         names: Iterable[str] = dataset_names
     elif spec == "coco":
@@ -329,12 +335,113 @@ def load_vocabulary(spec: str, dataset_names: Sequence[str]) -> tuple[str, ...]:
 
         names = COCO_CLASSES
     else:
-        path = Path(spec)
-        if not path.is_file():
-            raise ValueError(f"discovery.vocabulary {spec!r} is neither 'dataset', 'coco' nor an existing file")
-        lines = (ln.strip() for ln in path.read_text(encoding="utf-8").splitlines())
+        lines = (ln.strip() for ln in _vocabulary_bytes(spec).decode("utf-8").splitlines())
         names = [ln for ln in lines if ln and not ln.startswith("#")]
     out = tuple(dict.fromkeys(names))
     if not out:
         raise ValueError(f"discovery.vocabulary {spec!r} holds no class names")
     return out
+
+
+def _vocabulary_bytes(spec: str) -> bytes:
+    import fsspec  # here: only a vocabulary file needs it
+
+    try:
+        with fsspec.open(spec, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError) as err:
+        raise ValueError(f"discovery.vocabulary {spec!r} is neither 'dataset', 'coco' nor an existing file") from err
+
+
+def vocabulary_sha256(spec: str) -> str | None:
+    """sha256 of a vocabulary file's bytes (it enters the run's fingerprint: editing the file
+    changes the suggestions); None for the built-in vocabularies."""
+    return None if spec in BUILTIN_VOCABULARIES else hashlib.sha256(_vocabulary_bytes(spec)).hexdigest()
+
+
+def vocabulary_prompts(spec: str, categories: Sequence[Category]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(names, prompts) of a vocabulary: with ``dataset`` each category's name and its own prompt
+    (as the method embeds it for labeling); otherwise each name is its own prompt."""
+    if spec == "dataset":
+        unique = list({c.name: c for c in categories}.values())
+        if not unique:
+            raise ValueError("discovery.vocabulary 'dataset' holds no class names: the run has no categories")
+        return tuple(c.name for c in unique), tuple(c.prompt for c in unique)
+    names = load_vocabulary(spec, ())
+    return names, names
+
+
+def suggestion_rows(
+    regions: Regions, suggestions: Sequence[tuple[str, float]], shard_id: str, image_id: str
+) -> list[dict[str, Any]]:
+    """Rows of ``suggestions.parquet`` for one image: one per region (id 1..R), with its best
+    vocabulary class and score (``score_regions``), its area (fraction of the ViT grid) and
+    coherence."""
+    if len(suggestions) != len(regions.masks):
+        raise ValueError(f"image {image_id}: {len(suggestions)} suggestions for {len(regions.masks)} regions")
+    return [
+        {"shard_id": shard_id, "image_id": image_id, "region": int(rid), "suggested_class": name,
+         "score": round(float(score), DIGITS), "area": round(float(area), DIGITS),
+         "coherence": round(float(coh), DIGITS)}
+        for rid, (name, score), area, coh in zip(regions.ids, suggestions, regions.areas, regions.coherence,
+                                                 strict=True)
+    ]  # fmt: skip
+
+
+def unknown_fraction(regions: Regions) -> float:
+    """Fraction of the ViT grid's cells inside a region (the same in every ``unknown`` mode)."""
+    return round(float(regions.areas.sum()), DIGITS) if len(regions.areas) else 0.0
+
+
+def encode_region_png(region_map: np.ndarray) -> bytes:
+    """[H, W] uint16 region map -> bytes of a 16-bit greyscale PNG (no metadata; deterministic)."""
+    from PIL import Image  # here: readers of suggestions do not need Pillow
+
+    if not isinstance(region_map, np.ndarray) or region_map.ndim != 2 or region_map.dtype != np.uint16:
+        raise ValueError(f"expected an [H, W] uint16 region map, got {getattr(region_map, 'dtype', type(region_map))}")
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(region_map)).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def decode_region_png(data: bytes) -> np.ndarray:
+    """Bytes of a region PNG (``encode_region_png``) -> [H, W] uint16 region map."""
+    from PIL import Image
+
+    return np.array(Image.open(io.BytesIO(data))).astype(np.uint16)
+
+
+def regions_coco(
+    items: Sequence[tuple[str, np.ndarray, Sequence[Mapping[str, Any]], str]], info: Mapping[str, Any]
+) -> dict[str, Any]:
+    """COCO document of discovered regions from ``(source_id, [H, W] uint16 region map, the
+    image's suggestion rows, file_name)`` items: every image, one annotation per region present
+    in the map, category ``UNKNOWN_OBJECT`` (id 1000, outside the dataset's 1..254), compressed
+    RLE as the main COCO file, ``score`` the region's coherence, ``region`` its id in the map, and
+    its suggestion (``suggested_class``, ``suggestion_score``). Image ids as ``coco.build_coco``."""
+    from pycocotools import mask as mask_utils
+
+    from pipeline import coco  # here: pycocotools is not needed by the algorithm
+
+    images: list[dict[str, Any]] = []
+    anns: list[dict[str, Any]] = []
+    for coco_id, (source_id, region_map, rows, file_name) in zip(
+        coco.coco_image_ids([it[0] for it in items]), items, strict=True
+    ):
+        images.append({"id": coco_id, "source_id": source_id, "file_name": file_name,
+                       "height": int(region_map.shape[0]), "width": int(region_map.shape[1])})  # fmt: skip
+        by_id = {int(r["region"]): r for r in rows}
+        present = [int(v) for v in np.unique(region_map) if v]
+        if not present:
+            continue
+        rles = coco.encode_masks(region_map[:, :, None] == np.array(present, np.uint16))
+        raw = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
+        areas, boxes = mask_utils.area(raw), mask_utils.toBbox(raw)
+        for k, rid in enumerate(present):
+            row = by_id.get(rid, {})
+            anns.append({"id": len(anns) + 1, "image_id": coco_id, "category_id": UNKNOWN_OBJECT_ID,
+                         "segmentation": rles[k], "area": int(areas[k]), "bbox": [float(v) for v in boxes[k]],
+                         "iscrowd": 0, "score": row.get("coherence", 0.0), "region": rid,
+                         "suggested_class": row.get("suggested_class"),
+                         "suggestion_score": row.get("score")})  # fmt: skip
+    return {"info": dict(info), "licenses": [], "images": images, "annotations": anns, "categories": [UNKNOWN_OBJECT]}

@@ -38,6 +38,7 @@ class Labeler:
         self.sync_timings = sync_timings
         self.categories = {c.id: c for c in categories}
         self.method = methods.get(config.method)(clip, sd, config, self.categories)
+        self._vocabularies: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
 
     @classmethod
     def from_config(cls, config: Config, categories: Sequence[Category]) -> Labeler:
@@ -74,6 +75,29 @@ class Labeler:
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
+    def vocabulary(self) -> tuple[tuple[str, ...], np.ndarray]:
+        """(names, [V, E] float32 text embeddings) of ``discovery.vocabulary``, embedded once per
+        labeler (per actor) with the method's own text encoder and prompts, cached per vocabulary."""
+        spec = self.config.discovery.vocabulary
+        if spec not in self._vocabularies:
+            names, prompts = discovery.vocabulary_prompts(spec, list(self.categories.values()))
+            with torch.no_grad():
+                emb = self.method.embed_prompts(prompts).float().cpu().numpy()
+            self._vocabularies[spec] = (names, emb)
+        return self._vocabularies[spec]
+
+    def _discover(self, tokens: torch.Tensor, label_map: np.ndarray) -> tuple[Any, np.ndarray, Any, tuple]:
+        """Regions of the untagged area, what the label map does with them, and their suggestions."""
+        cfg = self.config.discovery
+        grid = tokens.float().cpu().numpy()
+        regions = discovery.discover(grid, discovery.labelled_cells(label_map, grid.shape[:2]), cfg)
+        label_map, region_map = discovery.apply_unknown(label_map, regions, cfg.unknown)
+        suggestions: tuple = ()
+        if len(regions.masks):
+            names, text = self.vocabulary()
+            suggestions = tuple(discovery.score_regions(regions.centres, text, names))
+        return regions, label_map, region_map, suggestions
+
     def _work(self, req: LabelRequest) -> Item:
         if req.image.ndim != 3 or req.image.shape[2] != 3 or req.image.dtype != np.uint8:
             raise ValueError(f"image {req.image_id}: expected HWC uint8 RGB, got {req.image.dtype} {req.image.shape}")
@@ -93,6 +117,8 @@ class Labeler:
         work = [self._work(r) for r in requests]
         todo = [w for w in work if w.class_ids]
         if todo:
+            if self.config.discovery.enabled:
+                self.vocabulary()  # embedded here, on the model's thread, not in a concurrent ``finish``
             self.method.infer(todo, self._clock)
         return work
 
@@ -127,10 +153,9 @@ class Labeler:
         label_map = labels.assemble_label_map(decision, kept_ids, rule.bkg_thre, cfg.labels)
         t2 = time.perf_counter()
         regions = region_map = None
+        suggestions: tuple = ()
         if cfg.discovery.enabled and out.tokens is not None:
-            tokens = out.tokens.float().cpu().numpy()
-            regions = discovery.discover(tokens, discovery.labelled_cells(label_map, tokens.shape[:2]), cfg.discovery)
-            label_map, region_map = discovery.apply_unknown(label_map, regions, cfg.discovery.unknown)
+            regions, label_map, region_map, suggestions = self._discover(out.tokens, label_map)
             w.timings["discovery"] = time.perf_counter() - t2
         w.timings.update(superpixels=t1 - t0, label_assembly=t2 - t1)
         return LabelResult(
@@ -139,5 +164,5 @@ class Labeler:
             coarse_scores=out.coarse_scores.float().cpu().numpy(), final_scores=final.numpy(),
             kept_ids=kept_ids, decision=decision.astype(np.float32), segments=segments, timings=dict(w.timings),
             maps={name: m.float().cpu().numpy() for name, m in out.diagnostics.items()},
-            regions=regions, region_map=region_map,
+            regions=regions, region_map=region_map, suggestions=suggestions,
         )  # fmt: skip

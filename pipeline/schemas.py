@@ -9,6 +9,8 @@ their version in the schema metadata, so the Parquet files say which layout they
     run.v1               <prefix>/run.json: fingerprint, config, model fingerprint
     commit_marker.v1     <prefix>/shards/<shard>/_COMMITTED.json
     STATS_IMAGES, STATS_CLASSES, TIMINGS   the Parquet tables (see pipeline/stats.py)
+    STATS_IMAGES_DISCOVERY   stats_images of a run with discovery on: two more columns
+    SUGGESTIONS, MISSING_TAGS   discovery's per-shard suggestions and the run's untagged classes
 """
 
 from __future__ import annotations
@@ -176,11 +178,39 @@ TIMINGS = _arrow("timings", [
     pa.field("seconds", pa.float64(), nullable=False),
 ])  # fmt: skip
 
-ARROW_SCHEMAS = {"stats_images": STATS_IMAGES, "stats_classes": STATS_CLASSES, "timings": TIMINGS}
+# Discovery on (docs/DISCOVERY.md): only then, so runs without it keep their bytes.
+STATS_IMAGES_DISCOVERY = _arrow("stats-images-discovery", [
+    *STATS_IMAGES,
+    pa.field("unknown_fraction", pa.float64()),  # ViT-grid fraction inside discovered regions
+    pa.field("n_unknown_regions", pa.int32()),
+])  # fmt: skip
+
+SUGGESTIONS = _arrow("suggestions", [
+    pa.field("shard_id", pa.string(), nullable=False),
+    pa.field("image_id", pa.string(), nullable=False),
+    pa.field("region", pa.int32(), nullable=False),  # id in the region map, 1..R
+    pa.field("suggested_class", pa.string(), nullable=False),
+    pa.field("score", pa.float64(), nullable=False),  # softmax over the vocabulary
+    pa.field("area", pa.float64(), nullable=False),  # fraction of the ViT grid
+    pa.field("coherence", pa.float64(), nullable=False),
+])  # fmt: skip
+
+MISSING_TAGS = _arrow("missing-tags", [
+    pa.field("suggested_class", pa.string(), nullable=False),
+    pa.field("regions", pa.int64(), nullable=False),
+    pa.field("mean_score", pa.float64(), nullable=False),
+])  # fmt: skip
+
+ARROW_SCHEMAS = {"stats_images": STATS_IMAGES, "stats_classes": STATS_CLASSES, "timings": TIMINGS,
+                 "stats_images_discovery": STATS_IMAGES_DISCOVERY, "suggestions": SUGGESTIONS,
+                 "missing_tags": MISSING_TAGS}  # fmt: skip
+# Tables whose file name holds one of several schemas (the variant is the run's choice).
+VARIANTS = {"stats_images": ("stats_images", "stats_images_discovery")}
 
 
 def check_table(name: str, table: pa.Table) -> None:
-    """Raise ValueError unless ``table`` has exactly the Arrow schema ``name`` (fields and types)."""
-    expected = ARROW_SCHEMAS[name]
-    if not table.schema.remove_metadata().equals(expected.remove_metadata()):
-        raise ValueError(f"table {name} does not match its schema:\nexpected {expected}\ngot {table.schema}")
+    """Raise ValueError unless ``table`` has exactly the Arrow schema ``name``, or one of its
+    ``VARIANTS`` (fields and types)."""
+    schema = table.schema.remove_metadata()
+    if not any(schema.equals(ARROW_SCHEMAS[v].remove_metadata()) for v in VARIANTS.get(name, (name,))):
+        raise ValueError(f"table {name} does not match its schema:\nexpected {ARROW_SCHEMAS[name]}\ngot {table.schema}")

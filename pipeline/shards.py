@@ -131,7 +131,8 @@ def label_shard(
     secrets = redact.secret_values(opts)  # error texts from storage libraries must not carry credentials
     failures = [Failure(f.image_id, f.status, redact.redact(f.error, secrets)) for f in failures]
     categories = list(labeler.categories.values())
-    return commit.write_shard(store, shard.shard_id, entries, failures, categories, fingerprint, shard.names)
+    return commit.write_shard(store, shard.shard_id, entries, failures, categories, fingerprint, shard.names,
+                              discovery=labeler.config.discovery.enabled)  # fmt: skip
 
 
 def prefetch_window(batch_size: int, io_threads: int) -> int:

@@ -9,6 +9,10 @@ Pure functions of a ``LabelResult``. Three tables, one file each per shard:
     timings        one row per (image, stage): wall-clock seconds. Not deterministic, so kept
                    apart from the two tables above, which are byte-identical across runs.
 
+With discovery on (docs/DISCOVERY.md), ``stats_images`` gains ``unknown_fraction`` and
+``n_unknown_regions`` (schema ``stats_images_discovery``) and each image has rows of
+``suggestions``; without it, nothing here changes.
+
 Agreement: the coarse map [C, h, w] is bilinearly resized to the SD-compensated grid [C, s, s]; the
 value is the fraction of grid cells where both argmaxes over the candidate classes agree.
 """
@@ -16,13 +20,14 @@ value is the fraction of grid cells where both argmaxes over the candidate class
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import discovery
 from pipeline.refine import superpixel_purity
 from pipeline.schemas import ARROW_SCHEMAS
 from pipeline.types import IGNORE, OK, Failure, LabelResult
@@ -73,7 +78,7 @@ def image_row(result: LabelResult, shard_id: str, label_file: str | None) -> dic
     """One ``stats_images`` row for a labelled image."""
     _check(result)
     lm, seg = result.label_map, result.segments
-    return {
+    row = {
         "shard_id": shard_id, "image_id": result.image_id, "status": OK, "error": None, "label_file": label_file,
         "height": int(lm.shape[0]), "width": int(lm.shape[1]),
         "n_candidates": len(result.class_ids), "n_kept": len(result.kept_ids),
@@ -82,6 +87,10 @@ def image_row(result: LabelResult, shard_id: str, label_file: str | None) -> dic
         "superpixel_purity": None if seg is None else _round(superpixel_purity(lm, seg)),
         "n_superpixels": None if seg is None else int(np.count_nonzero(np.bincount(seg.ravel()))),
     }  # fmt: skip
+    if result.regions is not None:  # discovery ran (columns of STATS_IMAGES_DISCOVERY)
+        row.update(unknown_fraction=discovery.unknown_fraction(result.regions),
+                   n_unknown_regions=len(result.regions.masks))  # fmt: skip
+    return row
 
 
 def failed_row(failure: Failure, shard_id: str) -> dict[str, Any]:
@@ -116,7 +125,9 @@ def class_rows(result: LabelResult, shard_id: str) -> list[dict[str, Any]]:
 class ImageEntry:
     """What a shard's files need of one labelled image, without its float maps: the label map
     ([H, W] uint8), the class scores (category id -> final score) and its rows of the three tables.
-    ``entry`` makes one as soon as an image is finished, so a shard holds these, not whole results."""
+    ``entry`` makes one as soon as an image is finished, so a shard holds these, not whole results.
+    With discovery: region_map ([H, W] uint16, ``unknown: regions`` only) and suggestion_rows
+    (``suggestions`` rows; None when discovery did not run on the image)."""
 
     image_id: str
     label_map: np.ndarray
@@ -124,14 +135,20 @@ class ImageEntry:
     image_row: dict[str, Any]
     class_rows: list[dict[str, Any]]
     timing_rows: list[dict[str, Any]]
+    region_map: np.ndarray | None = None
+    suggestion_rows: list[dict[str, Any]] | None = field(default=None)
 
 
 def entry(result: LabelResult, shard_id: str, label_file: str | None) -> ImageEntry:
     """The ``ImageEntry`` of a labelled image (the same rows ``image_row``, ``class_rows`` and
     ``timing_rows`` give)."""
     scores = dict(zip(result.class_ids, map(float, result.final_scores), strict=True))
+    suggestions = None
+    if result.regions is not None:
+        suggestions = discovery.suggestion_rows(result.regions, result.suggestions, shard_id, result.image_id)
     return ImageEntry(result.image_id, result.label_map, scores, image_row(result, shard_id, label_file),
-                      class_rows(result, shard_id), timing_rows(result, shard_id))  # fmt: skip
+                      class_rows(result, shard_id), timing_rows(result, shard_id), result.region_map,
+                      suggestions)  # fmt: skip
 
 
 def timing_rows(result: LabelResult, shard_id: str) -> list[dict[str, Any]]:

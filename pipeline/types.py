@@ -112,6 +112,7 @@ class LabelResult:
     maps: the method's own diagnostic maps by name (``jobs/explain.py --dump``).
     regions: potential objects in the untagged area (``pipeline.discovery.Regions``), None when
         discovery is off; region_map: [H, W] uint16 (0 none, 1..R) when ``discovery.unknown`` is "regions".
+    suggestions: (class name, score) per region, in region id order (``discovery.score_regions``).
     """
 
     image_id: str
@@ -128,6 +129,7 @@ class LabelResult:
     maps: dict[str, np.ndarray] = field(default_factory=dict)
     regions: Regions | None = None
     region_map: np.ndarray | None = None
+    suggestions: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)

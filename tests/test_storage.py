@@ -381,7 +381,7 @@ def test_output_formats_are_chosen_by_name(tmp_path):
     (the marker still counts every key); an unknown or empty selection is refused."""
     results = shard_inputs(3)
     every = outputs.build_shard("00000-a", results, [("bad", "decode_error", "x")], CATEGORIES, FP)
-    assert outputs.DEFAULT_FORMATS == ("png", "coco", "stats")
+    assert outputs.DEFAULT_FORMATS == ("png", "coco", "stats", "regions", "suggestions")  # the last two: discovery
     assert every == outputs.build_shard("00000-a", results, [("bad", "decode_error", "x")], CATEGORIES, FP,
                                         formats=("stats", "png", "coco"))  # fmt: skip
     only_coco = outputs.build_shard("00000-a", results, [], CATEGORIES, FP, formats=["coco"])

@@ -106,6 +106,11 @@ class Method(ABC):
         """The image's candidate classes: its tags, in order, without repeats."""
         return Item(request, tuple(dict.fromkeys(request.tags)))
 
+    def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[V, E] float32 unit text embeddings of class prompts, with this method's own text encoder
+        and templates, in the space of ``MethodOutput.tokens`` (discovery's suggestions)."""
+        raise ValueError(f"method {self.name} cannot embed a vocabulary: turn discovery off for it")
+
     @abstractmethod
     def infer(self, items: Sequence[Item], clock: Clock) -> None:
         """Set ``item.output`` (and ``item.timings``) for every item; every item has classes."""

@@ -62,6 +62,12 @@ class ClipEs(Method):
                 self._text_cache[p] = clip_es.text_features(self.clip.model, self.clip.tokenizer, [p])
         return torch.cat([self._text_cache[p] for p in prompts])
 
+    def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        for p in prompts:
+            if p not in self._text_cache:
+                self._text_cache[p] = clip_es.text_features(self.clip.model, self.clip.tokenizer, [p])
+        return torch.cat([self._text_cache[p] for p in prompts])
+
     def infer(self, items: Sequence[Item], clock: Clock) -> None:
         c = self.config.clip_es
         for item in items:  # one image at a time, as published (each has its own input size)

@@ -75,6 +75,9 @@ class Cliper(Method):
             self._text_cache[prompt] = mean / mean.norm()
         return self._text_cache[prompt]
 
+    def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.stack([self._embed(p) for p in prompts])
+
     def _text(self, ids: Sequence[int]) -> torch.Tensor:
         """[T, E] candidate list: the classes ``ids``, the background classes, their mean."""
         fg = torch.stack([self._embed(self.categories[i].prompt) for i in ids])

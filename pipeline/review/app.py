@@ -177,9 +177,13 @@ def image_page(request: Request, id: str, pos: int | None = None) -> HTMLRespons
                for c in review.index.image_classes(id)]  # fmt: skip
     decision = review.decisions.latest().get(id)
     stats = {k: v for k, v in row.items() if k not in ("decision",)}
+    ok = row["status"] == "ok" and row["label_file"]
+    suggestions = review.run.suggestions(row["shard_id"], id) if ok else []
+    has_regions = bool(ok) and review.run.region_map(row["shard_id"], row["label_file"]) is not None
     return _page(request, "image.html", row=row, stats=stats, classes=classes, q=q, pos=pos, prev_id=prev_id,
                  next_id=next_id, decision=decision, has_gt=review.gt is not None,
-                 audit=review.index.audit_key is not None)  # fmt: skip
+                 audit=review.index.audit_key is not None, suggestions=suggestions,
+                 has_regions=has_regions)  # fmt: skip
 
 
 @pages.get("/decisions", response_class=HTMLResponse)
@@ -238,6 +242,17 @@ def mask(request: Request, id: str, label: int) -> Response:  # noqa: A002
     if not 0 <= label <= 255:
         raise HTTPException(400, "label must be a label value 0..255")
     return _png(review.thumbs.get(("mask", id, label), lambda: render.class_mask_png(review.label_map(row), label)))
+
+
+@pictures.get("/picture/regions")
+def regions(request: Request, id: str) -> Response:  # noqa: A002
+    """The image's discovered regions (discovery, ``unknown: regions``) as a toggle layer."""
+    review = _review(request)
+    row = review.row(id)
+    region_map = review.run.region_map(row["shard_id"], row["label_file"]) if row["label_file"] else None
+    if region_map is None:
+        raise HTTPException(404, f"no region map for image {id!r} (discovery with --unknown regions writes one)")
+    return _png(render.regions_png(region_map))
 
 
 @pictures.get("/picture/gt")

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.review.run import palette
+from pipeline.types import MAX_CLASS_ID
 
 IGNORE = 255
 THUMB = 192  # longest side of a gallery thumbnail, pixels
@@ -58,6 +59,16 @@ def class_mask_png(label_map: np.ndarray, label: int) -> bytes:
     rgba = np.zeros((*label_map.shape, 4), np.uint8)
     where = label_map == label
     rgba[where, :3] = colours()[label]
+    rgba[where, 3] = 255
+    return _png(rgba)
+
+
+def regions_png(region_map: np.ndarray) -> bytes:
+    """RGBA PNG of a [H, W] uint16 region map (discovery): each region in a palette colour (its id
+    taken modulo ``MAX_CLASS_ID``, skipping 0 and 255), transparent where there is none."""
+    rgba = np.zeros((*region_map.shape, 4), np.uint8)
+    where = region_map > 0
+    rgba[where, :3] = colours()[(region_map[where].astype(np.int64) - 1) % MAX_CLASS_ID + 1]
     rgba[where, 3] = 255
     return _png(rgba)
 

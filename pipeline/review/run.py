@@ -9,12 +9,14 @@ the committed shards' own Parquet files; either way they are listed, never loade
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pipeline import discovery
 from pipeline.pngs import decode_png, palette
 from pipeline.storage import layout
 from pipeline.storage.commit import read_marker, read_run
@@ -72,6 +74,22 @@ class ReviewRun:
         if data is None:
             raise FileNotFoundError(f"{self.store.path(label_file)} is missing although its shard is committed")
         return decode_png(data)
+
+    def region_map(self, shard_id: str, label_file: str) -> Any:
+        """[H, W] uint16 region map of the image whose label is ``label_file`` (discovery with
+        ``unknown: regions``), or None when the run has none for it."""
+        data = self.read(layout.region_file(shard_id, layout.label_name(label_file)))
+        return None if data is None else discovery.decode_region_png(data)
+
+    def suggestions(self, shard_id: str, image_id: str) -> list[dict[str, Any]]:
+        """The image's rows of its shard's ``suggestions.parquet`` (discovery), by region id; [] without."""
+        data = self.read(layout.table_file(shard_id, layout.SUGGESTIONS))
+        if data is None:
+            return []
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(io.BytesIO(data), filters=[("image_id", "=", image_id)])
+        return sorted(table.to_pylist(), key=lambda r: r["region"])
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one run per app; shards are small
     def file_names(self, shard_id: str) -> dict[str, str]:

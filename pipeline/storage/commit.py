@@ -82,16 +82,18 @@ def marker_doc(shard_id: str, built: outputs.ShardFiles, fingerprint: str) -> di
 def write_shard(store: Store, shard_id: str, results: Sequence[LabelResult | ImageEntry],
                 failures: Sequence[Failure | tuple[str, str, str]], categories: Sequence[Any],
                 fingerprint: str, names: Mapping[str, ImageName] | None = None,
-                formats: Iterable[str] = outputs.DEFAULT_FORMATS) -> dict[str, Any]:  # fmt: skip
+                formats: Iterable[str] = outputs.DEFAULT_FORMATS,
+                discovery: bool = False) -> dict[str, Any]:  # fmt: skip
     """Write one shard from scratch and commit it; returns the marker.
 
     results: labelled images; failures: ``Failure`` or ``(image_id, status, error)`` for images
     that produced no label map; categories: ``types.Category`` objects or COCO category dicts;
     fingerprint: ``RunFingerprint.digest``; names: ``ImageName`` by image id (``Shard.names``),
-    labels named by id without; formats: the writers to run (``outputs.WRITERS``). Order: old
+    labels named by id without; formats: the writers to run (``outputs.WRITERS``); discovery: the
+    run's ``discovery.enabled`` (its stats columns, region and suggestion files). Order: old
     marker and stale files deleted, files written, marker written last.
     """
-    built = outputs.build_shard(shard_id, results, failures, categories, fingerprint, names, formats)
+    built = outputs.build_shard(shard_id, results, failures, categories, fingerprint, names, formats, discovery)
     marker = marker_doc(shard_id, built, fingerprint)
     failed = outputs.failure_ids(failures)
     store.remove_files([layout.marker_file(shard_id)])

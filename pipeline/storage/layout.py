@@ -5,9 +5,14 @@
     shards/<shard_id>/annotations.json    COCO annotations of the shard's images (pipeline/coco.py)
     shards/<shard_id>/stats_images.parquet, stats_classes.parquet   quality statistics (deterministic)
     shards/<shard_id>/timings.parquet     wall-clock seconds per stage (the only non-deterministic file)
+    shards/<shard_id>/regions/<name>.png  discovery, unknown "regions": uint16 region map per image
+    shards/<shard_id>/regions.json        discovery, unknown "regions": COCO "unknown object" regions
+    shards/<shard_id>/suggestions.parquet discovery: the best vocabulary class of each region
     shards/<shard_id>/_COMMITTED.json     commit marker, written last (schemas/commit_marker.v1)
     merged/annotations.json               every committed shard's COCO annotations in one file
     merged/stats_images/part-00000.parquet, merged/stats_classes/..., merged/timings/...   datasets
+    merged/regions.json, merged/suggestions/part-00000.parquet   discovery's, when the shards have them
+    merged/missing_tags.parquet           discovery: classes most often suggested but never tagged
     merged/_MERGED.json                   written last by ``merge``
     _probe/<random hex>.txt               the access probe (``store.check_access``), deleted again
 
@@ -30,6 +35,10 @@ MERGED_ANNOTATIONS = f"{MERGED_DIR}/annotations.json"
 REVIEW_DIR = "review"  # review decisions (pipeline.review), append-only files
 PROBE_DIR = "_probe"  # check_access writes, reads and deletes one small object here
 ANNOTATIONS = "annotations.json"  # a shard's COCO file
+REGIONS_COCO = "regions.json"  # a shard's COCO file of discovered regions
+SUGGESTIONS = "suggestions"  # a shard's Parquet table of region suggestions
+MERGED_REGIONS = f"{MERGED_DIR}/{REGIONS_COCO}"
+MERGED_MISSING_TAGS = f"{MERGED_DIR}/missing_tags.parquet"
 
 # One part of a path under the prefix: no "..", no leading dot, no separators.
 PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._=-]{0,127}")
@@ -101,6 +110,11 @@ def label_name(path: str) -> str:
 def label_path(image_id: str) -> str:
     """Path of an image's label PNG named by its id (writers given no ``ImageName``; old runs)."""
     return label_file(safe_name(image_id))
+
+
+def region_file(shard_id: str, name: str) -> str:
+    """Path of the region map PNG of the image whose label is named ``name`` (discovery)."""
+    return shard_file(shard_id, f"regions/{name}.png")
 
 
 def probe_file(token: str) -> str:

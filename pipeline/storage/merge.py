@@ -1,5 +1,7 @@
 """Merge: every committed shard of a run into ``merged/`` (one COCO file, one Parquet dataset
 per table), each file checked against its shard's marker; ``merged/_MERGED.json`` last.
+With discovery, also the regions' COCO file, the suggestions and the run's missing tags
+(``merged/missing_tags.parquet``: classes most often suggested but never tagged).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import coco, schemas, stats
+from pipeline import coco, discovery, schemas, stats
 from pipeline.storage import commit, layout, outputs
 from pipeline.storage.store import Store
 from pipeline.types import sha256_hex
@@ -55,8 +57,10 @@ def _parquet_parts(tables: Iterable[pa.Table], file_rows: int) -> Iterator[pa.Ta
         yield pa.concat_tables(buffer)
 
 
-def _merge_table(store: Store, name: str, markers: Sequence[Mapping[str, Any]], file_rows: int) -> dict[str, int]:
-    """Write ``merged/<name>/part-NNNNN.parquet`` from every shard's table, in shard order."""
+def _merge_table(store: Store, name: str, markers: Sequence[Mapping[str, Any]], file_rows: int,
+                 empty_schema: str | None = None) -> dict[str, int]:  # fmt: skip
+    """Write ``merged/<name>/part-NNNNN.parquet`` from every shard's table, in shard order
+    (``empty_schema``: the schema of the one empty file written when no shard has a row)."""
 
     def tables() -> Iterator[pa.Table]:
         for marker in markers:
@@ -74,7 +78,7 @@ def _merge_table(store: Store, name: str, markers: Sequence[Mapping[str, Any]], 
         store.write_many({layout.merged_part(name, parts): stats.parquet_bytes(part)})
         parts, rows = parts + 1, rows + part.num_rows
     if not parts:  # an empty table still tells readers the schema
-        store.write_many({layout.merged_part(name, 0): stats.parquet_bytes(stats.to_table(name, []))})
+        store.write_many({layout.merged_part(name, 0): stats.parquet_bytes(stats.to_table(empty_schema or name, []))})
         parts = 1
     return {"files": parts, "rows": rows}
 
@@ -94,5 +98,50 @@ def merge(store: Store, shard_ids: Sequence[str], fingerprint: str, file_rows: i
     counts = {key: sum(m["counts"][key] for m in markers) for key in markers[0]["counts"]}
     summary = {"fingerprint": fingerprint, "shards": [m["shard_id"] for m in markers], "counts": counts,
                "tables": tables}  # fmt: skip
+    found = _merge_discovery(store, markers, docs[0]["categories"], fingerprint, file_rows)
+    tables.update(found.pop("tables", {}))
+    summary.update(found)
     store.write_many({layout.MERGED_MARKER: json.dumps(summary, indent=1).encode()})
     return summary
+
+
+MISSING_SHOWN = 10  # missing tags kept in the merge summary (the label job prints them)
+
+
+def _has(marker: Mapping[str, Any], name: str) -> bool:
+    return layout.shard_file(marker["shard_id"], name) in marker["files"]
+
+
+def _merge_discovery(store: Store, markers: Sequence[Mapping[str, Any]], categories: Sequence[Mapping[str, Any]],
+                     fingerprint: str, file_rows: int) -> dict[str, Any]:  # fmt: skip
+    """Discovery's merged files, when its shards wrote them (nothing otherwise): ``merged/
+    regions.json``, ``merged/suggestions/``, ``merged/missing_tags.parquet``. Returns the summary's
+    ``missing_tags`` ([class, regions, mean score], most suggested first, at most ``MISSING_SHOWN``)
+    and ``tables``."""
+    out: dict[str, Any] = {}
+    with_regions = [m for m in markers if _has(m, layout.REGIONS_COCO)]
+    if with_regions:
+        docs = [json.loads(_read_checked(store, layout.shard_file(m["shard_id"], layout.REGIONS_COCO), m))
+                for m in with_regions]  # fmt: skip
+        merged = coco.merge_coco(docs, {"description": "tag2mask discovered regions", "fingerprint": fingerprint})
+        store.write_many({layout.MERGED_REGIONS: json.dumps(merged, separators=(",", ":")).encode()})
+    suggesting = [m for m in markers if _has(m, f"{layout.SUGGESTIONS}.parquet")]
+    if not suggesting:
+        return out
+    table = _merge_table(store, layout.SUGGESTIONS, suggesting, file_rows)
+    names = {int(c["id"]): c["name"] for c in categories}
+    tagged = {names[cid] for m in markers for cid in _category_ids(store, m) if cid in names}
+    suggestions = (pq.read_table(io.BytesIO(_read_checked(store, layout.table_file(m["shard_id"], layout.SUGGESTIONS),
+                                                          m))).to_pydict() for m in suggesting)  # fmt: skip
+    missing = discovery.run_suggestions(suggestions, tagged)
+    rows = [{"suggested_class": n, "regions": k, "mean_score": round(s, discovery.DIGITS)} for n, k, s in missing]
+    store.write_many({layout.MERGED_MISSING_TAGS: stats.parquet_bytes(stats.to_table("missing_tags", rows))})
+    out["tables"] = {layout.SUGGESTIONS: table}
+    out["missing_tags"] = [[r["suggested_class"], r["regions"], r["mean_score"]] for r in rows[:MISSING_SHOWN]]
+    return out
+
+
+def _category_ids(store: Store, marker: Mapping[str, Any]) -> list[int]:
+    """Category ids of a shard's candidate classes (its images' tags; every class in open vocabulary)."""
+    rel = layout.table_file(marker["shard_id"], "stats_classes")
+    return pq.read_table(io.BytesIO(_read_checked(store, rel, marker)), columns=["category_id"]).column(0).to_pylist()

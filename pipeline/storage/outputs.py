@@ -7,6 +7,11 @@ Formats are writers selected by name, as img2dataset's ``output_format``; ``DEFA
     coco    shards/<id>/annotations.json: COCO RLE annotations with class scores (``coco``)
     stats   shards/<id>/stats_images.parquet, stats_classes.parquet (deterministic) and
             timings.parquet (wall clock, volatile) (``stats``)
+    regions shards/<id>/regions/<name>.png and regions.json: discovery's region maps and their
+            COCO file, when the images carry region maps (``discovery.unknown: regions``)
+    suggestions  shards/<id>/suggestions.parquet: discovery's suggestions (discovery on only)
+
+Without discovery the last two write nothing, so such a run's files are as before they existed.
 
 ``merge`` and the audit read ``coco`` and ``stats``. Every file but the volatile ones is
 checksummed in the commit marker (``commit``), whose counts hold all six keys whatever the
@@ -20,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import coco, pngs, stats
+from pipeline import coco, discovery, pngs, stats
 from pipeline.storage import layout
 from pipeline.types import Failure, ImageName, LabelResult, safe_name
 
@@ -41,7 +46,8 @@ class ShardFiles:
 @dataclass(frozen=True)
 class ShardContent:
     """What every writer reads: the shard's labelled images (``ImageEntry``, sorted by id), its
-    failures (sorted by id), how each image is named, the categories and the run's fingerprint."""
+    failures (sorted by id), how each image is named, the categories, the run's fingerprint and
+    whether discovery is on (``discovery.enabled``)."""
 
     shard_id: str
     entries: list[stats.ImageEntry]
@@ -49,6 +55,7 @@ class ShardContent:
     names: dict[str, ImageName]
     categories: Sequence[Any]
     fingerprint: str
+    discovery: bool = False
 
 
 def _png(shard: ShardContent) -> ShardFiles:
@@ -72,13 +79,39 @@ def _stats(shard: ShardContent) -> ShardFiles:
         "stats_classes": [row for e in shard.entries for row in e.class_rows],
         "timings": [row for e in shard.entries for row in e.timing_rows],
     }
-    encoded = {name: stats.parquet_bytes(stats.to_table(name, r)) for name, r in rows.items()}
+    schema = {"stats_images": "stats_images_discovery" if shard.discovery else "stats_images"}
+    encoded = {name: stats.parquet_bytes(stats.to_table(schema.get(name, name), r)) for name, r in rows.items()}
     return ShardFiles({layout.table_file(sid, name): encoded[name] for name in TABLES},
                       {layout.table_file(sid, name): encoded[name] for name in VOLATILE_TABLES},
                       {"class_rows": len(rows["stats_classes"])})  # fmt: skip
 
 
-WRITERS: dict[str, Callable[[ShardContent], ShardFiles]] = {"png": _png, "coco": _coco, "stats": _stats}
+def _regions(shard: ShardContent) -> ShardFiles:
+    mapped = [e for e in shard.entries if e.region_map is not None]
+    if not shard.discovery or not mapped:
+        return ShardFiles({}, {}, {})
+    sid = shard.shard_id
+    files = {layout.region_file(sid, shard.names[e.image_id].label): discovery.encode_region_png(e.region_map)
+             for e in mapped if e.region_map is not None}  # fmt: skip
+    items = [(e.image_id, e.region_map, e.suggestion_rows or [], shard.names[e.image_id].file_name)
+             for e in mapped if e.region_map is not None]  # fmt: skip
+    doc = discovery.regions_coco(items, {"description": "tag2mask discovered regions",
+                                         "fingerprint": shard.fingerprint})  # fmt: skip
+    files[layout.shard_file(sid, layout.REGIONS_COCO)] = json.dumps(doc, separators=(",", ":")).encode()
+    return ShardFiles(files, {}, {})
+
+
+def _suggestions(shard: ShardContent) -> ShardFiles:
+    if not shard.discovery:
+        return ShardFiles({}, {}, {})
+    rows = [row for e in shard.entries for row in e.suggestion_rows or []]
+    data = stats.parquet_bytes(stats.to_table("suggestions", rows))
+    return ShardFiles({layout.table_file(shard.shard_id, layout.SUGGESTIONS): data}, {}, {})
+
+
+WRITERS: dict[str, Callable[[ShardContent], ShardFiles]] = {
+    "png": _png, "coco": _coco, "stats": _stats, "regions": _regions, "suggestions": _suggestions,
+}  # fmt: skip
 DEFAULT_FORMATS: tuple[str, ...] = tuple(WRITERS)
 
 
@@ -126,11 +159,12 @@ def failure_ids(failures: Iterable[Failure | tuple[str, str, str]]) -> list[str]
 def build_shard(shard_id: str, results: Sequence[LabelResult | stats.ImageEntry],
                 failures: Sequence[Failure | tuple[str, str, str]], categories: Sequence[Any], fingerprint: str,
                 names: Mapping[str, ImageName] | None = None,
-                formats: Iterable[str] = DEFAULT_FORMATS) -> ShardFiles:  # fmt: skip
+                formats: Iterable[str] = DEFAULT_FORMATS, discovery: bool = False) -> ShardFiles:  # fmt: skip
     """The shard's files as bytes, by path relative to the prefix. ``results``: an ``ImageEntry``
     per image (label_shard reduces each result as it finishes) or whole LabelResults. ``names``:
     the label stem and image file name of each image (``image_names``); see ``names_for``
-    without. ``formats``: the writers to run (``WRITERS``), each once, in the order given."""
+    without. ``formats``: the writers to run (``WRITERS``), each once, in the order given.
+    ``discovery``: the run's ``discovery.enabled`` (its stats columns and files)."""
     chosen = check_formats(formats)
     layout.shard_dir(shard_id)  # checks the id before any work
     ids = [r.image_id for r in results] + failure_ids(failures)
@@ -138,7 +172,7 @@ def build_shard(shard_id: str, results: Sequence[LabelResult | stats.ImageEntry]
     results, fails = _ordered(results, failures, names)
     entries = [r if isinstance(r, stats.ImageEntry)
                else stats.entry(r, shard_id, layout.label_file(names[r.image_id].label)) for r in results]  # fmt: skip
-    shard = ShardContent(shard_id, entries, fails, names, categories, fingerprint)
+    shard = ShardContent(shard_id, entries, fails, names, categories, fingerprint, discovery)
     files: dict[str, bytes] = {}
     volatile: dict[str, bytes] = {}
     counts = dict.fromkeys(COUNT_KEYS, 0)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cli import add_model_arguments, config_from_args
+from pipeline.cli import add_discovery_arguments, add_model_arguments, config_from_args
 from pipeline.config import Config
 from pipeline.decode import ImageDecodeError, read_image
 from pipeline.labeler import Labeler
@@ -31,7 +31,9 @@ evaluation embeds them), or the names given with --categories; the tags must be 
 Writes one heatmap PNG per map the method keeps (CLIPer: coarse.png, refined.png; CLIP-ES:
 cam.png at token resolution, refined.png at image size, box_mask.png), overlay.png (the label map
 over the image) and, with --dump, the raw arrays as .npz: those maps by the same names, plus
-coarse / refined / scores / label map under fixed names for every method.
+coarse / refined / scores / label map under fixed names for every method. With --discovery also
+regions.png (each discovered region with its id and suggested class) and, in the .npz,
+region_map.
 """
 
 
@@ -46,6 +48,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--dump", metavar="FILE.npz", help="also save the raw arrays here")
     add_model_arguments(p)
+    add_discovery_arguments(p)
     return p
 
 
@@ -99,6 +102,41 @@ def _overlay(image: np.ndarray, result: LabelResult, names: dict[int, str], path
     plt.close(fig)
 
 
+def _regions_panel(image: np.ndarray, region_map: np.ndarray, result: LabelResult, path: Path) -> None:
+    """The image with each discovered region tinted, labelled "id: suggested class (score)"."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    cmap = plt.get_cmap("tab20")
+    out = image.astype(np.float32) / 255.0
+    handles = []
+    for k, (name, score) in enumerate(result.suggestions, start=1):
+        mask = region_map == k
+        color = cmap((k - 1) % 20)[:3]
+        out[mask] = 0.4 * out[mask] + 0.6 * np.array(color)
+        handles.append(Patch(color=color, label=f"{k}: {name} ({score:.2f})"))
+    fig, ax = plt.subplots(figsize=(8, 8 * image.shape[0] / image.shape[1]))
+    ax.imshow(out)
+    ax.axis("off")
+    ax.set_title(f"discovery: {len(handles)} untagged region(s), suggested classes")
+    if handles:
+        ax.legend(handles=handles, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def region_map_of(result: LabelResult) -> np.ndarray | None:
+    """[H, W] uint16 region map of a result with discovery (kept, or drawn from its regions in
+    the modes that do not keep one); None without discovery."""
+    if result.regions is None:
+        return None
+    return result.region_map if result.region_map is not None else result.regions.region_map(result.label_map.shape)
+
+
 def candidate_categories(names: str | None, prompt_set: str) -> list[Category]:
     """``--categories`` (or the prompt set's dataset classes) as categories with ids 1..C."""
     listed = [n.strip() for n in names.split(",") if n.strip()] if names else list(DATASET_CLASSES[prompt_set])
@@ -144,6 +182,9 @@ def explain_image(config: Config, image_path: str, tags: Sequence[str], out: str
     for name, m in maps.items():
         _heatmaps(image, m.astype(np.float32), shown, name, folder / f"{name}.png")
     _overlay(image, result, names, folder / "overlay.png")
+    region_map = region_map_of(result)
+    if region_map is not None:
+        _regions_panel(image, region_map, result, folder / "regions.png")
     if dump:
         Path(dump).parent.mkdir(parents=True, exist_ok=True)
         fixed = dict(coarse=result.coarse, refined=result.compensated, coarse_scores=result.coarse_scores,
@@ -151,6 +192,8 @@ def explain_image(config: Config, image_path: str, tags: Sequence[str], out: str
                      class_ids=np.array(result.class_ids), class_names=np.array(shown),
                      method=np.array(config.method), maps=np.array(list(maps)))  # fmt: skip
         arrays: dict[str, Any] = {**fixed, **maps}
+        if region_map is not None:
+            arrays.update(region_map=region_map, suggested_classes=np.array([n for n, _ in result.suggestions]))
         np.savez_compressed(dump, **arrays)
     return Explanation(result, names, maps)
 

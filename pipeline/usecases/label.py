@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline import lease, manifest, methods, redact, types
 from pipeline.cli import (
+    add_discovery_arguments,
     add_model_arguments,
     add_storage_retry_arguments,
     config_from_args,
@@ -279,6 +280,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                      help="fsspec options for every URL (endpoint, region, ...): inline JSON, or a JSON file's path "
                           "(credentials only in a file or the environment)")  # fmt: skip
     add_model_arguments(p)
+    add_discovery_arguments(p)
     add_storage_retry_arguments(p)
     return p
 
@@ -374,3 +376,8 @@ def print_outcome(outcome: Outcome, output: str, batch_size: int) -> None:
         print(f"stopped early: {summary.stopped_early}", file=sys.stderr)
     if outcome.merged is not None:
         print(f"merged {len(outcome.merged['shards'])} shards into {output}/merged/")
+        missing = outcome.merged.get("missing_tags")
+        if missing is not None:  # discovery on: the classes most often suggested but never tagged
+            print(f"  suggested but never tagged (discovery; all in {output}/merged/missing_tags.parquet): "
+                  + (", ".join(f"{name} ({n} regions, mean score {score:.2f})" for name, n, score in missing)
+                     or "none"))  # fmt: skip
