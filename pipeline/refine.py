@@ -1,12 +1,12 @@
 """Felzenszwalb superpixel refinement: class scores pooled inside superpixels of the original image,
-so label boundaries follow image edges. Pure numpy / scikit-image."""
+so label boundaries follow image edges. Pure numpy; the segmentation is ``pipeline.felzenszwalb``
+(scikit-image's algorithm compiled with numba, equal segment maps)."""
 
 from __future__ import annotations
 
 import numpy as np
-from skimage.segmentation import felzenszwalb
-
 from pipeline.config import RefineConfig
+from pipeline.felzenszwalb import felzenszwalb
 
 
 def superpixels(image: np.ndarray, cfg: RefineConfig) -> np.ndarray:
@@ -21,7 +21,6 @@ def superpixels(image: np.ndarray, cfg: RefineConfig) -> np.ndarray:
         scale=cfg.scale * growth,
         sigma=cfg.sigma,
         min_size=max(1, int(round(cfg.min_size * growth))),
-        channel_axis=-1,
     ).astype(np.int32)
 
 

@@ -73,8 +73,44 @@ def _message(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
+_RECORD_KEYS = frozenset({"id", "uri", "tags", "width", "height", "file_name", "ground_truth"})
+_RECORD_STRINGS = ("uri", "file_name", "ground_truth")
+
+
+def _valid_manifest_record(doc: Any) -> bool:
+    """True only for a record ``manifest_record.v1`` accepts, checked in plain Python (a few
+    microseconds, against ~0.3 ms for the validator). False sends the record to the validator,
+    which finds and words the problems; so anything unusual (a float 3.0 tag, which the schema
+    takes as an integer) may be False."""
+    if type(doc) is not dict or not doc.keys() <= _RECORD_KEYS:
+        return False
+    rid, tags = doc.get("id"), doc.get("tags")
+    if type(rid) is not str or not 1 <= len(rid) <= 1024 or type(tags) is not list or "uri" not in doc:
+        return False
+    for key in _RECORD_STRINGS:
+        value = doc.get(key, "-")
+        if type(value) is not str or not value:
+            return False
+    for key in ("width", "height"):
+        value = doc.get(key, 1)
+        if type(value) is not int or value < 1:
+            return False
+    for tag in tags:
+        if not ((type(tag) is int and 1 <= tag <= 254) or (type(tag) is str and tag)):
+            return False
+    return len(set(tags)) == len(tags)  # uniqueItems (ints and strings never compare equal)
+
+
+# Fast paths that say "valid" without the validator; a document they do not accept is validated
+# in full, so the messages are the validator's.
+_PLAIN_CHECKS = {"manifest_record": _valid_manifest_record}
+
+
 def validate(kind: str, doc: Any, where: str) -> None:
     """Raise ValueError naming ``where`` (e.g. the file) and the first offending field."""
+    plain = _PLAIN_CHECKS.get(kind)
+    if plain is not None and plain(doc):
+        return
     problems = errors(kind, doc)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""

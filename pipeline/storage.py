@@ -144,8 +144,10 @@ class ImageNamer:
     a later record whose stem is taken (case-insensitively) gets ``id_name``. Holds one short
     string per named image, like the manifest check's set of ids."""
 
-    def __init__(self) -> None:
-        self._taken: set[str] = set()
+    def __init__(self, taken: Any = None) -> None:
+        """``taken``: an empty set-like (``in``, ``add``) to hold the names in, e.g. manifest's
+        ``CompactStringSet`` for a manifest of millions of images; default a ``set``."""
+        self._taken = set[str]() if taken is None else taken
 
     def __call__(self, record: Mapping[str, Any]) -> ImageName:
         file_name = record.get("file_name") or record["uri"]
