@@ -68,7 +68,7 @@ def segment_index(segments: np.ndarray) -> tuple[np.ndarray, int]:
     0..S-1 with none missing (``refine.superpixels`` numbers them so) are their own rank, which
     skips the sort of every pixel."""
     flat = segments.ravel()
-    if flat.size and 0 <= flat.min() and flat.max() < flat.size and np.bincount(flat).all():
+    if flat.size and flat.min() >= 0 and flat.max() < flat.size and np.bincount(flat).all():
         return flat.astype(np.intp, copy=False), int(flat.max()) + 1
     _, inverse = np.unique(flat, return_inverse=True)
     return inverse.ravel(), int(inverse.max()) + 1 if inverse.size else 0
