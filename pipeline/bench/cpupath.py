@@ -192,15 +192,20 @@ def thread_scaling(labeler: Labeler, blobs: Sequence[bytes], repeats: int, threa
     Rounds interleaved, medians."""
     works = model_outputs(labeler, blobs)
     rates: dict[int, list[float]] = {n: [] for n in threads}
+    cores: dict[int, list[float]] = {n: [] for n in threads}
     for _ in range(max(1, repeats)):
         for n in threads:
             with ThreadPoolExecutor(n) as pool:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 list(pool.map(lambda bw: image_path(labeler, *bw), zip(blobs, works, strict=True)))
-                rates[n].append(len(blobs) / (time.perf_counter() - t0))
+                wall = time.perf_counter() - t0
+                rates[n].append(len(blobs) / wall)
+                cores[n].append((time.process_time() - c0) / wall)
     base = statistics.median(rates[threads[0]])
-    return [{"threads": n, "images_per_s": statistics.median(r), "ratio_to_1": statistics.median(r) / base}
-            for n, r in rates.items()]  # fmt: skip
+    # cores_used: the process's CPU seconds over wall seconds. Below n on n threads: the GIL, or a
+    # machine whose cores other work holds (then 1 thread gets less than 1 core as well).
+    return [{"threads": n, "images_per_s": statistics.median(r), "ratio_to_1": statistics.median(r) / base,
+             "cores_used": statistics.median(cores[n])} for n, r in rates.items()]  # fmt: skip
 
 
 def simulated_before_after(labeler: Labeler, blobs: Sequence[bytes], io_threads: Sequence[int], gpu_ms: float,
