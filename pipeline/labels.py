@@ -6,8 +6,10 @@ Conventions: label maps are [H, W] uint8 with 0 background, dataset class ids 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -79,8 +81,9 @@ def segment_pooled(scores: np.ndarray, flat: np.ndarray, n: int, pooling: str) -
     ``scores.dtype``: the values ``refine.pool_scores`` spreads over the superpixel's pixels (the
     same float64 sums, the same medians)."""
     if pooling == "mean":
-        counts = np.bincount(flat, minlength=n).astype(np.float64)
-        pooled = np.stack([np.bincount(flat, weights=s.ravel(), minlength=n) for s in scores]) / counts
+        values = scores.reshape(len(scores), -1)
+        sums, counts = _segment_sums(values if values.dtype != np.float16 else values.astype(np.float32), flat, n)
+        pooled = sums / counts.astype(np.float64)
     elif pooling == "median":
         order = np.argsort(flat, kind="stable")
         bounds = np.flatnonzero(np.diff(flat[order])) + 1
@@ -88,6 +91,30 @@ def segment_pooled(scores: np.ndarray, flat: np.ndarray, n: int, pooling: str) -
     else:
         raise ValueError(f"unknown pooling {pooling!r}; use 'mean' or 'median'")
     return pooled.astype(scores.dtype)
+
+
+def _njit(func: Callable[..., Any]) -> Any:
+    """``numba.njit(nogil=True, cache=True)``, without the cache where numba finds no writable
+    place for it (it then compiles once per process)."""
+    try:
+        return numba.njit(nogil=True, cache=True)(func)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return numba.njit(nogil=True)(func)
+
+
+@_njit
+def _segment_sums(values: np.ndarray, flat: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+    """[K, N] scores, [N] segment index -> ([K, S] float64 sums, [S] pixel counts): the sums
+    ``np.bincount(flat, weights=values[k])`` gives (float64, added in pixel order), all classes in
+    one pass over the pixels, without the GIL."""
+    sums = np.zeros((values.shape[0], n))
+    counts = np.zeros(n, dtype=np.int64)
+    for i in range(flat.size):
+        j = flat[i]
+        counts[j] += 1
+        for c in range(values.shape[0]):
+            sums[c, j] += np.float64(values[c, i])
+    return sums, counts
 
 
 def decide(
@@ -115,7 +142,8 @@ def decide(
     flat, n = segment_index(segments)
     pooled = segment_pooled(scores, flat, n, refine.pooling)
     per_segment = assemble_label_map(pooled[:, None, :], class_ids, bkg_thre, labels)[0]
-    return pooled[:, flat].reshape(scores.shape), per_segment[flat].reshape(scores.shape[1:])
+    # np.take: the same gather as pooled[:, flat], several times faster than fancy indexing
+    return np.take(pooled, flat, axis=1).reshape(scores.shape), np.take(per_segment, flat).reshape(scores.shape[1:])
 
 
 def assemble_label_map(
