@@ -81,14 +81,14 @@ def image_annotations(
     Annotation ids run from ``first_id``.
     """
     _check_label_map(label_map)
-    present = np.unique(label_map)
+    present = np.flatnonzero(np.bincount(label_map.ravel(), minlength=256))  # np.unique without a sort
     ids = [int(v) for v in present if v not in (0, IGNORE)]
     unknown = sorted(set(ids) - known)
     if unknown:
         raise ValueError(f"image {image_id}: label map holds ids {unknown} that are not in the categories")
-    masks = label_map[:, :, None] == np.array(ids + [IGNORE], dtype=np.uint8)
-    rles = encode_masks(masks)
-    areas, boxes = mask_utils.area(_bytes_rles(rles)), mask_utils.toBbox(_bytes_rles(rles))
+    rles = encode_masks(_fortran_masks(label_map, ids + [IGNORE]))
+    raw = _bytes_rles(rles)
+    areas, boxes = mask_utils.area(raw), mask_utils.toBbox(raw)
     anns = [
         {"id": first_id + i, "image_id": image_id, "category_id": cid, "segmentation": rles[i],
          "area": int(areas[i]), "bbox": [float(v) for v in boxes[i]], "iscrowd": 0,
@@ -96,6 +96,15 @@ def image_annotations(
         for i, cid in enumerate(ids)
     ]  # fmt: skip
     return (rles[-1] if IGNORE in present else None), anns
+
+
+def _fortran_masks(label_map: np.ndarray, values: Sequence[int]) -> np.ndarray:
+    """[H, W, N] uint8 0/1 masks ``label_map == values[n]``, built in the column-major order
+    pycocotools encodes from (``label_map[:, :, None] == values`` plus a Fortran copy, in one pass)."""
+    height, width = label_map.shape
+    out = np.empty((len(values), width, height), dtype=bool)  # C order [N, W, H] = Fortran [H, W, N]
+    np.equal(label_map.T[None], np.array(values, dtype=np.uint8)[:, None, None], out=out)
+    return out.view(np.uint8).transpose(2, 1, 0)
 
 
 def _bytes_rles(rles: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -70,7 +70,8 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
         im = im.convert("RGBA")
         background = Image.new("RGBA", im.size, (255, 255, 255, 255))
         im = Image.alpha_composite(background, im)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    # One copy: convert() copies even an RGB image, and asarray() of it was copied again.
+    return np.array(im if im.mode == "RGB" else im.convert("RGB"), dtype=np.uint8)
 
 
 def read_image(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

@@ -149,8 +149,8 @@ class Labeler:
         keep = labels.kept_classes(len(w.class_ids), final.numpy(), rule.open_vocab, rule.score_threshold)
         kept_ids = tuple(w.class_ids[k] for k in keep)
         scores = full[keep].astype(np.float16) if rule.float16 else full[keep]
-        decision = labels.decision_scores(scores, is_normalize=rule.is_normalize, segments=segments, refine=cfg.refine)
-        label_map = labels.assemble_label_map(decision, kept_ids, rule.bkg_thre, cfg.labels)
+        decision, label_map = labels.decide(scores, kept_ids, is_normalize=rule.is_normalize, bkg_thre=rule.bkg_thre,
+                                            segments=segments, refine=cfg.refine, labels=cfg.labels)  # fmt: skip
         t2 = time.perf_counter()
         regions = region_map = None
         suggestions: tuple = ()

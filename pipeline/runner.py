@@ -29,7 +29,7 @@ import hashlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -48,15 +48,19 @@ from pipeline.storage.store import Store
 from pipeline.types import Category
 
 log = logging.getLogger(__name__)
+DEFAULT_IO_THREADS = 4  # reader threads when an actor is built without a CPU count (tests)
 
 
 class _LabelActor:
     def __init__(self, config: Config, categories: list[Category], output: str,
                  storage_options: dict[str, Any], threads: int | None = None,
                  model_fingerprint: dict[str, Any] | None = None,
-                 storage_retry: RetryPolicy | None = None) -> None:  # fmt: skip
+                 storage_retry: RetryPolicy | None = None, io_threads: int | None = None) -> None:  # fmt: skip
         redact.install(redact.secret_values(storage_options))
         _set_threads(threads)
+        # Reading, decoding, superpixels and label maps release the GIL for most of their time
+        # (docs/PERFORMANCE.md), so one thread per core the actor holds keeps those cores busy.
+        self.io_threads = io_threads or threads or DEFAULT_IO_THREADS
         # The frozen config arrives as the driver built it (Ray pickles the dataclass). The driver
         # pinned hub revisions in it; what this node loads must match its model fingerprint.
         clip, sd = load_models(config.model, expected=model_fingerprint, storage_options=storage_options,
@@ -70,7 +74,7 @@ class _LabelActor:
         marker = commit.read_marker(self.store, shard.shard_id)
         if marker is None or marker["fingerprint"] != fingerprint:
             marker = label_shard(self.labeler, self.store, shard, fingerprint, storage_options=self.storage_options,
-                                 batch_size=batch_size)  # fmt: skip
+                                 io_threads=self.io_threads, batch_size=batch_size)  # fmt: skip
         return marker["counts"]
 
 
@@ -111,6 +115,7 @@ class RunOptions:
     storage_options: dict[str, Any] = field(default_factory=dict)
     model_fingerprint: dict[str, Any] | None = None  # the driver's; each actor checks its weights against it
     actor_cpus: int | None = None  # CPU cores (and torch threads) per actor; default: see ``plan_actors``
+    io_threads: int | None = None  # label_shard's reader threads per actor; default: the actor's CPU cores
     shard_timeout_s: float = 900.0  # a shard is never given up on sooner than this
     shard_timeout_factor: float = 5.0  # ... nor sooner than this x its images x slowest seconds per image
     startup_timeout_s: float = 1800.0  # added for an actor's first shard: loading the models
@@ -125,6 +130,8 @@ class RunOptions:
             raise ValueError(f"--num-actors must be at least 1, got {self.num_actors}")
         if self.actor_cpus is not None and self.actor_cpus < 1:
             raise ValueError(f"actor_cpus must be at least 1, got {self.actor_cpus}")
+        if self.io_threads is not None and self.io_threads < 1:
+            raise ValueError(f"io_threads must be at least 1, got {self.io_threads}")
         if self.max_attempts < 1 or self.max_actor_start_failures < 1 or self.replace_after_errors < 1:
             raise ValueError("max_attempts, max_actor_start_failures and replace_after_errors must be at least 1")
         if min(self.shard_timeout_s, self.shard_timeout_factor, self.startup_timeout_s) <= 0:
@@ -169,22 +176,36 @@ class ActorPlan:
     cpus: int
 
 
-def plan_actors(requested: int | None, resources: Mapping[str, float], actor_cpus: int | None) -> ActorPlan:
-    """How many actors with what resources, from ``ray.cluster_resources()``. One GPU each (CPU
-    actors when the cluster has none); CPU cores: ``actor_cpus``, else the cluster's CPUs per
-    actor, at most 4 (decoding, superpixels and label maps run on them). Raises ValueError when
-    the actors cannot all be placed: Ray would wait for resources forever."""
+def plan_actors(requested: int | None, resources: Mapping[str, float], actor_cpus: int | None,
+                nodes: Sequence[Mapping[str, float]] = ()) -> ActorPlan:  # fmt: skip
+    """How many actors with what resources, from ``ray.cluster_resources()`` and the alive nodes'
+    resources (``ray.nodes()``). One GPU each (CPU actors when the cluster has none). CPU cores:
+    ``actor_cpus``, else the cluster's CPUs per actor (decoding, superpixels and label maps run on
+    them, one reader thread per core), but no more than the CPUs per GPU of the poorest GPU node
+    (CPU actors: the CPUs of the smallest node), so every actor fits beside its GPU: a CPU-only
+    head node counts in the cluster's total but hosts no GPU actor. Raises ValueError when the
+    actors cannot all be placed: Ray would wait for resources forever."""
     gpus, cpus = int(resources.get("GPU", 0)), int(resources.get("CPU", 0))
     count = requested or max(gpus, 1)
     if gpus and count > gpus:
         raise ValueError(f"--num-actors {count} asks for {count} GPU actors (one GPU each) but the cluster has "
                          f"{gpus} GPU(s): Ray would wait forever for the rest. Use --num-actors {gpus} or fewer, "
                          "or add GPU nodes first")  # fmt: skip
-    per = actor_cpus or max(1, min(4, cpus // count))
+    per = actor_cpus or max(1, min(cpus // count, _cpus_per_slot(nodes, gpus > 0) or cpus))
     if count * per > cpus:
         raise ValueError(f"{count} actor(s) x {per} CPU(s) need {count * per} CPUs but the cluster has {cpus}: "
                          "Ray would wait forever. Use fewer actors or fewer CPUs per actor")  # fmt: skip
     return ActorPlan(count, gpus > 0, per)
+
+
+def _cpus_per_slot(nodes: Sequence[Mapping[str, float]], use_gpu: bool) -> int | None:
+    """CPUs per actor slot of the poorest node that can host an actor (per GPU on GPU nodes), or
+    None when no node's resources are known."""
+    if use_gpu:
+        slots = [int(n.get("CPU", 0)) // int(n["GPU"]) for n in nodes if int(n.get("GPU", 0)) >= 1]
+    else:
+        slots = [int(n.get("CPU", 0)) for n in nodes if int(n.get("CPU", 0)) >= 1]
+    return min(slots) if slots else None
 
 
 def _last_line(message: str, secrets: frozenset[str]) -> str:
@@ -451,10 +472,11 @@ def run(config: Config, categories: list[Category], shards: Iterable[Shard], out
     if not ray.is_initialized():
         ray.init()  # under `ray job submit` this joins the cluster; alone it starts a local one
     store = Store.open(output, retry=options.storage_retry, **options.storage_options)
-    plan = plan_actors(options.num_actors, ray.cluster_resources(), options.actor_cpus)
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    plan = plan_actors(options.num_actors, ray.cluster_resources(), options.actor_cpus, nodes)
     secrets = redact.secret_values(options.storage_options)
     args = (config, categories, output, options.storage_options, plan.cpus, options.model_fingerprint,
-            options.storage_retry)
+            options.storage_retry, options.io_threads)  # fmt: skip
     driver = _Driver(_RayBackend(plan, args, fingerprint, secrets), plan.count, config.batch_size, options,
                      secrets=secrets)  # fmt: skip
     return driver.run(shards, lambda s: commit.is_committed(store, s.shard_id, fingerprint), progress, stop)

@@ -114,3 +114,74 @@ def test_ceilings_follow_from_the_counts():
     assert out["goal_needs_bf16_utilisation"] == pytest.approx(50 * 2 / 989.4)
     assert out["compensation_ms_at_hbm"] == pytest.approx(1.0)
     assert out["compensation_share_at_goal"] == pytest.approx(1.0 / 20)
+
+
+def test_the_cpu_path_before_variant_swaps_the_old_code_in_and_back_out():
+    import skimage.segmentation
+
+    from pipeline import coco, labels, refine
+    from pipeline.bench import cpupath
+
+    now = refine.felzenszwalb, labels.decide, coco.image_annotations
+    with cpupath.variant("before"):
+        assert refine.felzenszwalb is skimage.segmentation.felzenszwalb
+        assert labels.decide is cpupath._per_pixel_decide
+        assert coco.image_annotations is cpupath._unique_image_annotations
+    assert (refine.felzenszwalb, labels.decide, coco.image_annotations) == now
+    with pytest.raises(ValueError, match="unknown CPU-path variant"), cpupath.variant("fast"):
+        pass
+
+
+@pytest.mark.slow
+def test_cpu_path_rows_time_both_variants_and_find_their_outputs_identical(tiny):
+    from pipeline.bench import cpupath
+
+    blobs = [benchmark.synthetic_jpeg(i, 64, 48) for i in range(2)]
+    rows, identical = cpupath.cpu_path_rows(tiny, blobs, repeats=1)
+    assert identical is True
+    assert [r["stage"] for r in rows] == [*cpupath.CPU_PATH_STAGES, "total"]
+    by = {r["stage"]: r for r in rows}
+    assert by["total"]["after_ms"] == pytest.approx(
+        sum(by[s]["after_ms"] for s in ("decode", "superpixels", "label_assembly", "write_shard"))
+    )
+    assert all(r["before_ms"] > 0 and r["after_ms"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_cpu_path_identity_check_sees_a_changed_output(tiny, monkeypatch):
+    """The identity flag compares outputs: an 'after' path that labels differently must clear it."""
+    from pipeline import labels
+    from pipeline.bench import cpupath
+
+    real = labels.decide
+
+    def shifted(*args, **kwargs):
+        decision, label_map = real(*args, **kwargs)
+        label_map = label_map.copy()
+        label_map[0, 0] = 255 if label_map[0, 0] != 255 else 0
+        return decision, label_map
+
+    monkeypatch.setattr(labels, "decide", shifted)
+    _, identical = cpupath.cpu_path_rows(tiny, [benchmark.synthetic_jpeg(0, 64, 48)], repeats=1)
+    assert identical is False
+
+
+@pytest.mark.slow
+def test_compile_unet_leaves_the_block_holding_the_captured_layers_alone():
+    from pipeline.bench.common import compile_unet
+    from pipeline.config import SD_ATTENTION_LAYERS
+
+    models = benchmark.build_models("tiny", "cpu")
+    names = compile_unet(models.sd, SD_ATTENTION_LAYERS)
+    captured_block = ".".join(SD_ATTENTION_LAYERS[0].split(".")[:2])
+    assert captured_block not in names and "down_blocks.0" in names and "mid_block" in names
+    parts = dict(models.sd.unet.named_modules())
+    assert parts["down_blocks.0"]._compiled_call_impl is not None
+    assert parts[captured_block]._compiled_call_impl is None
+
+
+def test_dtype_aliases_and_the_cpu_section_are_accepted():
+    from pipeline.bench import main
+
+    args = main.parse_args(["--dtype", "bf16,fp32", "--compare", "cpu", "--images", "16", "--compile"])
+    assert args.dtypes == ["bfloat16", "float32"] and args.compare == {"cpu"} and args.compile

@@ -109,3 +109,37 @@ def test_merge_refuses_different_categories():
 def test_label_map_type_is_checked():
     with pytest.raises(ValueError, match="uint8"):
         coco.image_annotations(tiny_map().astype(np.int32), 1, {}, {3, 7})
+
+
+def _old_image_annotations(label_map, image_id, scores, known, first_id=1):
+    """The formula ``image_annotations`` had before its masks were built column-major in one pass."""
+    from pycocotools import mask as mask_utils
+
+    present = np.unique(label_map)
+    ids = [int(v) for v in present if v not in (0, 255)]
+    rles = coco.encode_masks(label_map[:, :, None] == np.array(ids + [255], dtype=np.uint8))
+    raw = [{"size": r["size"], "counts": r["counts"].encode()} for r in rles]
+    areas, boxes = mask_utils.area(raw), mask_utils.toBbox(raw)
+    anns = [{"id": first_id + i, "image_id": image_id, "category_id": cid, "segmentation": rles[i],
+             "area": int(areas[i]), "bbox": [float(v) for v in boxes[i]], "iscrowd": 0,
+             "score": round(float(scores.get(cid, 0.0)), coco.SCORE_DIGITS)} for i, cid in enumerate(ids)]  # fmt: skip
+    return (rles[-1] if 255 in present else None), anns
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrays(np.uint8, st.tuples(st.integers(1, 23), st.integers(1, 23)), elements=st.sampled_from([0, 3, 7, 90, 255])),
+    st.integers(1, 5),
+)
+def test_image_annotations_equal_the_unique_and_fortran_copy_formula(label_map, first_id):
+    scores = {3: 0.25, 7: 0.5, 90: 0.125}
+    got = coco.image_annotations(label_map, 4, scores, {3, 7, 90}, first_id)
+    want = _old_image_annotations(label_map, 4, scores, {3, 7, 90}, first_id)
+    assert json.dumps(got) == json.dumps(want)
+
+
+def test_masks_are_built_column_major_as_pycocotools_reads_them():
+    m = np.arange(12, dtype=np.uint8).reshape(3, 4) % 3
+    masks = coco._fortran_masks(m, [0, 2])
+    assert masks.flags.f_contiguous and masks.dtype == np.uint8 and masks.shape == (3, 4, 2)
+    assert np.array_equal(masks[:, :, 1], (m == 2).astype(np.uint8))

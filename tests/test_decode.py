@@ -52,3 +52,21 @@ def test_a_record_matching_neither_orientation_is_a_size_mismatch_row(tmp_path):
     assert np.array_equal(shards._load({**record, "width": 40}, 10**8, {}), stored)
     sizeless = {k: v for k, v in record.items() if k not in ("width", "height")}
     assert shards._load(sizeless, 10**8, {}).shape == (40, 20, 3)  # EXIF applies
+
+
+@pytest.mark.parametrize("mode,fmt", [("RGB", "JPEG"), ("RGB", "PNG"), ("L", "PNG"), ("P", "PNG"), ("CMYK", "JPEG")])
+def test_decoded_pixels_equal_the_old_convert_and_copy_and_are_writable(mode, fmt):
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (13, 17, 3), dtype=np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        im.load()
+        want = np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    got = decode_image(buf.getvalue())
+    assert got.tobytes() == want.tobytes() and got.shape == (13, 17, 3) and got.flags.writeable
+    got[0, 0] = 0  # the caller owns the pixels

@@ -96,3 +96,80 @@ def test_non_positive_bkg_thre_scores_background_as_squared_complement_of_the_be
     # The margin compares the best class with that background score: 0.4 vs 0.36 is close.
     out = labels.assemble_label_map(scores, [3, 9], bkg_thre=0.0, labels=LabelConfig(ignore_margin=0.05))
     assert out.tolist() == [[3, 255, 0, 255, 0]]
+
+
+def _old_decide(scores, ids, is_normalize, bkg_thre, segments, refine, margin):
+    """The per-pixel path ``decide`` replaced: pool over every pixel, then the rule on every pixel."""
+    decision = labels.decision_scores(scores, is_normalize=is_normalize, segments=segments, refine=refine)
+    return decision, labels.assemble_label_map(decision, ids, bkg_thre, LabelConfig(ignore_margin=margin))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.integers(0, 3),
+    st.integers(1, 9),
+    st.integers(1, 9),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["raster", "sparse", "negative"]),
+    st.sampled_from(["mean", "median"]),
+    st.sampled_from([np.float32, np.float16]),
+    st.booleans(),
+    st.sampled_from([0.6, 0.3, 0.0, -1.0]),
+    st.one_of(st.none(), st.floats(0, 0.5)),
+)
+def test_decide_per_superpixel_equals_the_per_pixel_formula_byte_for_byte(
+    k, h, w, seed, numbering, pooling, dtype, is_normalize, bkg, margin
+):
+    from pipeline.config import RefineConfig
+
+    rng = np.random.default_rng(seed)
+    scores = rng.random((k, h, w)).astype(dtype)
+    scores[:, rng.random((h, w)) < 0.2] = 0.5  # ties between classes and with the threshold
+    segments = rng.integers(0, max(1, h * w // 3), (h, w)).astype(np.int32)
+    if numbering == "raster":  # refine.superpixels' numbering: 0..S-1, none missing
+        segments = np.unique(segments, return_inverse=True)[1].reshape(h, w).astype(np.int32)
+    elif numbering == "negative":
+        segments = segments * 7 - 50
+    ids = list(range(3, 3 + k))
+    refine = RefineConfig(pooling=pooling)
+    want = _old_decide(scores, ids, is_normalize, bkg, segments, refine, margin)
+    got = labels.decide(scores, ids, is_normalize=is_normalize, bkg_thre=bkg, segments=segments, refine=refine,
+                        labels=LabelConfig(ignore_margin=margin))  # fmt: skip
+    for g, x in zip(got, want, strict=True):
+        assert g.dtype == x.dtype and g.shape == x.shape and g.tobytes() == x.tobytes()
+
+
+def test_decide_on_real_superpixels_of_a_photograph_equals_the_per_pixel_formula():
+    from skimage import data
+
+    from pipeline import refine as refine_mod
+    from pipeline.config import RefineConfig
+
+    image = data.astronaut()[::2, ::2]
+    segments = refine_mod.superpixels(image, RefineConfig())
+    rng = np.random.default_rng(0)
+    scores = rng.random((3, *segments.shape)).astype(np.float32)
+    for bkg in (0.6, 0.0):
+        want = _old_decide(scores, [1, 2, 3], True, bkg, segments, RefineConfig(), 0.05)
+        got = labels.decide(scores, [1, 2, 3], is_normalize=True, bkg_thre=bkg, segments=segments,
+                            refine=RefineConfig(), labels=LabelConfig(ignore_margin=0.05))  # fmt: skip
+        assert got[0].tobytes() == want[0].tobytes() and got[1].tobytes() == want[1].tobytes()
+        assert len(np.unique(got[1])) >= 3  # the rule picked more than one label
+
+
+@pytest.mark.parametrize(
+    "segments",
+    [np.array([[0, 1], [2, 1]]), np.array([[5, 9], [5, -2]]), np.array([[0, 2], [2, 0]]), np.array([[7]])],
+)
+def test_segment_index_is_the_rank_numpy_unique_gives(segments):
+    flat, n = labels.segment_index(segments)
+    inverse = np.unique(segments, return_inverse=True)[1].ravel()
+    assert flat.tolist() == inverse.tolist() and n == len(np.unique(segments))
+
+
+def test_decide_refuses_superpixels_of_another_size():
+    from pipeline.config import RefineConfig
+
+    with pytest.raises(ValueError, match="differ in size"):
+        labels.decide(np.zeros((1, 2, 3), np.float32), [1], is_normalize=True, bkg_thre=0.5,
+                      segments=np.zeros((3, 2), np.int32), refine=RefineConfig(), labels=LabelConfig())  # fmt: skip

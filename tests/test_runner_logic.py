@@ -238,7 +238,9 @@ def test_more_actors_than_gpus_is_refused():
 
 
 def test_actor_plan_sizes_cpus_on_purpose():
-    assert plan_actors(None, {"GPU": 2.0, "CPU": 32.0}, None) == plan_actors(2, {"GPU": 2.0, "CPU": 32.0}, 4)
+    # The node's cores per GPU, not 4: a GPU node has 12-26 of them for decoding and superpixels.
+    assert plan_actors(None, {"GPU": 2.0, "CPU": 32.0}, None) == plan_actors(2, {"GPU": 2.0, "CPU": 32.0}, 16)
+    assert plan_actors(None, {"GPU": 2.0, "CPU": 32.0}, 3).cpus == 3  # --actor-cpus wins
     plan = plan_actors(None, {"GPU": 8.0, "CPU": 16.0}, None)
     assert (plan.count, plan.use_gpu, plan.cpus) == (8, True, 2)
     plan = plan_actors(None, {"CPU": 2.0}, None)
@@ -297,3 +299,19 @@ def test_a_resume_with_another_device_and_batch_size_skips_committed_shards_and_
     fp3, models_fp3 = run_fp(changed)
     with pytest.raises(ValueError, match=r"config changed \(settings: refine.scale 100.0 -> 90.0"):
         commit.write_run(store, fp3, changed.to_dict(), models_fp3)
+
+
+def test_actor_cpus_fit_the_poorest_gpu_node_not_the_cluster_average():
+    # A 64-core CPU-only head and two 8-GPU nodes of 96 cores: 224 CPUs / 16 GPUs = 14 per actor on
+    # average, but a GPU node has 12 per GPU; 14 would leave the last actors waiting forever.
+    nodes = [{"CPU": 64.0}, {"CPU": 96.0, "GPU": 8.0}, {"CPU": 96.0, "GPU": 8.0}]
+    plan = plan_actors(None, {"CPU": 256.0, "GPU": 16.0}, None, nodes)
+    assert (plan.count, plan.use_gpu, plan.cpus) == (16, True, 12)
+    # CPU actors: no more than the smallest node holds.
+    assert plan_actors(None, {"CPU": 24.0}, None, [{"CPU": 16.0}, {"CPU": 8.0}]).cpus == 8
+    assert plan_actors(None, {"GPU": 1.0, "CPU": 26.0}, None, [{"CPU": 26.0, "GPU": 1.0}]).cpus == 26
+
+
+def test_io_threads_must_be_positive():
+    with pytest.raises(ValueError, match="io_threads must be at least 1"):
+        RunOptions(io_threads=0)

@@ -8,7 +8,7 @@ import dataclasses
 import io
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +32,7 @@ SIZES = {
 STAGES = ("decode", "clip_coarse", "vae_encode", "unet_capture", "compensation", "superpixels", "label_assembly",
           "encode_write")  # fmt: skip
 CPU_STAGES = ("decode", "superpixels", "label_assembly", "encode_write")
-SECTIONS = ("stages", "batch", "dtype", "chain", "busy", "speedwork", "flops")
+SECTIONS = ("stages", "batch", "dtype", "chain", "busy", "cpu", "speedwork", "flops")
 CLASS_NAMES = ("cat", "dog", "person", "car", "tree", "bird", "boat", "chair")
 # NVIDIA H100 datasheet (SXM5, dense, i.e. without the 2:4 sparsity factor).
 H100 = {"bf16_tflops": 989.4, "tf32_tflops": 494.7, "fp32_tflops": 66.9, "hbm_tb_s": 3.35}
@@ -135,3 +135,21 @@ def count_flops(fn: Callable[[], object]) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+def compile_unet(sd: compensation.SDModels, captured: Sequence[str]) -> list[str]:
+    """``torch.compile`` (in place, ``nn.Module.compile``) every top-level UNet part that holds
+    none of the ``captured`` attention layers: the capture swaps those layers' processors per call
+    and stops the pass inside their block, which a compiled graph would recompile or break on; the
+    parts before it run unchanged every batch. Returns the names compiled."""
+    names = []
+    for name, module in sd.unet.named_children():
+        parts = module if isinstance(module, torch.nn.ModuleList) else [module]
+        for i, part in enumerate(parts):
+            full = f"{name}.{i}" if isinstance(module, torch.nn.ModuleList) else name
+            if not any(c == full or c.startswith(full + ".") for c in captured) and any(
+                True for _ in part.parameters()
+            ):
+                part.compile()
+                names.append(full)
+    return names

@@ -13,6 +13,10 @@ Sections (``--compare``, comma-separated, default all):
   dtype      images/s of each dtype against float32 at the same batch size, and the fraction
              of label-map pixels equal to float32's
   chain      compensation right to left against forming the n x n chain product first
+  cpu        everything of one image that is not a model call (decode, superpixels, label
+             assembly, PNG, COCO RLE, shard write), before and after the CPU speed work in one
+             run with byte-identical outputs checked, each stage's GIL share, and the whole
+             path on 1 and 2 threads
   busy       a whole shard through ``shards.label_shard``: fraction of wall time in the model
              stages (the GPU's share) while decode, superpixels and writing run on threads,
              the same shard with nothing overlapped, and label_shard beside a simulated GPU
@@ -29,6 +33,8 @@ Sections (``--compare``, comma-separated, default all):
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import os
 import sys
@@ -47,10 +53,19 @@ from pipeline.bench.common import (
     Models,
     build_models,
     cast_models,
+    compile_unet,
     make_labeler,
     preset_config,
     synthetic_jpeg,
     with_batch_size,
+)
+from pipeline.bench.cpupath import (
+    VARIANTS,
+    cpu_path_rows,
+    gil_rows,
+    simulated_before_after,
+    thread_scaling,
+    variant,
 )
 from pipeline.bench.flops import byte_counts, captured_heads, ceilings, model_flops
 from pipeline.bench.speedwork import (
@@ -65,6 +80,8 @@ from pipeline.bench.tables import print_flops, print_rows
 from pipeline.labeler import Labeler
 from pipeline.models import DTYPES
 
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+
 # ---------------------------------------------------------------- main
 
 
@@ -75,7 +92,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
     p.add_argument("--images", type=int, default=8, help="images per stage run and in the busy shard")
     p.add_argument("--batch-sizes", default="1,4,16")
-    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--dtypes", "--dtype", default="float32,bfloat16",
+                   help="comma-separated: float32 (fp32), bfloat16 (bf16), float16 (fp16)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1")
     p.add_argument("--tags", type=int, default=2, help="tags per image")
     p.add_argument("--repeats", type=int, default=3, help="repeats per measurement (the median is reported)")
@@ -86,6 +104,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         action="store_true",
         help="CUDA: float32 matmuls on TF32 tensor cores (convolutions already are, by PyTorch's default)",
     )
+    p.add_argument("--cpu-path", choices=VARIANTS, default="after",
+                   help="the CPU path the other sections run: 'before' = scikit-image Felzenszwalb and the "
+                        "per-pixel assembly and COCO masks (benchmark only; the cpu section shows both)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the UNet parts before the captured layers (off by default; first "
+                        "batch pays the compile time, so it is warmed up before timing)")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write every number to this JSON file")
     p.add_argument(
         "--method",
@@ -101,7 +125,7 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
     if args.method and "--compare" not in " ".join(argv if argv is not None else sys.argv):
         args.compare = "methods"
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
-    args.dtypes = args.dtypes.split(",")
+    args.dtypes = [DTYPE_ALIASES.get(d, d) for d in args.dtypes.split(",")]
     args.compare = set(args.compare.split(","))
     unknown = (args.compare - set(SECTIONS) - {"methods"}) | (set(args.dtypes) - set(DTYPES))
     if unknown:
@@ -122,15 +146,23 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
 
 
 class LabelerCache:
-    """One labeler per dtype, built on first use (construction embeds the background classes)."""
+    """One labeler per dtype, built on first use (construction embeds the background classes);
+    with ``compile``, its UNet parts before the captured layers are compiled (``compile_unet``)."""
 
-    def __init__(self, base: Models, n_tags: int) -> None:
-        self.base, self.n_tags = base, n_tags
+    def __init__(self, base: Models, n_tags: int, compile: bool = False) -> None:
+        self.base, self.n_tags, self.compile = base, n_tags, compile
         self.labelers: dict[str, Labeler] = {}
+        self.compiled: list[str] = []
 
     def get(self, dtype: str = "float32") -> Labeler:
         if dtype not in self.labelers:
-            self.labelers[dtype] = make_labeler(cast_models(self.base, dtype), 1, self.n_tags)
+            models = cast_models(self.base, dtype)
+            if self.compile:
+                if dtype == self.base.dtype:  # cast_models returned the base itself: compile a copy
+                    models = dataclasses.replace(models, sd=dataclasses.replace(
+                        models.sd, unet=copy.deepcopy(models.sd.unet)))  # fmt: skip
+                self.compiled = compile_unet(models.sd, preset_config(models).cliper.sd_layers)
+            self.labelers[dtype] = make_labeler(models, 1, self.n_tags)
         return self.labelers[dtype]
 
 
@@ -171,6 +203,28 @@ def section_busy(args: argparse.Namespace, labelers: LabelerCache, blobs: list[b
     print_rows("label_shard beside a simulated GPU (0 ms: the CPU side's own limit)", out["simulated_gpu"])
 
 
+def section_cpu(args: argparse.Namespace, labelers: LabelerCache, blobs: list[bytes], out: dict[str, Any]) -> None:
+    labeler = with_batch_size(labelers.get(args.dtypes[0]), 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the goal is CPU time on one core: torch's resize runs on the timed thread
+    try:
+        rows, identical = cpu_path_rows(labeler, blobs, args.repeats)
+    finally:
+        torch.set_num_threads(threads)
+    out["cpu_path"], out["cpu_path_identical"] = rows, identical
+    print_rows(f"CPU path per image, before/after ({args.tags} tags, 500 x 375; medians of {args.repeats} "
+               f"interleaved passes; label maps, PNGs and COCO byte-identical: {identical})", rows)  # fmt: skip
+    out["gil"] = gil_rows(labeler, blobs[0])
+    print_rows("GIL: speed of a Python loop beside each stage (1 = the stage releases the GIL)", out["gil"])
+    out["cpu_threads"] = thread_scaling(labeler, blobs, args.repeats)
+    print_rows("Whole CPU path (decode .. COCO RLE) on 1 and 2 threads", out["cpu_threads"])
+    sim = with_batch_size(labeler, args.batch_sizes[0])
+    out["simulated_before_after"] = simulated_before_after(sim, blobs, sorted({2, args.io_threads}),
+                                                           1e3 / GOAL_IMAGES_PER_S, args.repeats)  # fmt: skip
+    print_rows(f"label_shard beside a simulated GPU ({1e3 / GOAL_IMAGES_PER_S:g} ms/image, batch "
+               f"{args.batch_sizes[0]}), CPU path before/after", out["simulated_before_after"])  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """Run the chosen sections, print their tables; returns every number (as --json writes them)."""
     args = parse_args(argv, prog)
@@ -180,8 +234,22 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         sys.argv[1:] if argv is None else argv)}  # fmt: skip
     print(json.dumps(out["header"]))
     base = build_models(args.size, args.device)
-    labelers = LabelerCache(base, args.tags)
+    labelers = LabelerCache(base, args.tags, args.compile)
     blobs = [synthetic_jpeg(i) for i in range(args.images)]
+    if "cpu" in args.compare:
+        section_cpu(args, labelers, blobs, out)
+    with variant(args.cpu_path):
+        _model_sections(args, labelers, blobs, out)
+    if args.compile:
+        out["compiled"] = labelers.compiled
+        print(f"\ncompiled UNet parts: {labelers.compiled}")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _model_sections(args: argparse.Namespace, labelers: LabelerCache, blobs: list[bytes], out: dict[str, Any]) -> None:
+    base = labelers.base
     if args.compare & {"stages", "batch", "dtype"}:
         section_stages(args, labelers, blobs, out)
     if "chain" in args.compare:
@@ -200,7 +268,4 @@ def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str
         flops, nbytes = model_flops(base, args.tags), byte_counts(base)
         out["flops"], out["bytes"], out["ceilings"] = flops, nbytes, ceilings(flops, nbytes)
         print_flops(flops, nbytes, out["ceilings"])
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
-    return out
 
