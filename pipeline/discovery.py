@@ -25,12 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.types import IGNORE
+
 if TYPE_CHECKING:
     from pipeline.config import DiscoveryConfig
     from pipeline.types import Category
 
 UNKNOWN_MODES = ("background", "ignore", "regions")
-IGNORE = 255  # the label maps' ignore index (pipeline.labels.IGNORE; not imported: labels imports torch)
 _EPS = 1e-12
 BUILTIN_VOCABULARIES = ("dataset", "coco")
 UNKNOWN_OBJECT_ID = 1000  # COCO category id of discovered regions: dataset ids are 1..254 (pipeline.types)

@@ -21,12 +21,15 @@ import numpy as np
 import skimage.segmentation
 from pycocotools import mask as mask_utils
 
-from pipeline import coco, labels, pngs, refine, storage
+from pipeline import coco, labels, pngs, refine
 from pipeline.bench.busy import gil_share
 from pipeline.bench.common import FINGERPRINT
 from pipeline.config import LabelConfig, RefineConfig
 from pipeline.decode import decode_image
-from pipeline.labeler import Labeler, LabelRequest, LabelResult
+from pipeline.labeler import Labeler
+from pipeline.storage import commit
+from pipeline.storage.store import Store
+from pipeline.types import IGNORE, LabelRequest, LabelResult
 
 VARIANTS = ("before", "after")
 CPU_PATH_STAGES = ("decode", "superpixels", "label_assembly", "png", "coco_rle", "write_shard")
@@ -49,16 +52,16 @@ def _unique_image_annotations(label_map: np.ndarray, image_id: int, scores: Mapp
     """COCO annotations as built before: ``np.unique`` of the map and an [H, W, N] mask copied to
     Fortran order by ``coco.encode_masks``."""
     present = np.unique(label_map)
-    ids = [int(v) for v in present if v not in (0, labels.IGNORE)]
+    ids = [int(v) for v in present if v not in (0, IGNORE)]
     if set(ids) - known:
         raise ValueError(f"image {image_id}: label map holds ids that are not in the categories")
-    rles = coco.encode_masks(label_map[:, :, None] == np.array(ids + [labels.IGNORE], dtype=np.uint8))
+    rles = coco.encode_masks(label_map[:, :, None] == np.array(ids + [IGNORE], dtype=np.uint8))
     raw = [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in rles]
     areas, boxes = mask_utils.area(raw), mask_utils.toBbox(raw)
     anns = [{"id": first_id + i, "image_id": image_id, "category_id": cid, "segmentation": rles[i],
              "area": int(areas[i]), "bbox": [float(v) for v in boxes[i]], "iscrowd": 0,
              "score": round(float(scores.get(cid, 0.0)), coco.SCORE_DIGITS)} for i, cid in enumerate(ids)]  # fmt: skip
-    return (rles[-1] if labels.IGNORE in present else None), anns
+    return (rles[-1] if IGNORE in present else None), anns
 
 
 @contextmanager
@@ -117,13 +120,13 @@ def _with_request(work: Any, req: LabelRequest) -> Any:
 
 
 def _write_seconds(labeler: Labeler, results: Sequence[LabelResult]) -> float:
-    """Seconds per image of ``storage.write_shard`` (stats entries, PNGs, COCO, Parquet, marker)
+    """Seconds per image of ``commit.write_shard`` (stats entries, PNGs, COCO, Parquet, marker)
     to memory://."""
     import fsspec
 
-    store = storage.Store.open("memory://bench-cpupath")
+    store = Store.open("memory://bench-cpupath")
     t0 = time.thread_time()
-    storage.write_shard(store, "00000", results, [], list(labeler.categories.values()), FINGERPRINT)
+    commit.write_shard(store, "00000", results, [], list(labeler.categories.values()), FINGERPRINT)
     seconds = (time.thread_time() - t0) / len(results)
     fsspec.filesystem("memory").rm("memory://bench-cpupath", recursive=True)
     return seconds
