@@ -262,13 +262,14 @@ def scan_jsonl(uri: str, categories: list[Category], problems: list[str], shard_
         if canon:
             h.update(b"\n".join(canon) + b"\n")
     repeated = check.confirm_suspects()
+    taken = len(repeated.keys() - {line for line, _ in found})  # counted as good until confirmed
     if repeated:
         found = sorted({**dict(found), **repeated}.items())
     problems.extend(message for _, message in found)
     if batch:
         shard_ids.append(shard_id_for(len(shard_ids), batch))
     digest.update(h.hexdigest().encode())
-    return Scan(digest.hexdigest(), count - len(repeated), tuple(shard_ids) if shard_size is not None else None)
+    return Scan(digest.hexdigest(), count - taken, tuple(shard_ids) if shard_size is not None else None)
 
 
 # A block of these bytes only (printable ASCII but the backslash, and newlines) holds strings of
