@@ -27,6 +27,7 @@ from pipeline.types import (
     Category,
     ImageName,
     ImageNamer,
+    MAX_CLASS_ID,
     check_class_id,
     image_names,
     manifest_fingerprint,
@@ -303,6 +304,21 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+_RECORD_KEYS = frozenset({"id", "uri", "tags", "width", "height", "file_name", "ground_truth"})
+_TAG_TYPES = {int, str}
+
+
+def _plain_optional(doc: dict) -> bool:
+    """The optional fields of a record hold what the schema asks, and its file name stays inside."""
+    name, truth, width, height = (doc.get(k, d) for k, d in (("file_name", "-"), ("ground_truth", "-"),
+                                                             ("width", 1), ("height", 1)))  # fmt: skip
+    if type(name) is not str or type(truth) is not str or not name or not truth:
+        return False
+    if type(width) is not int or type(height) is not int or width < 1 or height < 1:
+        return False
+    return not (_maybe_leaves(name) and leaves_root(name))
+
+
 def _raw_blocks(f: Any) -> Iterator[bytes]:
     """The file's bytes in blocks of about 1 MiB, each ending after a newline (or at the end)."""
     rest = b""
@@ -409,22 +425,24 @@ class _JsonlChecker(_Checker):
         return out
 
     def _plain(self, doc: Any) -> bool:
-        """Accept (tags resolved in place) a record every check passes, in plain Python; False
-        sends it through the exact checks, unchanged."""
-        if not schemas._valid_manifest_record(doc):
+        """Accept (tags resolved in place) a record every check but the id's passes: the schema
+        (as ``schemas._valid_manifest_record``), the file name, the tags. Plain Python fused for
+        the usual record; False sends the record through the exact checks, unchanged."""
+        if type(doc) is not dict or not doc.keys() <= _RECORD_KEYS:
             return False
-        name = doc.get("file_name")
-        if name is not None and _maybe_leaves(name) and leaves_root(name):
+        rid, uri, tags = doc.get("id"), doc.get("uri"), doc.get("tags")
+        if type(rid) is not str or type(uri) is not str or type(tags) is not list or not uri or not rid:
             return False
-        tags = doc["tags"]
+        if len(rid) > 1024 or (len(doc) > 3 and not _plain_optional(doc)):
+            return False
+        if not set(map(type, tags)) <= _TAG_TYPES or len(set(tags)) != len(tags):
+            return False  # (no bool, no float: 1, True and 1.0 are one key in a dict)
         if self.tag_map is None:
-            if not all(type(t) is int for t in tags):
-                return False
-        else:
-            try:
-                doc["tags"] = [self.tag_map[t] for t in tags]
-            except KeyError:
-                return False
+            return all(type(t) is int and 0 < t <= MAX_CLASS_ID for t in tags)
+        try:
+            doc["tags"] = [self.tag_map[t] for t in tags]  # ids are 1..254, names non-empty: the schema's
+        except KeyError:
+            return False
         return True
 
     def _repeats(self, ids: list[str], entries: list) -> list[bool]:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from pipeline import manifest, schemas
@@ -141,3 +141,51 @@ def test_a_clean_manifest_scans_as_the_exact_reading(tmp_path, monkeypatch, hash
     assert scan.shard_ids == tuple(s.shard_id for s in manifest.shards(want, 7))
     with pytest.raises(ManifestError, match=r"line 3 \(id 'img0'\): field 'id' repeats"):
         list(manifest.read_jsonl(_write(tmp_path / "r.jsonl", lines[:2] + lines[:1]), CATS))
+
+
+_PLAIN_TAGS = st.lists(st.sampled_from([1, 2, "cat", "dog"] * 3 + [254, True, False, 1.0, 2.5, 0, 255, 3, "", "x"]),
+                       max_size=3)  # mostly the categories' ids and names
+
+
+@st.composite
+def plain_candidates(draw: st.DrawFn) -> Any:
+    """Records of the usual shape, each field now and then of a wrong kind; sometimes anything."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(near_records())
+    record: dict[str, Any] = {"id": draw(st.sampled_from(["a", "a", "a", "x" * 1024, "x" * 1025, "", 7])),
+                              "uri": draw(st.sampled_from(["s3://b/a.jpg"] * 4 + ["", None])), "tags": draw(_PLAIN_TAGS)}
+    optional = {"file_name": (["a/b.jpg"], ["../x.jpg", "C:x.jpg", "/abs.jpg", "s3://b/x", "a..b", "", 3]),
+                "ground_truth": (["gt/a.png"], ["", 1]), "width": ([640], [0, -1, 2.0, True, "640"]),
+                "height": ([480], [0, 3.5, False]), "extra": ([], [1])}  # fmt: skip
+    for key in draw(st.lists(st.sampled_from(sorted(optional)), max_size=4, unique=True)):
+        good, bad = optional[key]
+        record[key] = draw(st.sampled_from(good * 2 * len(bad) + bad))  # as often good as bad
+    if "extra" in record and draw(st.booleans()):
+        del record["extra"]
+    return record
+
+
+_BASE = {"id": "a", "uri": "s3://b/a.jpg", "tags": ["cat", 2]}
+
+
+@settings(max_examples=500, deadline=None)
+@given(plain_candidates(), st.booleans())
+@example({**_BASE, "tags": [True]}, True)
+@example({**_BASE, "tags": [1.0]}, True)
+@example({**_BASE, "tags": [1.0]}, False)
+@example({**_BASE, "file_name": "../x.jpg"}, True)
+@example({**_BASE, "file_name": "C:x.jpg", "width": 3}, True)
+@example({**_BASE, "width": True}, True)
+@example({**_BASE, "height": 2.0}, True)
+@example({**_BASE, "id": ""}, True)
+@example({**_BASE, "id": "x" * 1025}, True)
+def test_fused_plain_check_accepts_only_what_the_exact_checks_accept(record: Any, named: bool) -> None:
+    """What the block reader's fused check accepts, the schema, file-name and tag checks accept,
+    with the same tags resolved."""
+    cats = CATS if named else None
+    check = manifest._JsonlChecker("m.jsonl", cats, {}, defer=True)
+    copy = json.loads(json.dumps(record))
+    if check._plain(copy):
+        exact = _Checker(cats, None)
+        exact._schema(record, "here")
+        assert exact._rest(record, "here") == copy
