@@ -276,7 +276,7 @@ def scan_jsonl(uri: str, categories: list[Category], problems: list[str], shard_
 # A block of these bytes only (printable ASCII but the backslash, and newlines) holds strings of
 # printable ASCII without escapes, where orjson's sorted output is ``types.canonical_json``'s.
 _PLAIN_BYTES = bytes(b for b in range(0x20, 0x7F) if b != 0x5C) + b"\n"
-_BLOCK_BYTES = 1 << 20
+_BLOCK_BYTES = 1 << 16  # 64 KiB: fastest here (1 MiB blocks took twice the memory and ~2x the time)
 
 
 def _hashes(texts: list[str]) -> np.ndarray:
@@ -310,8 +310,8 @@ _TAG_TYPES = {int, str}
 
 def _plain_optional(doc: dict) -> bool:
     """The optional fields of a record hold what the schema asks, and its file name stays inside."""
-    name, truth, width, height = (doc.get(k, d) for k, d in (("file_name", "-"), ("ground_truth", "-"),
-                                                             ("width", 1), ("height", 1)))  # fmt: skip
+    get = doc.get
+    name, truth, width, height = get("file_name", "-"), get("ground_truth", "-"), get("width", 1), get("height", 1)
     if type(name) is not str or type(truth) is not str or not name or not truth:
         return False
     if type(width) is not int or type(height) is not int or width < 1 or height < 1:
@@ -320,7 +320,7 @@ def _plain_optional(doc: dict) -> bool:
 
 
 def _raw_blocks(f: Any) -> Iterator[bytes]:
-    """The file's bytes in blocks of about 1 MiB, each ending after a newline (or at the end)."""
+    """The file's bytes in blocks of about _BLOCK_BYTES, each ending after a newline (or at the end)."""
     rest = b""
     while chunk := f.read(_BLOCK_BYTES):
         data = rest + chunk
@@ -333,7 +333,7 @@ def _raw_blocks(f: Any) -> Iterator[bytes]:
 
 
 class _JsonlChecker(_Checker):
-    """Checks a JSONL stream block by block. A block of plain bytes is parsed with orjson and
+    """Checks a JSONL stream block by block (64 KiB). A block of plain bytes is parsed with orjson and
     checked in plain Python; a block with anything else, or a record those checks do not accept,
     goes line by line through ``_Checker``'s own checks, so every message is the same. Ids: the
     hashes of every id in sorted uint64 runs (8 bytes an id), the ids themselves only for hashes
