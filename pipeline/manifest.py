@@ -349,6 +349,8 @@ class _JsonlChecker(_Checker):
         if self.ids is not None:
             self.tag_map = {**{i: i for i in self.ids}, **self.by_name}
         self.runs: list[np.ndarray] = []
+        self.bits: np.ndarray | None = None  # the filter in front of the runs (``_filter``)
+        self.size, self.shift = 0, np.uint64(0)
         self.exact: dict[int, set[str]] = {}
         self.suspects: dict[int, tuple[str, int]] = {}  # line -> (where, hash)
 
@@ -363,7 +365,10 @@ class _JsonlChecker(_Checker):
         """(entries, lines) per block: entries (line, record or _BadJson, raw) of non-blank lines; raw
         is the line's bytes when orjson read it (None: ``json`` read it, as the text file's line)."""
         line = first_line
-        with fsspec.open(self.uri, "rb", **self.opts) as f:
+        opened = fsspec.open(self.uri, "rb", **self.opts)
+        if not self.size:  # sizes the id filter
+            self.size = opened.fs.size(opened.path) or 0
+        with opened as f:
             for raw in _raw_blocks(f):
                 if stop is not None and line >= stop:
                     return
@@ -449,9 +454,13 @@ class _JsonlChecker(_Checker):
         """Whether each of a block's ids (in line order) repeats an earlier id, exactly."""
         hashes = _hashes(ids)
         known = np.zeros(len(ids), dtype=bool)
-        for run in self.runs:
-            pos = np.minimum(run.searchsorted(hashes), run.size - 1)
-            known |= run[pos] == hashes
+        maybe = self._filter(hashes, add=False)
+        if self.runs and maybe.any():  # a search of the runs misses the cache: only where the filter says maybe
+            some = hashes[maybe]
+            found = np.zeros(some.size, dtype=bool)
+            for run in self.runs:
+                found |= run[np.minimum(run.searchsorted(some), run.size - 1)] == some
+            known[maybe] = found
         unknown = {int(x) for x in hashes[known]} - self.exact.keys()
         if unknown and not self.defer:
             first = entries[0][0]
@@ -479,10 +488,25 @@ class _JsonlChecker(_Checker):
         self._add(np.fromiter(fresh.keys(), np.uint64, len(fresh)))
         return out
 
+    def _filter(self, hashes: np.ndarray, add: bool) -> np.ndarray:
+        """A one-hash Bloom filter over the ids' hashes (one bit each, ~2 bits per line of the file):
+        False means certainly new; with ``add``, set their bits."""
+        if self.bits is None:
+            lines = max(self.size // 64, 1 << 16) if self.size else 1 << 20
+            self.bits = np.zeros(1 << max(lines.bit_length() - 2, 13), dtype=np.uint8)  # >= lines * 2 bits
+            self.shift = np.uint64(64 - (self.bits.size * 8).bit_length() + 1)
+        slot = hashes >> self.shift
+        byte, mask = (slot >> np.uint64(3)).astype(np.intp), np.left_shift(1, slot & np.uint64(7)).astype(np.uint8)
+        if add:
+            np.bitwise_or.at(self.bits, byte, mask)
+            return mask
+        return (self.bits[byte] & mask) != 0
+
     def _add(self, hashes: np.ndarray) -> None:
         """Hashes new to the set join as a sorted run; equal-sized neighbours merge (at most _RUN)."""
         if not hashes.size:
             return
+        self._filter(hashes, add=True)
         self.runs.append(np.sort(hashes))
         while len(self.runs) > 1 and self.runs[-2].size <= 2 * self.runs[-1].size:
             if self.runs[-2].size + self.runs[-1].size > self._RUN:
