@@ -24,10 +24,10 @@ import orjson
 from pipeline import schemas, types
 from pipeline.prompts import class_prompt
 from pipeline.types import (
+    MAX_CLASS_ID,
     Category,
     ImageName,
     ImageNamer,
-    MAX_CLASS_ID,
     check_class_id,
     image_names,
     manifest_fingerprint,
@@ -214,7 +214,7 @@ def read_jsonl(uri: str, categories: Iterable[Category] | None = None, problems:
     """
     check = _JsonlChecker(uri, categories, storage_options, defer=False)
     for block in check.blocks():
-        for line, record, _, problem in block:
+        for _, record, _, problem in block:
             if problem is None:
                 yield record
             elif problems is None:
@@ -568,6 +568,8 @@ def _loads(text: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as err:
         return _BadJson(err.msg)
+
+
 def read_coco(annotations: str, images: str, prompt_set: str = "coco", problems: list[str] | None = None,
               **storage_options: Any) -> tuple[list[Category], list[dict[str, Any]]]:  # fmt: skip
     """Categories and manifest records from a COCO instances file; ``images`` is the folder

@@ -114,7 +114,12 @@ def test_jsonl_reading_equals_the_exact_reading(tmp_path, monkeypatch, block: in
         monkeypatch.setattr(manifest, "_hashes", lambda texts: np.array([len(t) % 2 for t in texts], np.uint64))
     want_records, want_problems = _exact_reading(path, CATS)
     assert [p.split(" (id")[0].rsplit(" ", 1)[1] for p in want_problems if "repeats" in p] == [
-        "5", "10", "14", "17", "20"]  # a CR splits line 15
+        "5",
+        "10",
+        "14",
+        "17",
+        "20",
+    ]  # a CR splits line 15
     problems: list[str] = []
     assert list(manifest.read_jsonl(path, CATS, problems)) == want_records
     assert problems == want_problems
@@ -143,8 +148,9 @@ def test_a_clean_manifest_scans_as_the_exact_reading(tmp_path, monkeypatch, hash
         list(manifest.read_jsonl(_write(tmp_path / "r.jsonl", lines[:2] + lines[:1]), CATS))
 
 
-_PLAIN_TAGS = st.lists(st.sampled_from([1, 2, "cat", "dog"] * 3 + [254, True, False, 1.0, 2.5, 0, 255, 3, "", "x"]),
-                       max_size=3)  # mostly the categories' ids and names
+_PLAIN_TAGS = st.lists(
+    st.sampled_from([1, 2, "cat", "dog"] * 3 + [254, True, False, 1.0, 2.5, 0, 255, 3, "", "x"]), max_size=3
+)  # mostly the categories' ids and names
 
 
 @st.composite
@@ -152,8 +158,11 @@ def plain_candidates(draw: st.DrawFn) -> Any:
     """Records of the usual shape, each field now and then of a wrong kind; sometimes anything."""
     if draw(st.integers(0, 4)) == 0:
         return draw(near_records())
-    record: dict[str, Any] = {"id": draw(st.sampled_from(["a", "a", "a", "x" * 1024, "x" * 1025, "", 7])),
-                              "uri": draw(st.sampled_from(["s3://b/a.jpg"] * 4 + ["", None])), "tags": draw(_PLAIN_TAGS)}
+    record: dict[str, Any] = {
+        "id": draw(st.sampled_from(["a", "a", "a", "x" * 1024, "x" * 1025, "", 7])),
+        "uri": draw(st.sampled_from(["s3://b/a.jpg"] * 4 + ["", None])),
+        "tags": draw(_PLAIN_TAGS),
+    }
     optional = {"file_name": (["a/b.jpg"], ["../x.jpg", "C:x.jpg", "/abs.jpg", "s3://b/x", "a..b", "", 3]),
                 "ground_truth": (["gt/a.png"], ["", 1]), "width": ([640], [0, -1, 2.0, True, "640"]),
                 "height": ([480], [0, 3.5, False]), "extra": ([], [1])}  # fmt: skip

@@ -115,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, default=Path("/tmp/tag2mask-bench-planning"))
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
-    print(f"{'records':>10s} {'plan s':>8s} {'CPU s':>8s} {'us/rec':>7s} {'shards':>7s} {'RSS growth MiB':>15s} {'fingerprint':>12s}"
-          f"{' stream s' if args.stream else ''}")  # fmt: skip
+    print(f"{'records':>10s} {'plan s':>8s} {'CPU s':>8s} {'us/rec':>7s} {'shards':>7s} {'RSS growth MiB':>15s} "
+          f"{'fingerprint':>12s}{' stream s' if args.stream else ''}")  # fmt: skip
     for n in args.records:
         path = args.dir / f"manifest-{n}.jsonl"
         if not path.exists():
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         if r["records"] != n or r["problems"]:
             raise SystemExit(f"planning {path} kept {r['records']} of {n} records, {r['problems']} problems")
         stream = f" {r['stream_s']:8.1f}" if args.stream else ""
-        print(f"{n:10d} {r['scan_s']:8.1f} {r['scan_cpu_s']:8.1f} {r['scan_cpu_s'] / n * 1e6:7.2f} {r['shards']:7d} {r['rss_growth_mib']:15.1f} "
+        cpu, us = r["scan_cpu_s"], r["scan_cpu_s"] / n * 1e6
+        print(f"{n:10d} {r['scan_s']:8.1f} {cpu:8.1f} {us:7.2f} {r['shards']:7d} {r['rss_growth_mib']:15.1f} "
               f"{r['fingerprint']:>12s}{stream}")  # fmt: skip
     if args.coco:
         path = args.dir / "instances_train2017_synthetic.json"
