@@ -246,7 +246,10 @@ def scan_jsonl(uri: str, categories: list[Category], problems: list[str], shard_
     digest = hashlib.sha256()
     for c in categories:
         digest.update(json.dumps([c.id, c.name, c.prompt]).encode() + b"\n")
-    h, count, found, shard_ids, batch = hashlib.sha256(), 0, [], [], []
+    h, count = hashlib.sha256(), 0
+    found: list[tuple[int, str]] = []
+    shard_ids: list[str] = []
+    batch: list[str] = []
     for block in check.blocks():
         canon = []
         for line, record, fast, problem in block:
@@ -403,7 +406,8 @@ class _JsonlChecker(_Checker):
 
     def _finish(self, entries: list) -> list[tuple[int, Any, bool, str | None]]:
         """Schema, ids, file names and tags of one block's parsed lines."""
-        out, ok = [], []
+        out: list[tuple[int, Any, bool, str | None]] = []
+        ok = []
         for line, record, raw in entries:
             if raw is not None and self._plain(record):
                 ok.append((line, record, True))

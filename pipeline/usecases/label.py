@@ -195,7 +195,7 @@ def _prepare(dataset: Dataset, output: str, config: Config, opts: dict, retry: R
 def _plan(p: _Prepared) -> Plan:
     shard_ids = p.inputs.shard_ids
     if shard_ids is None or p.inputs.shard_size != p.config.shard_size:  # a COCO file: records in memory
-        shard_ids = [s.shard_id for s in manifest.shards(p.inputs.records(), p.config.shard_size)]
+        shard_ids = tuple(s.shard_id for s in manifest.shards(p.inputs.records(), p.config.shard_size))
     committed = sum(commit.is_committed(p.store, sid, p.fingerprint.digest) for sid in shard_ids)
     old = commit.read_run(p.store)
     return Plan(len(shard_ids), committed, p.config.shard_size, not old or old["fingerprint"] == p.fingerprint.digest)
