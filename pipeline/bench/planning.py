@@ -1,10 +1,11 @@
-"""Planning at scale: the driver's preflight scan (schema, unique ids, tags -> category ids,
-fingerprint and count, as ``jobs/label_coco.py`` does before loading any model) and the sharding
-pass (shard ids over a second stream, as its ``--dry-run``) of a synthetic JSONL manifest; then
+"""Planning at scale: the driver's one scan of a synthetic JSONL manifest (schema, unique ids,
+tags -> category ids, fingerprint, count and shard ids, as ``jobs/label_coco.py`` does before
+loading any model and its ``--dry-run`` prints), optionally the run's stream of shards; then
 ``read_coco`` on a synthetic COCO instances file of train2017 size. Each size runs in a fresh
-process, which reports seconds and its peak RSS growth over the RSS before planning.
+process, which reports wall and CPU seconds (CPU time per record, steadier on a loaded
+machine) and its peak RSS growth over the RSS before planning.
 
-    python jobs/bench_planning.py --records 200000 1000000 10000000 [--coco]
+    python jobs/bench_planning.py --records 200000 1000000 10000000 [--coco] [--stream]
 
 Manifests are written (streamed) to --dir once and reused.
 """
@@ -73,26 +74,23 @@ def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def plan_jsonl(path: str) -> dict:
-    """The preflight scan and the sharding pass, timed; RSS growth over the RSS before them."""
+def plan_jsonl(path: str, stream: bool = False) -> dict:
+    """What ``--dry-run`` does before it prints the plan: one scan (schema, unique ids, tags ->
+    category ids, fingerprint, count and shard ids), timed; RSS growth over the RSS before it.
+    ``stream``: also time the run's stream of shards (``read_jsonl`` into ``shards``, images named),
+    which the runner pulls while the GPUs work."""
     cats = manifest.categories_from(CATEGORIES, "categories", "coco")
     shard_size = build_config().shard_size
     before = _rss_mib()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     problems: list[str] = []
-    count = [0]
-
-    def counted():  # as label_coco._inputs: count while fingerprinting
-        for record in manifest.read_jsonl(path, cats, problems):
-            count[0] += 1
-            yield record
-
-    fingerprint = manifest.fingerprint(counted(), cats)
-    t1 = time.perf_counter()
-    n_shards = sum(1 for _ in manifest.shards(manifest.read_jsonl(path, cats), shard_size))
+    scan = manifest.scan_jsonl(path, cats, problems, shard_size)
+    t1, c1 = time.perf_counter(), time.process_time()
+    streamed = sum(1 for _ in manifest.shards(manifest.read_jsonl(path, cats), shard_size)) if stream else 0
     t2 = time.perf_counter()
-    return {"records": count[0], "problems": len(problems), "shards": n_shards, "fingerprint": fingerprint[:12],
-            "scan_s": t1 - t0, "shard_s": t2 - t1, "rss_growth_mib": _peak_mib() - before}  # fmt: skip
+    return {"records": scan.count, "problems": len(problems), "shards": len(scan.shard_ids or ()),
+            "streamed": streamed, "fingerprint": scan.fingerprint[:12], "scan_s": t1 - t0, "scan_cpu_s": c1 - c0,
+            "stream_s": t2 - t1 if stream else None, "rss_growth_mib": _peak_mib() - before}  # fmt: skip
 
 
 def plan_coco(path: str) -> dict:
@@ -102,8 +100,9 @@ def plan_coco(path: str) -> dict:
     return {"records": len(records), "read_s": time.perf_counter() - t0, "rss_growth_mib": _peak_mib() - before}
 
 
-def _child(kind: str, path: Path) -> dict:
-    code = f"import json, pipeline.bench.planning as b; print(json.dumps(b.plan_{kind}({str(path)!r})))"
+def _child(kind: str, path: Path, *args: object) -> dict:
+    call = ", ".join(map(repr, (str(path), *args)))
+    code = f"import json, pipeline.bench.planning as b; print(json.dumps(b.plan_{kind}({call})))"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -112,20 +111,23 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, nargs="+", default=[200_000], help="manifest sizes to plan")
     parser.add_argument("--coco", action="store_true", help="also time read_coco at train2017 size")
+    parser.add_argument("--stream", action="store_true", help="also time the run's stream of shards (names included)")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/tag2mask-bench-planning"))
     args = parser.parse_args(argv)
     args.dir.mkdir(parents=True, exist_ok=True)
-    print(f"{'records':>10s} {'scan s':>8s} {'shards s':>8s} {'total s':>8s} {'shards':>7s} {'RSS growth MiB':>15s}")
+    print(f"{'records':>10s} {'plan s':>8s} {'CPU s':>8s} {'us/rec':>7s} {'shards':>7s} {'RSS growth MiB':>15s} "
+          f"{'fingerprint':>12s}{' stream s' if args.stream else ''}")  # fmt: skip
     for n in args.records:
         path = args.dir / f"manifest-{n}.jsonl"
         if not path.exists():
             write_jsonl(path, n)
-        r = _child("jsonl", path)
+        r = _child("jsonl", path, args.stream)
         if r["records"] != n or r["problems"]:
             raise SystemExit(f"planning {path} kept {r['records']} of {n} records, {r['problems']} problems")
-        total = r["scan_s"] + r["shard_s"]
-        growth = r["rss_growth_mib"]
-        print(f"{n:10d} {r['scan_s']:8.1f} {r['shard_s']:8.1f} {total:8.1f} {r['shards']:7d} {growth:15.1f}")
+        stream = f" {r['stream_s']:8.1f}" if args.stream else ""
+        cpu, us = r["scan_cpu_s"], r["scan_cpu_s"] / n * 1e6
+        print(f"{n:10d} {r['scan_s']:8.1f} {cpu:8.1f} {us:7.2f} {r['shards']:7d} {r['rss_growth_mib']:15.1f} "
+              f"{r['fingerprint']:>12s}{stream}")  # fmt: skip
     if args.coco:
         path = args.dir / "instances_train2017_synthetic.json"
         if not path.exists():

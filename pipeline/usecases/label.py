@@ -87,12 +87,14 @@ class JobSettings:
 @dataclass(frozen=True)
 class Inputs:
     """The checked manifest: categories, a factory of record streams, and what the one full scan
-    measured (the manifest's fingerprint and record count)."""
+    measured (the manifest's fingerprint and record count, and for a JSONL manifest its shard ids)."""
 
     categories: list[Category]
     records: Callable[[], Iterator[dict]]
     fingerprint: str
     count: int
+    shard_ids: tuple[str, ...] | None = None  # the shards' ids at ``shard_size``, when the scan gave them
+    shard_size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -134,32 +136,28 @@ class _Prepared:
     store: Store
 
 
-def read_inputs(dataset: Dataset, prompt_set: str, opts: dict) -> Inputs:
+def read_inputs(dataset: Dataset, prompt_set: str, opts: dict, shard_size: int | None = None) -> Inputs:
     """One full scan, before any model is loaded, that finds every manifest problem (schema,
-    duplicate ids, unknown tags) and fingerprints and counts the records on the way.
+    duplicate ids, unknown tags) and fingerprints and counts the records on the way; given
+    ``shard_size``, a JSONL scan also gives the shard ids (``Inputs.shard_ids``).
     Raises ``manifest.ManifestError`` listing the problems."""
     problems: list[str] = []
+    shard_ids = None
     if dataset.annotations:
         cats, loaded = manifest.read_coco(dataset.annotations, dataset.images, prompt_set, problems, **opts)
-        factory, scan = (lambda: iter(loaded)), iter(loaded)
+        factory = lambda: iter(loaded)  # noqa: E731
+        fingerprint, count = manifest.fingerprint(loaded, cats), len(loaded)
     else:
         cats = manifest.read_categories(dataset.categories, prompt_set, **opts)
         factory = lambda: manifest.read_jsonl(dataset.manifest, cats, **opts)  # noqa: E731
-        scan = manifest.read_jsonl(dataset.manifest, cats, problems, **opts)
-    count = [0]
-
-    def counted() -> Iterator[dict]:
-        for record in scan:
-            count[0] += 1
-            yield record
-
-    fingerprint = manifest.fingerprint(counted(), cats)
+        scan = manifest.scan_jsonl(dataset.manifest, cats, problems, shard_size, **opts)
+        fingerprint, count, shard_ids = scan.fingerprint, scan.count, scan.shard_ids
     if problems:
         shown = "\n  ".join(problems[:MAX_SHOWN])
         more = f"\n  ... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
         raise manifest.ManifestError(f"{len(problems)} manifest record(s) cannot be used; nothing was labeled:\n  "
                                      f"{shown}{more}")  # fmt: skip
-    return Inputs(cats, factory, fingerprint, count[0])
+    return Inputs(cats, factory, fingerprint, count, shard_ids, shard_size)
 
 
 def check_image_root(records: Callable[[], Iterator[dict]], opts: dict) -> None:
@@ -187,7 +185,7 @@ def check_image_root(records: Callable[[], Iterator[dict]], opts: dict) -> None:
 def _prepare(dataset: Dataset, output: str, config: Config, opts: dict, retry: RetryPolicy | None = None) -> _Prepared:
     """Inputs checked, weights pinned (hub commits), the run fingerprinted; nothing written."""
     redact.install(redact.secret_values(opts))  # storage libraries' error texts must not carry them
-    inputs = read_inputs(dataset, config.cliper.prompt_set, opts)
+    inputs = read_inputs(dataset, config.cliper.prompt_set, opts, config.shard_size)
     check_image_root(inputs.records, opts)
     pinned, models_fp = pin_weights(config.model, opts, need_sd=methods.needs_sd(config))
     config = dataclasses.replace(config, model=pinned)
@@ -196,7 +194,9 @@ def _prepare(dataset: Dataset, output: str, config: Config, opts: dict, retry: R
 
 
 def _plan(p: _Prepared) -> Plan:
-    shard_ids = [s.shard_id for s in manifest.shards(p.inputs.records(), p.config.shard_size)]
+    shard_ids = p.inputs.shard_ids
+    if shard_ids is None or p.inputs.shard_size != p.config.shard_size:  # a COCO file: records in memory
+        shard_ids = tuple(s.shard_id for s in manifest.shards(p.inputs.records(), p.config.shard_size))
     committed = sum(commit.is_committed(p.store, sid, p.fingerprint.digest) for sid in shard_ids)
     old = commit.read_run(p.store)
     return Plan(len(shard_ids), committed, p.config.shard_size, not old or old["fingerprint"] == p.fingerprint.digest)
