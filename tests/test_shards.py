@@ -151,10 +151,10 @@ def test_reading_ahead_is_bounded_and_float_maps_are_dropped_before_the_write(la
         maps.append(weakref.ref(result.decision))
         return result
 
-    def write_shard(*args):
+    def write_shard(*args, **kwargs):
         gc.collect()
         alive.append(sum(ref() is not None for ref in maps))
-        return real_write(*args)
+        return real_write(*args, **kwargs)
 
     monkeypatch.setattr(shards_mod, "_request", request)
     monkeypatch.setattr(labeler, "infer", infer)
