@@ -26,7 +26,7 @@ from skimage.util import img_as_float64
 _NUMPY_SUM_LEFT_TO_RIGHT = 8  # numpy sums fewer than 8 values left to right (pairwise beyond)
 
 
-def _compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
+def compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
     """``numba.njit(nogil=True, cache=True)``. The cache goes to ``__pycache__`` beside this file,
     else to numba's user-wide cache (or ``NUMBA_CACHE_DIR``); where neither is writable numba
     refuses to cache, and the function is compiled once per process instead."""
@@ -78,7 +78,7 @@ def _costs_numpy(image: np.ndarray) -> np.ndarray:
     return np.concatenate(parts)
 
 
-@_compiled()
+@compiled()
 def _dist(image: np.ndarray, y0: int, x0: int, y1: int, x1: int) -> float:  # pragma: no cover (compiled)
     total = 0.0
     for c in range(image.shape[2]):
@@ -87,7 +87,7 @@ def _dist(image: np.ndarray, y0: int, x0: int, y1: int, x1: int) -> float:  # pr
     return np.sqrt(total)
 
 
-@_compiled()
+@compiled()
 def _costs_numba(image: np.ndarray) -> np.ndarray:  # pragma: no cover (compiled)
     h, w = image.shape[0], image.shape[1]
     n_right, n_down, n_diag = h * (w - 1), (h - 1) * w, (h - 1) * (w - 1)
@@ -112,7 +112,7 @@ def _costs_numba(image: np.ndarray) -> np.ndarray:  # pragma: no cover (compiled
     return costs
 
 
-@_compiled(inline="always")
+@compiled(inline="always")
 def _ends(e: int, h: int, w: int) -> tuple[int, int]:  # pragma: no cover (compiled)
     """Pixel indices (first, second) of edge ``e``, as skimage pairs them."""
     n_right, n_down, n_diag = h * (w - 1), (h - 1) * w, (h - 1) * (w - 1)
@@ -130,7 +130,7 @@ def _ends(e: int, h: int, w: int) -> tuple[int, int]:  # pragma: no cover (compi
     return y * w + x + 1, (y + 1) * w + x
 
 
-@_compiled(inline="always")
+@compiled(inline="always")
 def _set_root(forest: np.ndarray, n: int, root: int) -> None:  # pragma: no cover (compiled)
     while forest[n] < n:
         j = forest[n]
@@ -139,7 +139,7 @@ def _set_root(forest: np.ndarray, n: int, root: int) -> None:  # pragma: no cove
     forest[n] = root
 
 
-@_compiled(inline="always")
+@compiled(inline="always")
 def _find_root(forest: np.ndarray, n: int) -> int:  # pragma: no cover (compiled)
     root = n
     while forest[root] < root:
@@ -148,7 +148,7 @@ def _find_root(forest: np.ndarray, n: int) -> int:  # pragma: no cover (compiled
     return root
 
 
-@_compiled(inline="always")
+@compiled(inline="always")
 def _join(forest: np.ndarray, n: int, m: int) -> int:  # pragma: no cover (compiled)
     """Union with the smaller root as the new root (skimage's ``join_trees``); returns that root."""
     root, root_m = _find_root(forest, n), _find_root(forest, m)
@@ -159,7 +159,7 @@ def _join(forest: np.ndarray, n: int, m: int) -> int:  # pragma: no cover (compi
     return root
 
 
-@_compiled()
+@compiled()
 def _segment(order: np.ndarray, costs: np.ndarray, h: int, w: int, scale: float,
              min_size: int) -> np.ndarray:  # fmt: skip  # pragma: no cover (compiled)
     n = h * w
@@ -190,7 +190,7 @@ def _segment(order: np.ndarray, costs: np.ndarray, h: int, w: int, scale: float,
     return _relabel(forest).reshape(h, w)
 
 
-@_compiled()
+@compiled()
 def _relabel(forest: np.ndarray) -> np.ndarray:  # pragma: no cover (compiled)
     """Segment ids by first pixel in raster order: a root is its segment's smallest pixel index,
     so this equals ``np.unique(roots, return_inverse=True)[1]``."""

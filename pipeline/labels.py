@@ -6,16 +6,14 @@ Conventions: label maps are [H, W] uint8 with 0 background, dataset class ids 1.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
-import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pipeline.config import LabelConfig, RefineConfig
-from pipeline.refine import pool_scores
+from pipeline.refine import pool_scores, segment_index, segment_pooled
 from pipeline.types import IGNORE, check_class_ids
 
 
@@ -60,59 +58,6 @@ def decision_scores(
     if segments is not None:
         scores = pool_scores(scores, segments, refine.pooling)
     return scores
-
-
-def segment_index(segments: np.ndarray) -> tuple[np.ndarray, int]:
-    """[H, W] int superpixel ids -> (flat [H * W] intp index 0..S-1, S): each pixel's rank among the
-    distinct ids, as ``np.unique(segments, return_inverse=True)`` gives it. Ids that are already
-    0..S-1 with none missing (``refine.superpixels`` numbers them so) are their own rank, which
-    skips the sort of every pixel."""
-    flat = segments.ravel()
-    if flat.size and flat.min() >= 0 and flat.max() < flat.size and np.bincount(flat).all():
-        return flat.astype(np.intp, copy=False), int(flat.max()) + 1
-    _, inverse = np.unique(flat, return_inverse=True)
-    return inverse.ravel(), int(inverse.max()) + 1 if inverse.size else 0
-
-
-def segment_pooled(scores: np.ndarray, flat: np.ndarray, n: int, pooling: str) -> np.ndarray:
-    """[K, H, W] scores, ``segment_index``'s (flat, S) -> [K, S] pooled score of each superpixel in
-    ``scores.dtype``: the values ``refine.pool_scores`` spreads over the superpixel's pixels (the
-    same float64 sums, the same medians)."""
-    if pooling == "mean":
-        values = scores.reshape(len(scores), -1)
-        sums, counts = _segment_sums(values if values.dtype != np.float16 else values.astype(np.float32), flat, n)
-        pooled = sums / counts.astype(np.float64)
-    elif pooling == "median":
-        order = np.argsort(flat, kind="stable")
-        bounds = np.flatnonzero(np.diff(flat[order])) + 1
-        pooled = np.stack([[np.median(g) for g in np.split(s.ravel()[order], bounds)] for s in scores])
-    else:
-        raise ValueError(f"unknown pooling {pooling!r}; use 'mean' or 'median'")
-    return pooled.astype(scores.dtype)
-
-
-def _njit(func: Callable[..., Any]) -> Any:
-    """``numba.njit(nogil=True, cache=True)``, without the cache where numba finds no writable
-    place for it (it then compiles once per process)."""
-    try:
-        return numba.njit(nogil=True, cache=True)(func)
-    except RuntimeError:  # "cannot cache function ...: no locator available"
-        return numba.njit(nogil=True)(func)
-
-
-@_njit
-def _segment_sums(values: np.ndarray, flat: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
-    """[K, N] scores, [N] segment index -> ([K, S] float64 sums, [S] pixel counts): the sums
-    ``np.bincount(flat, weights=values[k])`` gives (float64, added in pixel order), all classes in
-    one pass over the pixels, without the GIL."""
-    sums = np.zeros((values.shape[0], n))
-    counts = np.zeros(n, dtype=np.int64)
-    for i in range(flat.size):
-        j = flat[i]
-        counts[j] += 1
-        for c in range(values.shape[0]):
-            sums[c, j] += np.float64(values[c, i])
-    return sums, counts
 
 
 def decide(

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from pipeline import labels
+from pipeline import labels, refine
 from pipeline.config import LabelConfig
 
 
@@ -98,9 +98,30 @@ def test_non_positive_bkg_thre_scores_background_as_squared_complement_of_the_be
     assert out.tolist() == [[3, 255, 0, 255, 0]]
 
 
-def _old_decide(scores, ids, is_normalize, bkg_thre, segments, refine, margin):
+def _old_pool(scores, segments, pooling):
+    """The pooling ``refine.pool_scores`` did before the compiled pass, written out here so the
+    comparison does not go through the code under test: np.unique ranks, np.bincount float64 sums
+    (or np.median per superpixel), spread back to every pixel."""
+    _, flat = np.unique(segments.ravel(), return_inverse=True)
+    flat = flat.ravel()
+    n = int(flat.max()) + 1
+    if pooling == "mean":
+        counts = np.bincount(flat, minlength=n).astype(np.float64)
+        pooled = np.stack([np.bincount(flat, weights=s.ravel(), minlength=n) for s in scores]) / counts
+    else:
+        order = np.argsort(flat, kind="stable")
+        bounds = np.flatnonzero(np.diff(flat[order])) + 1
+        pooled = np.stack([[np.median(g) for g in np.split(s.ravel()[order], bounds)] for s in scores])
+    return pooled[:, flat].reshape(scores.shape).astype(scores.dtype)
+
+
+def _old_decide(scores, ids, is_normalize, bkg_thre, segments, refine_cfg, margin):
     """The per-pixel path ``decide`` replaced: pool over every pixel, then the rule on every pixel."""
-    decision = labels.decision_scores(scores, is_normalize=is_normalize, segments=segments, refine=refine)
+    if len(scores) and is_normalize:
+        scores = labels.minmax_normalize(scores)
+    decision = scores.astype(np.float32) if not len(scores) else scores
+    if len(scores) and segments is not None:
+        decision = _old_pool(scores, segments, refine_cfg.pooling)
     return decision, labels.assemble_label_map(decision, ids, bkg_thre, LabelConfig(ignore_margin=margin))
 
 
@@ -131,9 +152,9 @@ def test_decide_per_superpixel_equals_the_per_pixel_formula_byte_for_byte(
     elif numbering == "negative":
         segments = segments * 7 - 50
     ids = list(range(3, 3 + k))
-    refine = RefineConfig(pooling=pooling)
-    want = _old_decide(scores, ids, is_normalize, bkg, segments, refine, margin)
-    got = labels.decide(scores, ids, is_normalize=is_normalize, bkg_thre=bkg, segments=segments, refine=refine,
+    refine_cfg = RefineConfig(pooling=pooling)
+    want = _old_decide(scores, ids, is_normalize, bkg, segments, refine_cfg, margin)
+    got = labels.decide(scores, ids, is_normalize=is_normalize, bkg_thre=bkg, segments=segments, refine=refine_cfg,
                         labels=LabelConfig(ignore_margin=margin))  # fmt: skip
     for g, x in zip(got, want, strict=True):
         assert g.dtype == x.dtype and g.shape == x.shape and g.tobytes() == x.tobytes()
@@ -162,7 +183,7 @@ def test_decide_on_real_superpixels_of_a_photograph_equals_the_per_pixel_formula
     [np.array([[0, 1], [2, 1]]), np.array([[5, 9], [5, -2]]), np.array([[0, 2], [2, 0]]), np.array([[7]])],
 )
 def test_segment_index_is_the_rank_numpy_unique_gives(segments):
-    flat, n = labels.segment_index(segments)
+    flat, n = refine.segment_index(segments)
     inverse = np.unique(segments, return_inverse=True)[1].ravel()
     assert flat.tolist() == inverse.tolist() and n == len(np.unique(segments))
 

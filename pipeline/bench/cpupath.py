@@ -38,10 +38,26 @@ CPU_PATH_STAGES = ("decode", "superpixels", "label_assembly", "png", "coco_rle",
 def _per_pixel_decide(scores: np.ndarray, class_ids: Sequence[int], *, is_normalize: bool, bkg_thre: float,
                       segments: np.ndarray | None, refine: RefineConfig,
                       labels: LabelConfig) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-    """The label rule as it ran before ``labels.decide``: pooled scores spread over every pixel,
+    """The label rule as it ran before ``labels.decide``: pooled scores (np.unique ranks, np.bincount
+    sums, as ``refine.pool_scores`` computed them before the compiled pass) spread over every pixel,
     then the rule on every pixel."""
-    decision = _labels.decision_scores(scores, is_normalize=is_normalize, segments=segments, refine=refine)
+    if len(scores) and is_normalize:
+        scores = _labels.minmax_normalize(scores)
+    decision = scores if len(scores) else scores.astype(np.float32)
+    if len(scores) and segments is not None:
+        decision = _bincount_pool(scores, segments, refine.pooling)
     return decision, _labels.assemble_label_map(decision, class_ids, bkg_thre, labels)
+
+
+def _bincount_pool(scores: np.ndarray, segments: np.ndarray, pooling: str) -> np.ndarray:
+    if pooling != "mean":
+        return _labels.pool_scores(scores, segments, pooling)
+    _, flat = np.unique(segments.ravel(), return_inverse=True)
+    flat = flat.ravel()
+    n = int(flat.max()) + 1
+    counts = np.bincount(flat, minlength=n).astype(np.float64)
+    pooled = np.stack([np.bincount(flat, weights=s.ravel(), minlength=n) for s in scores]) / counts
+    return pooled[:, flat].reshape(scores.shape).astype(scores.dtype)
 
 
 _labels = labels  # the module, under a name the keyword argument ``labels`` above does not hide
