@@ -1,10 +1,13 @@
 """The review app in a real browser: Playwright driving Debian's chromium against uvicorn on a
 free 127.0.0.1 port. One walk: gallery, filter, open an image, opacity slider, reject with the
 keyboard, reload and see the decision kept, next image, "try it" on the tiny models. The image
-page's screenshot becomes docs/img/review.png (the README's picture), checked for content."""
+page's screenshot is checked for content; with TAG2MASK_UPDATE_SCREENSHOT=1 it is written to
+docs/img/review.png (the README's picture), otherwise to the test's temporary folder, so a test
+run leaves the checkout unchanged."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import threading
@@ -20,7 +23,7 @@ from tests.review_data import review_run  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright's own browser download is not reachable
-SCREENSHOT = ROOT / "docs" / "img" / "review.png"
+README_SCREENSHOT = ROOT / "docs" / "img" / "review.png"
 CLASS_RGB = {"cat": (128, 0, 0), "dog": (128, 128, 128), "person": (192, 128, 128)}  # the label PNG palette
 
 
@@ -54,10 +57,12 @@ def _cards(page) -> list[str]:
 
 
 @pytest.mark.slow
-def test_review_walk_in_a_real_browser(server):
+def test_review_walk_in_a_real_browser(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     base, prefix = server
+    update = os.environ.get("TAG2MASK_UPDATE_SCREENSHOT") == "1"
+    shot_path = README_SCREENSHOT if update else tmp_path / "review.png"
     errors: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
@@ -85,8 +90,8 @@ def test_review_walk_in_a_real_browser(server):
         page.wait_for_url("**/image?id=three-4*")
         page.locator("#opacity").fill("1")
         page.wait_for_load_state("networkidle")
-        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        shot_path.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(shot_path), full_page=True)
         page.goto(f"{base}/try?id=cat-0")
         page.fill("input[name=tags]", "cat")
         page.click("#try-run")
@@ -104,7 +109,7 @@ def test_review_walk_in_a_real_browser(server):
         assert page.locator("#try-result img").count() == 5  # final map, then coarse and compensated per class
         browser.close()
     assert not errors, errors
-    shot = np.asarray(Image.open(SCREENSHOT).convert("RGB"))
+    shot = np.asarray(Image.open(shot_path).convert("RGB"))
     assert shot.std() > 20  # not blank
     for name, rgb in CLASS_RGB.items():  # the overlay at full opacity shows each class's colour
         assert (shot == rgb).all(axis=2).sum() > 2000, name
