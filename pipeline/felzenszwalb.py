@@ -3,14 +3,33 @@ as ``skimage.segmentation.felzenszwalb`` (``np.array_equal``) in a fraction of i
 
 Same steps as scikit-image's: float64 conversion (``img_as_float64``), the same gaussian blur call,
 an 8-connected graph whose edge costs are the float64 Euclidean colour distances summed channel by
-channel in numpy's order, edges ordered by ``np.argsort`` on the same cost array (its unstable sort
-decides the order of equal costs, so it is called, not re-implemented), a union-find merge whose
-thresholds are rounded to float32 as skimage's Cython does, the ``min_size`` pass over the same
-edge order, and segments numbered by their first pixel in raster order.
+channel in numpy's order, a union-find merge over the edges in ascending cost whose thresholds are
+rounded to float32 as skimage's Cython does, the ``min_size`` pass over the same edge order, and
+segments numbered by their first pixel in raster order.
 
-What differs is only how: edge endpoints are computed from the edge index instead of a gathered
-[E, 2] array, and the merge, the small-segment pass and the relabelling run in one compiled
-function that releases the GIL (``nogil=True``), so threads scale on a node's cores.
+Two paths give that result:
+
+- **order-free** (the usual one): the edges are sorted by a compiled radix sort, in no particular
+  order among equal costs. skimage sorts with ``np.argsort``, an unstable sort whose order of
+  equal costs depends on numpy's build and the CPU's vector unit, so this path only answers where
+  that order cannot change the segments, and checks it while merging (``_merge``):
+
+  * merge pass: within a run of equal cost ``w``, an edge merges iff both its segments pass
+    ``w < threshold``; a segment that has not merged at ``w`` keeps its threshold, and one that
+    has holds ``float32(w + scale / size) > w``, so the merges of the run are the connected
+    pieces of its edges between passing segments, whatever their order. Only a threshold that
+    rounds to ``<= w`` inside a run of two or more equal costs breaks this: checked.
+  * ``min_size`` pass: within a run of equal costs, the edges that can merge (two segments, one
+    of them small, at the start of the run) give the same result in any order when no two of
+    them share a segment without joining the same pair. Anything else is refused: checked.
+
+  Roots are the smallest pixel index of their segment in either order, so the numbering agrees too.
+- **exact** (the fallback, where the check refuses, or for 8+ channels whose costs numpy sums
+  pairwise): ``np.argsort`` on skimage's cost array in skimage's edge order, so the order of equal
+  costs is numpy's, as it is for skimage on the same machine.
+
+Both run in compiled functions that release the GIL (``nogil=True``), so threads scale on a node's
+cores. ``segment_path`` says which path an image took.
 """
 
 from __future__ import annotations
@@ -40,17 +59,35 @@ def compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
     return wrap
 
 
+#: how ``segment_path`` says an image was segmented (the reasons the order-free path gave way)
+PATHS = ("order-free", "exact: a cost is NaN", "exact: a threshold rounds to an equal cost",
+         "exact: equal costs compete in the min_size pass", "exact: 8 or more channels")  # fmt: skip
+_ORDER_FREE, _NAN, _ROUNDING, _COMPETING, _WIDE = range(5)
+
+
 def felzenszwalb(image: np.ndarray, scale: float = 1.0, sigma: float = 0.8, min_size: int = 20) -> np.ndarray:
     """[H, W] or [H, W, C] image (any dtype ``img_as_float64`` takes; channels last) -> [H, W]
     intp segment ids 0..S-1, numbered by first pixel in raster order; equal to
     ``skimage.segmentation.felzenszwalb(image, scale, sigma, min_size, channel_axis=-1)``."""
+    return segment_path(image, scale, sigma, min_size)[0]
+
+
+def segment_path(image: np.ndarray, scale: float = 1.0, sigma: float = 0.8,
+                 min_size: int = 20) -> tuple[np.ndarray, str]:  # fmt: skip
+    """``felzenszwalb``'s segments and the path that computed them (one of ``PATHS``)."""
     if image.ndim not in (2, 3) or image.shape[0] < 1 or image.shape[1] < 1:
         raise ValueError(f"felzenszwalb needs an [H, W] or [H, W, C] image with H, W >= 1, got shape {image.shape}")
     blurred = _blur(img_as_float64(np.atleast_3d(image)), sigma)
+    height, width = blurred.shape[:2]
+    scale, min_size = float(scale) / 255.0, int(min_size)
+    status = _WIDE
+    if blurred.shape[2] < _NUMPY_SUM_LEFT_TO_RIGHT:
+        labels, status = _order_free(np.ascontiguousarray(blurred), scale, min_size)
+        if status == _ORDER_FREE:
+            return labels.reshape(height, width), PATHS[status]
     costs = _costs(blurred)
     order = np.argsort(costs)  # skimage's call: its (unstable) order of equal costs is part of the result
-    height, width = blurred.shape[:2]
-    return _segment(order, costs, height, width, float(scale) / 255.0, int(min_size))
+    return _segment(order, costs, height, width, scale, min_size), PATHS[status]
 
 
 def _blur(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -204,3 +241,188 @@ def _relabel(forest: np.ndarray) -> np.ndarray:  # pragma: no cover (compiled)
         else:
             labels[p] = labels[root]
     return labels
+
+
+# ---- the order-free path ----
+
+
+@compiled()
+def _edges(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover (compiled)
+    """Every 8-connected edge once, pixel by pixel: [E] float64 costs equal to skimage's for the
+    same pixel pair (the same ``_dist``; the sign of a difference does not survive squaring), and
+    [E] int32 ids ``4 * p + d``: pixel ``p`` and its neighbour to the right (d 0), below (1),
+    below-right (2) or below-left (3)."""
+    h, w = image.shape[0], image.shape[1]
+    n_edges = h * (w - 1) + (h - 1) * w + 2 * (h - 1) * (w - 1)
+    costs = np.empty(n_edges)
+    ids = np.empty(n_edges, dtype=np.int32)
+    k = 0
+    for y in range(h):
+        for x in range(w):
+            p = y * w + x
+            if x + 1 < w:
+                costs[k], ids[k] = _dist(image, y, x + 1, y, x), 4 * p
+                k += 1
+            if y + 1 < h:
+                costs[k], ids[k] = _dist(image, y + 1, x, y, x), 4 * p + 1
+                k += 1
+                if x + 1 < w:
+                    costs[k], ids[k] = _dist(image, y + 1, x + 1, y, x), 4 * p + 2
+                    k += 1
+                if x >= 1:
+                    costs[k], ids[k] = _dist(image, y + 1, x - 1, y, x), 4 * p + 3
+                    k += 1
+    return costs, ids
+
+
+_RADIX_BITS = 11
+_SHORT_RUN = 24  # runs of equal float32 keys up to this long are insertion-sorted
+
+
+@compiled()
+def _sort_by_cost(costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover (compiled)
+    """(positions, sorted costs): ``costs[positions]`` ascending, equal costs in any order.
+
+    A least-significant-digit radix sort on the bits of ``float32(cost)`` (rounding is monotone
+    and costs are >= 0, so the bits order as the values do; a digit that every key shares is
+    skipped), then each run of equal float32 keys ordered by its float64 costs."""
+    n = costs.size
+    keys = costs.astype(np.float32).view(np.uint32)
+    buckets = 1 << _RADIX_BITS
+    mask = buckets - 1
+    hist = np.zeros((3, buckets), dtype=np.int64)
+    for i in range(n):
+        key = keys[i]
+        hist[0, key & mask] += 1
+        hist[1, (key >> _RADIX_BITS) & mask] += 1
+        hist[2, key >> (2 * _RADIX_BITS)] += 1
+    src_k, src_p = keys, np.arange(n).astype(np.int32)
+    dst_k, dst_p = np.empty_like(src_k), np.empty_like(src_p)
+    start = np.empty(buckets, dtype=np.int64)
+    for digit in range(3):
+        if hist[digit].max() == n:
+            continue
+        total = 0
+        for b in range(buckets):
+            start[b] = total
+            total += hist[digit, b]
+        shift = _RADIX_BITS * digit
+        for i in range(n):
+            key = src_k[i]
+            b = (key >> shift) & mask
+            dst_k[start[b]] = key
+            dst_p[start[b]] = src_p[i]
+            start[b] += 1
+        src_k, dst_k, src_p, dst_p = dst_k, src_k, dst_p, src_p
+    positions, ordered = src_p, np.empty(n)
+    for i in range(n):
+        ordered[i] = costs[positions[i]]
+    i = 0
+    while i < n:
+        j = i + 1
+        while j < n and src_k[j] == src_k[i]:
+            j += 1
+        if j - i > 1 and ordered[i:j].min() != ordered[i:j].max():
+            if j - i <= _SHORT_RUN:
+                for t in range(i + 1, j):
+                    cost, pos, u = ordered[t], positions[t], t - 1
+                    while u >= i and ordered[u] > cost:
+                        ordered[u + 1], positions[u + 1] = ordered[u], positions[u]
+                        u -= 1
+                    ordered[u + 1], positions[u + 1] = cost, pos
+            else:
+                within = np.argsort(ordered[i:j], kind="mergesort")
+                positions[i:j] = positions[i:j][within]
+                ordered[i:j] = ordered[i:j][within]
+        i = j
+    return positions, ordered
+
+
+@compiled()
+def _order_free(image: np.ndarray, scale: float, min_size: int) -> tuple[np.ndarray, int]:  # pragma: no cover (compiled)
+    """(labels [H*W], ``_ORDER_FREE``) for a contiguous float64 [H, W, C<8] blurred image, or
+    (empty, the reason) where the order of equal costs could change the segments."""
+    h, w = image.shape[0], image.shape[1]
+    n = h * w
+    costs, ids = _edges(image)
+    if np.isnan(costs).any():
+        return np.empty(0, dtype=np.intp), _NAN
+    positions, ordered = _sort_by_cost(costs)
+    step = np.array([1, w, w + 1, w - 1], dtype=np.int32)
+    ends0 = np.empty(costs.size, dtype=np.int32)
+    ends1 = np.empty(costs.size, dtype=np.int32)
+    for k in range(costs.size):
+        e = ids[positions[k]]
+        ends0[k] = e >> 2
+        ends1[k] = (e >> 2) + step[e & 3]
+    forest = np.arange(n)
+    size = np.ones(n, dtype=np.intp)
+    threshold = np.full(n, np.float32(scale), dtype=np.float32)
+    status = _merge(ends0, ends1, ordered, forest, size, threshold, scale, min_size)
+    if status != _ORDER_FREE:
+        return np.empty(0, dtype=np.intp), status
+    return _relabel(forest), _ORDER_FREE
+
+
+@compiled()
+def _merge(ends0: np.ndarray, ends1: np.ndarray, costs: np.ndarray, forest: np.ndarray, size: np.ndarray,
+           threshold: np.ndarray, scale: float, min_size: int) -> int:  # fmt: skip  # pragma: no cover (compiled)
+    """Both passes of skimage's merge over edges sorted by cost (``ends0``, ``ends1``, ``costs``),
+    on the segments ``forest``/``size``/``threshold`` (float32 ``inner + scale / size``, kept per
+    root instead of recomputed); returns ``_ORDER_FREE``, or the reason the order of equal costs
+    could matter (the module docstring has the argument), leaving the segments half merged."""
+    n_edges = costs.size
+    for k in range(n_edges):
+        seg0, seg1 = _find_root(forest, ends0[k]), _find_root(forest, ends1[k])
+        if seg0 == seg1:
+            continue
+        cost = costs[k]
+        if cost < min(threshold[seg0], threshold[seg1]):
+            root = _join(forest, seg0, seg1)
+            size[root] = size[seg0] + size[seg1]
+            threshold[root] = np.float32(cost + scale / size[root])
+            if threshold[root] <= cost and (
+                (k > 0 and costs[k - 1] == cost) or (k + 1 < n_edges and costs[k + 1] == cost)
+            ):
+                return _ROUNDING
+    # min_size pass: an edge between two segments that are already large cannot merge, ever
+    large = np.empty(forest.size, dtype=np.bool_)
+    for p in range(forest.size):
+        large[p] = size[_find_root(forest, p)] >= min_size
+    pair0 = np.empty(64, dtype=np.int64)
+    pair1 = np.empty(64, dtype=np.int64)
+    k = 0
+    while k < n_edges:
+        end = k + 1
+        while end < n_edges and costs[end] == costs[k]:
+            end += 1
+        if end - k > 1:  # a run of equal costs: which of its edges could merge, from its start?
+            count = 0
+            for t in range(k, end):
+                a, b = ends0[t], ends1[t]
+                if large[a] and large[b]:
+                    continue
+                seg0, seg1 = _find_root(forest, a), _find_root(forest, b)
+                if seg0 == seg1 or (size[seg0] >= min_size and size[seg1] >= min_size):
+                    continue
+                if count == pair0.size:
+                    return _COMPETING
+                pair0[count], pair1[count] = min(seg0, seg1), max(seg0, seg1)
+                count += 1
+            for u in range(count):
+                for v in range(u + 1, count):
+                    same = pair0[u] == pair0[v] and pair1[u] == pair1[v]
+                    shared = (pair0[u] == pair0[v] or pair0[u] == pair1[v] or pair1[u] == pair0[v]
+                              or pair1[u] == pair1[v])  # fmt: skip
+                    if shared and not same:
+                        return _COMPETING
+        for t in range(k, end):
+            a, b = ends0[t], ends1[t]
+            if large[a] and large[b]:
+                continue
+            seg0, seg1 = _find_root(forest, a), _find_root(forest, b)
+            if seg0 != seg1 and (size[seg0] < min_size or size[seg1] < min_size):
+                root = _join(forest, seg0, seg1)
+                size[root] = size[seg0] + size[seg1]
+        k = end
+    return _ORDER_FREE

@@ -89,8 +89,9 @@ class CompactStringSet:
     set of the latest additions, merged into the array every ``batch`` additions. About 8 bytes a
     string (16 while merging) instead of ~100 for a ``set[str]``, so a 10M-record manifest's ids fit
     in ~80 MiB. Two strings share a digest with probability about n**2 / 2**65 (3e-6 for 10M
-    strings): the later one then reads as already present. Only ``shards``' image names use it now
-    (the hole left open, see docs/PERFORMANCE.md); manifest ids are checked exactly by ``_JsonlChecker``."""
+    strings): the later one then reads as already present. Only ``shards``' image names use it,
+    where that is safe (``types.ImageNamer`` then picks another free name); manifest ids are
+    checked exactly by ``_JsonlChecker``."""
 
     def __init__(self, batch: int = 1 << 18) -> None:
         self._sorted = np.empty(0, dtype=np.uint64)

@@ -199,8 +199,12 @@ def file_stem(path: str) -> str:
 
 class ImageNamer:
     """Names records in manifest order (``ImageName``): the first record with a stem keeps it;
-    a later record whose stem is taken (case-insensitively) gets ``id_name``. Holds one short
-    string per named image, like the manifest check's set of ids."""
+    a later record whose stem is taken (case-insensitively) gets ``id_name``, and where that is
+    taken too, ``id_name`` plus ``-2``, ``-3``, ... until one is free. So no two records share a
+    name, whatever the set: a 12-digit ``id_name`` digest shared by two ids, or a set-like that
+    answers "taken" for a name it never held (``CompactStringSet``'s 8-byte digests) costs a
+    renamed image, never an overwritten one; and the names depend on the manifest's order only.
+    Holds one short string per named image, like the manifest check's set of ids."""
 
     def __init__(self, taken: Any = None) -> None:
         """``taken``: an empty set-like (``in``, ``add``) to hold the names in, e.g. manifest's
@@ -213,6 +217,10 @@ class ImageNamer:
         label = safe_name(stem) if stem else id_name(record["id"])
         if label.lower() in self._taken:
             label = id_name(record["id"])
+        suffix = 1
+        while label.lower() in self._taken:  # its id_name taken too (see the class docstring)
+            suffix += 1
+            label = f"{id_name(record['id'])}-{suffix}"
         self._taken.add(label.lower())
         return ImageName(label, file_name)
 

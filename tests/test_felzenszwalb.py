@@ -83,7 +83,8 @@ def test_compiled_parts_release_the_gil() -> None:
     loop runs nogil too); the ratio is measured by jobs/bench_felzenszwalb.py."""
     from pipeline import felzenszwalb as module
 
-    for func in (module._segment, module._costs_numba, module._relabel):
+    for func in (module._segment, module._costs_numba, module._relabel, module._edges, module._sort_by_cost,
+                 module._merge, module._order_free):
         assert func.targetoptions.get("nogil") is True, func
 
 
@@ -116,3 +117,123 @@ def test_edge_costs_are_skimages_to_the_bit(channels: int) -> None:
     expected = np.hstack([dist(image[:, 1:], image[:, :-1]), dist(image[1:], image[:-1]),
                           dist(image[1:, 1:], image[:-1, :-1]), dist(image[1:, :-1], image[:-1, 1:])])  # fmt: skip
     assert np.array_equal(_costs(image), expected)
+
+
+# ---- the order-free path: sorted by a radix sort, checked where equal costs could compete ----
+
+
+def _tie_shuffles(costs: np.ndarray, order: np.ndarray, rng: np.random.Generator, n: int) -> list[np.ndarray]:
+    """``n`` orders that differ from ``order`` (ascending costs) only among equal costs."""
+    sorted_costs = costs[order]
+    starts = np.flatnonzero(np.r_[True, sorted_costs[1:] != sorted_costs[:-1]])
+    ends = np.r_[starts[1:], order.size]
+    shuffles = []
+    for _ in range(n):
+        shuffled = order.copy()
+        for s, e in zip(starts, ends, strict=True):
+            if e - s > 1:
+                shuffled[s:e] = rng.permutation(shuffled[s:e])
+        shuffles.append(shuffled)
+    return shuffles
+
+
+def test_order_free_segments_are_those_of_every_order_of_equal_costs() -> None:
+    """The argument in pipeline/felzenszwalb.py, tried: posterised images (many equal costs), each
+    merged by skimage's loop (the exact path's) under 12 random orders of its equal costs. Where
+    the order-free path answers, every order gives its segments; where it gives way, the images
+    include some whose segments really do change with that order (so the check is needed)."""
+    from pipeline import felzenszwalb as module
+
+    rng = np.random.default_rng(7)
+    seen: dict[str, int] = {}
+    order_mattered = 0
+    for case in range(60):
+        h, w = int(rng.integers(4, 20)), int(rng.integers(4, 20))
+        levels = int(rng.choice([2, 3, 4, 6]))
+        image = (rng.integers(0, levels, (h, w, 3)) * (255 // (levels - 1))).astype(np.uint8)
+        scale, sigma, min_size = float(rng.choice([1.0, 30.0, 300.0])), float(rng.choice([0.0, 0.8])), int(rng.integers(2, 12))
+        got, path = module.segment_path(image, scale, sigma, min_size)
+        seen[path] = seen.get(path, 0) + 1
+        blurred = module._blur(module.img_as_float64(image), sigma)
+        costs = module._costs(blurred)
+        results = {module._segment(order, costs, h, w, scale / 255, min_size).tobytes()
+                   for order in _tie_shuffles(costs, np.argsort(costs), rng, 12)}  # fmt: skip
+        if path == "order-free":
+            assert results == {got.tobytes()}, f"case {case}: an order of equal costs changed the segments"
+        else:
+            order_mattered += len(results) > 1
+        assert np.array_equal(got, reference(image, scale, sigma, min_size)), f"case {case}"
+    assert seen.get("order-free", 0) >= 20, seen
+    assert seen.get("exact: equal costs compete in the min_size pass", 0) >= 3, seen
+    assert order_mattered >= 1
+
+
+def test_a_small_segment_between_two_equal_costs_takes_the_exact_path() -> None:
+    """One mid-grey pixel between black and white, 0.5 from each: min_size 2 must join it to one
+    side, and which one is the order of two equal costs: skimage's np.argsort decides."""
+    from pipeline.felzenszwalb import segment_path
+
+    image = np.array([[0.0, 0.0, 0.5, 1.0, 1.0]])
+    got, path = segment_path(image, 1.0, 0.0, 2)
+    assert path == "exact: equal costs compete in the min_size pass"
+    assert np.array_equal(got, reference(image, 1.0, 0.0, 2))
+    assert got.max() == 1  # the grey pixel went to one side: two segments
+
+
+def test_a_threshold_rounding_to_an_equal_cost_is_refused() -> None:
+    """The merge pass relies on a segment merged at cost w passing ``w < float32(w + scale/size)``
+    for the rest of a run of equal costs w. A segment big enough for ``scale/size`` to vanish in
+    float32 breaks it: merging A-B first shuts B-C out, merging B-C first lets A in. No real image
+    gets there (2^26 pixels), so the state is given to ``_merge`` directly; both orders refuse."""
+    from pipeline.felzenszwalb import _ROUNDING, _merge
+
+    w, scale = 1.0 + 2.0**-40, 0.5  # float32(w + tiny) rounds down to 1.0 <= w
+    for ends0, ends1 in (([0, 1], [1, 2]), ([1, 0], [2, 1])):
+        forest = np.arange(3)
+        size = np.array([2**26, 1, 1])
+        threshold = np.full(3, 2.0, dtype=np.float32)  # all three pass at w
+        status = _merge(np.array(ends0, np.int32), np.array(ends1, np.int32), np.array([w, w]), forest, size,
+                        threshold, scale, 1)  # fmt: skip
+        assert status == _ROUNDING, (ends0, status)
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 400), st.sampled_from(["ties", "near", "wide", "zeros"]))
+def test_sort_by_cost_orders_every_cost(seed: int, n: int, kind: str) -> None:
+    """Radix sort on float32 bits, then float64 order inside equal float32 keys (runs shorter and
+    longer than the insertion-sort limit), as ``np.sort`` orders them; positions a permutation."""
+    from pipeline.felzenszwalb import _sort_by_cost
+
+    rng = np.random.default_rng(seed)
+    if kind == "ties":
+        costs = rng.integers(0, 5, n) / 3.0
+    elif kind == "near":  # equal in float32, different in float64: the runs the second step orders
+        costs = 1.0 + rng.integers(0, 60, n) * 2.0**-45
+    elif kind == "wide":
+        costs = rng.random(n) * 10.0 ** rng.integers(-30, 3, n)
+    else:
+        costs = np.where(rng.random(n) < 0.7, 0.0, rng.random(n))
+    positions, ordered = _sort_by_cost(costs)
+    assert np.array_equal(np.sort(positions), np.arange(n))
+    assert np.array_equal(costs[positions], ordered)
+    assert np.array_equal(ordered, np.sort(costs))
+
+
+def test_order_free_edges_are_skimages_edges_with_the_same_costs() -> None:
+    """The order-free path lays edges out pixel by pixel; as a set of (pixel pair, cost) they must
+    be skimage's, to the bit."""
+    from pipeline.felzenszwalb import _costs, _edges
+
+    h, w = 6, 7
+    image = np.random.default_rng(3).random((h, w, 3))
+    costs, ids = _edges(image)
+    step = np.array([1, w, w + 1, w - 1])
+    ours = {(min(p, q), max(p, q)): c for p, q, c in zip(ids >> 2, (ids >> 2) + step[ids & 3], costs, strict=True)}
+    ys, xs = np.mgrid[:h, :w]
+    pix = ys * w + xs
+    pairs = [(pix[:, 1:], pix[:, :-1]), (pix[1:], pix[:-1]), (pix[1:, 1:], pix[:-1, :-1]), (pix[1:, :-1], pix[:-1, 1:])]
+    firsts = np.concatenate([a.ravel() for a, _ in pairs])
+    seconds = np.concatenate([b.ravel() for _, b in pairs])
+    theirs = {(min(p, q), max(p, q)): c for p, q, c in zip(firsts, seconds, _costs(image), strict=True)}
+    assert len(ours) == costs.size == len(theirs)
+    assert ours == theirs

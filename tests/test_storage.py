@@ -331,6 +331,32 @@ def test_shared_stems_get_id_names_whatever_the_shard_boundaries():
     assert all(layout.PART.fullmatch(v) and not v.startswith(".") for v in labels.values())
 
 
+class _SetThatCollides(set):
+    """A set-like that also answers "taken" for names it never held, as two 12-digit id_name
+    digests shared by two ids, or CompactStringSet's 8-byte digests, would."""
+
+    def __init__(self, phantoms):
+        super().__init__()
+        self.phantoms = {p.lower() for p in phantoms}
+
+    def __contains__(self, name):
+        return super().__contains__(name) or name in self.phantoms
+
+
+def test_a_taken_id_name_gives_the_next_free_name_never_a_shared_one():
+    from pipeline.types import ImageNamer
+
+    records = _records("/a/x.jpg", "/b/x.jpg", "/c/x.jpg", "/d/y.jpg")
+    phantoms = [id_name("img-001"), f"{id_name('img-001')}-2", "y"]  # as if other images held these
+    namer = ImageNamer(_SetThatCollides(phantoms))
+    labels = [namer(r).label for r in records]
+    assert labels == ["x", f"{id_name('img-001')}-3", id_name("img-002"), id_name("img-003")]
+    assert len({v.lower() for v in labels + phantoms}) == len(labels) + len(phantoms)
+    assert all(layout.PART.fullmatch(v) for v in labels)
+    again = ImageNamer(_SetThatCollides(phantoms))
+    assert [again(r).label for r in records] == labels  # the same manifest, the same names
+
+
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=12))
 def test_image_names_are_unique_and_safe(stems):

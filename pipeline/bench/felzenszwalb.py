@@ -1,6 +1,9 @@
-"""Felzenszwalb superpixels: skimage vs pipeline.felzenszwalb (numba) on one 500x375 photograph,
-ms per image on one thread, the throughput ratio of 2 threads to 1 (GIL release), and the numba
-first-call cost in a fresh process (cold cache and cached). Prints a table.
+"""Felzenszwalb superpixels: skimage vs pipeline.felzenszwalb (numba: its exact path, np.argsort
+in skimage's edge order, and its order-free path, a radix sort checked for equal costs that could
+compete) on one 500x375 photograph, ms per image on one thread with the steps of each path; which
+path 60 JPEG photographs took (resized crops of skimage's sample images, every segment map checked
+against skimage's); the throughput ratio of 2 threads to 1 (GIL release); and the numba first-call
+cost in a fresh process (cold cache and cached). Prints tables.
 
     python jobs/bench_felzenszwalb.py [--repeat 15]
 """
@@ -8,6 +11,8 @@ first-call cost in a fresh process (cold cache and cached). Prints a table.
 from __future__ import annotations
 
 import argparse
+import collections
+import io
 import os
 import statistics
 import subprocess
@@ -19,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import skimage.data
+from PIL import Image
 from skimage.segmentation import felzenszwalb as skimage_felzenszwalb
 
 from pipeline import felzenszwalb as numba_fz
@@ -62,6 +68,34 @@ def _first_call(cache_dir: str) -> float:
     return float(out.stdout.strip())
 
 
+PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+               "colorwheel", "camera", "coins", "brick", "grass", "gravel", "moon", "page", "text", "cat", "logo")  # fmt: skip
+
+
+def photograph_paths(count: int, seed: int = 0) -> dict[str, int]:
+    """How many of ``count`` photographs took each path: random crops (40-100% of a side) of
+    skimage's sample images, resized to 500x375 and saved as JPEG at quality 70-95, segmented at
+    the presets' refine settings. Stops if a segment map differs from skimage's."""
+    rng = np.random.default_rng(seed)
+    counts: collections.Counter[str] = collections.Counter()
+    for i in range(count):
+        photo = getattr(skimage.data, PHOTOGRAPHS[i % len(PHOTOGRAPHS)])()
+        photo = np.repeat(photo[..., None], 3, axis=-1) if photo.ndim == 2 else photo[..., :3]
+        photo = photo if photo.dtype == np.uint8 else (photo * 255).astype(np.uint8)
+        height, width = photo.shape[:2]
+        h, w = (max(16, int(side * rng.uniform(0.4, 1.0))) for side in (height, width))
+        y, x = rng.integers(0, height - h + 1), rng.integers(0, width - w + 1)
+        buffer = io.BytesIO()
+        crop = Image.fromarray(np.ascontiguousarray(photo[y : y + h, x : x + w])).resize((500, 375))
+        crop.save(buffer, "JPEG", quality=int(rng.integers(70, 96)))
+        image = np.asarray(Image.open(buffer).convert("RGB"))
+        segments, path = numba_fz.segment_path(image, CFG.scale, CFG.sigma, CFG.min_size)
+        if not np.array_equal(segments, _skimage(image)):
+            raise SystemExit(f"photograph {i} ({path}): segment map differs from skimage's")
+        counts[path] += 1
+    return dict(counts)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=15, help="timed runs per figure (median)")
@@ -72,20 +106,45 @@ def main(argv: list[str] | None = None) -> None:
     blurred = numba_fz._blur(numba_fz.img_as_float64(image), CFG.sigma)
     costs = numba_fz._costs(blurred)
     order = np.argsort(costs)
+    scale = CFG.scale / 255
+    edges, ids = numba_fz._edges(blurred)
+    positions, ordered = numba_fz._sort_by_cost(edges)
+    step = np.array([1, 500, 501, 499], dtype=np.int32)
+    ends0 = (ids[positions] >> 2).astype(np.int32)
+    ends1 = (ends0 + step[ids[positions] & 3]).astype(np.int32)
+
+    def merge() -> int:
+        n = 375 * 500
+        threshold = np.full(n, np.float32(scale), dtype=np.float32)
+        return numba_fz._merge(ends0, ends1, ordered, np.arange(n), np.ones(n, np.intp), threshold, scale, CFG.min_size)
+
+    if merge() != 0:
+        raise SystemExit("this photograph does not take the order-free path: pick another to time it")
     rows = _ms({
         "skimage felzenszwalb": lambda: _skimage(image),
-        "numba felzenszwalb": lambda: _numba(image),
-        "  of which blur": lambda: numba_fz._blur(numba_fz.img_as_float64(image), CFG.sigma),
+        "numba, exact path": lambda: numba_fz._segment(np.argsort(numba_fz._costs(blurred)), costs, 375, 500,
+                                                       scale, CFG.min_size),
         "  of which edge costs": lambda: numba_fz._costs(blurred),
         "  of which np.argsort": lambda: np.argsort(costs),
-        "  of which merge+relabel": lambda: numba_fz._segment(order, costs, 375, 500, CFG.scale / 255, CFG.min_size),
+        "  of which merge+relabel": lambda: numba_fz._segment(order, costs, 375, 500, scale, CFG.min_size),
+        "numba, order-free path": lambda: numba_fz._order_free(blurred, scale, CFG.min_size),
+        "  of which edges": lambda: numba_fz._edges(blurred),
+        "  of which radix sort": lambda: numba_fz._sort_by_cost(edges),
+        "  of which merge (checked)": merge,
+        "blur (both paths)": lambda: numba_fz._blur(numba_fz.img_as_float64(image), CFG.sigma),
+        "felzenszwalb (blur + path)": lambda: _numba(image),
     }, args.repeat)  # fmt: skip
     print(f"500x375 astronaut crop, scale={CFG.scale} sigma={CFG.sigma} min_size={CFG.min_size}, "
           f"{os.cpu_count()} CPUs, median of {args.repeat}")  # fmt: skip
     print(f"{'step':28s} {'ms/image':>9s}")
     for name, ms in rows.items():
         print(f"{name:28s} {ms:9.1f}")
-    print(f"speed-up (skimage / numba): {rows['skimage felzenszwalb'] / rows['numba felzenszwalb']:.2f}x")
+    print(f"speed-up (skimage / numba): {rows['skimage felzenszwalb'] / rows['felzenszwalb (blur + path)']:.2f}x; "
+          f"order-free over exact path: {rows['numba, exact path'] / rows['numba, order-free path']:.2f}x")
+    paths = photograph_paths(60)
+    print(f"\n{'path taken (60 JPEG photographs, 500x375)':52s} {'images':>6s}")
+    for path in numba_fz.PATHS:
+        print(f"{path:52s} {paths.get(path, 0):6d}")
     n = 2 * args.repeat
     print(f"\n{'threads (interleaved, 3 rounds)':32s} {'img/s 1 thr':>11s} {'img/s 2 thr':>11s} {'ratio':>6s}")
     rates: dict[tuple[str, int], list[float]] = {}
