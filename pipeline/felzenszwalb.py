@@ -19,9 +19,11 @@ Two paths give that result:
     has holds ``float32(w + scale / size) > w``, so the merges of the run are the connected
     pieces of its edges between passing segments, whatever their order. Only a threshold that
     rounds to ``<= w`` inside a run of two or more equal costs breaks this: checked.
-  * ``min_size`` pass: within a run of equal costs, the edges that can merge (two segments, one
-    of them small, at the start of the run) give the same result in any order when no two of
-    them share a segment without joining the same pair. Anything else is refused: checked.
+  * ``min_size`` pass: within a run of equal costs, only the edges that join two segments, one
+    of them small, at the start of the run can merge. Groups of them that share no segment are
+    independent; a group merges the same in any order when it joins one pair only, or when it
+    holds at most one large segment and its small ones add up to less than ``min_size``
+    (``_competing``). Any other group is refused: checked.
 
   Roots are the smallest pixel index of their segment in either order, so the numbering agrees too.
 - **exact** (the fallback, where the check refuses, or for 8+ channels whose costs numpy sums
@@ -409,13 +411,8 @@ def _merge(ends0: np.ndarray, ends1: np.ndarray, costs: np.ndarray, forest: np.n
                     return _COMPETING
                 pair0[count], pair1[count] = min(seg0, seg1), max(seg0, seg1)
                 count += 1
-            for u in range(count):
-                for v in range(u + 1, count):
-                    same = pair0[u] == pair0[v] and pair1[u] == pair1[v]
-                    shared = (pair0[u] == pair0[v] or pair0[u] == pair1[v] or pair1[u] == pair0[v]
-                              or pair1[u] == pair1[v])  # fmt: skip
-                    if shared and not same:
-                        return _COMPETING
+            if count > 1 and _competing(pair0[:count], pair1[:count], size, min_size):
+                return _COMPETING
         for t in range(k, end):
             a, b = ends0[t], ends1[t]
             if large[a] and large[b]:
@@ -426,3 +423,49 @@ def _merge(ends0: np.ndarray, ends1: np.ndarray, costs: np.ndarray, forest: np.n
                 size[root] = size[seg0] + size[seg1]
         k = end
     return _ORDER_FREE
+
+
+@compiled()
+def _competing(pair0: np.ndarray, pair1: np.ndarray, size: np.ndarray, min_size: int) -> bool:  # pragma: no cover (compiled)
+    """Whether the ``min_size`` merges of a run of equal costs can depend on their order. The
+    candidates (segment pairs ``pair0[i] < pair1[i]``, one of them small) fall into groups that
+    share segments; groups touch disjoint segments, so each is merged alone. A group whose
+    candidates all join one pair merges it in any order. Otherwise: with at most one large segment
+    and the small ones together still under ``min_size``, every union formed without the large
+    segment stays small, so each candidate still joins a small segment when its turn comes and the
+    whole group merges in any order. Anything else (a small segment between two large ones, say)
+    counts as competing."""
+    count = pair0.size
+    group = np.arange(count)
+    changed = True
+    while changed:  # groups: candidates linked by a shared segment (count <= 64)
+        changed = False
+        for u in range(count):
+            for v in range(u + 1, count):
+                if group[u] != group[v] and (pair0[u] == pair0[v] or pair0[u] == pair1[v]
+                                             or pair1[u] == pair0[v] or pair1[u] == pair1[v]):  # fmt: skip
+                    group[u] = group[v] = min(group[u], group[v])
+                    changed = True
+    for g in range(count):
+        one_pair, large, small = True, 0, 0
+        segments = np.empty(2 * count, dtype=np.int64)
+        n_segments = 0
+        first = -1
+        for u in range(count):
+            if group[u] != g:
+                continue
+            if first < 0:
+                first = u
+            elif pair0[u] != pair0[first] or pair1[u] != pair1[first]:
+                one_pair = False
+            for seg in (pair0[u], pair1[u]):
+                if seg not in segments[:n_segments]:
+                    segments[n_segments] = seg
+                    n_segments += 1
+                    if size[seg] >= min_size:
+                        large += 1
+                    else:
+                        small += size[seg]
+        if first >= 0 and not one_pair and (large > 1 or small >= min_size):
+            return True
+    return False

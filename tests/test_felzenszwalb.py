@@ -84,7 +84,7 @@ def test_compiled_parts_release_the_gil() -> None:
     from pipeline import felzenszwalb as module
 
     for func in (module._segment, module._costs_numba, module._relabel, module._edges, module._sort_by_cost,
-                 module._merge, module._order_free):
+                 module._merge, module._competing, module._order_free):
         assert func.targetoptions.get("nogil") is True, func
 
 
@@ -237,3 +237,54 @@ def test_order_free_edges_are_skimages_edges_with_the_same_costs() -> None:
     theirs = {(min(p, q), max(p, q)): c for p, q, c in zip(firsts, seconds, _costs(image), strict=True)}
     assert len(ours) == costs.size == len(theirs)
     assert ours == theirs
+
+
+def _min_size_pass(pairs: list[tuple[int, int]], sizes: list[int], min_size: int, order: tuple[int, ...]) -> set:
+    """skimage's min_size rule in plain Python, on segments ``0..len(sizes)-1``: the partition."""
+    parent, size = list(range(len(sizes))), list(sizes)
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for i in order:
+        a, b = find(pairs[i][0]), find(pairs[i][1])
+        if a != b and (size[a] < min_size or size[b] < min_size):
+            parent[max(a, b)] = min(a, b)
+            size[min(a, b)] += size[max(a, b)]
+    return {frozenset(s for s in range(len(sizes)) if find(s) == r) for r in range(len(sizes))}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=2, max_size=6), st.integers(1, 14), st.data())
+def test_a_run_judged_not_competing_merges_the_same_in_every_order(sizes: list[int], min_size: int, data) -> None:
+    """``_competing`` against brute force: every order of a run's candidate edges (pairs of
+    segments, one of them small). Where it says the order cannot matter, all orders agree."""
+    import itertools
+
+    from pipeline.felzenszwalb import _competing
+
+    candidates = [(a, b) for a in range(len(sizes)) for b in range(a + 1, len(sizes))
+                  if sizes[a] < min_size or sizes[b] < min_size]  # fmt: skip
+    if len(candidates) < 2:
+        return
+    pairs = data.draw(st.lists(st.sampled_from(candidates), min_size=2, max_size=5))
+    competing = _competing(np.array([a for a, _ in pairs]), np.array([b for _, b in pairs]), np.array(sizes), min_size)
+    outcomes = {frozenset(_min_size_pass(pairs, sizes, min_size, order))
+                for order in itertools.permutations(range(len(pairs)))}  # fmt: skip
+    if not competing:
+        assert len(outcomes) == 1, (pairs, sizes, min_size)
+
+
+def test_competing_runs_are_recognised() -> None:
+    from pipeline.felzenszwalb import _competing
+
+    def competing(pairs: list[tuple[int, int]], sizes: list[int], min_size: int) -> bool:
+        return _competing(np.array([a for a, _ in pairs]), np.array([b for _, b in pairs]), np.array(sizes), min_size)
+
+    assert competing([(0, 1), (1, 2)], [5, 1, 5], 3)  # a small segment between two large ones
+    assert competing([(0, 1), (2, 3), (1, 2)], [2, 2, 2, 2], 3)  # two pairs that grow large, then their link
+    assert not competing([(0, 1), (0, 1)], [5, 1], 3)  # one pair twice
+    assert not competing([(0, 1), (1, 2)], [5, 1, 1], 3)  # one large, the small ones add up to 2 < 3
+    assert not competing([(0, 1), (2, 3)], [5, 1, 1, 5], 3)  # two groups that share no segment
