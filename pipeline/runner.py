@@ -36,7 +36,7 @@ from typing import Any, Protocol
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
-from pipeline import methods, redact
+from pipeline import malloc, methods, redact
 from pipeline.config import Config
 from pipeline.labeler import Labeler
 from pipeline.manifest import Shard
@@ -58,6 +58,8 @@ class _LabelActor:
                  storage_retry: RetryPolicy | None = None, io_threads: int | None = None) -> None:  # fmt: skip
         redact.install(redact.secret_values(storage_options))
         _set_threads(threads)
+        if not malloc.keep_freed_memory():  # a fifth of the superpixels' time was page faults
+            log.info("malloc thresholds left at their defaults (not glibc)")
         # Reading, decoding, superpixels and label maps release the GIL for most of their time
         # (docs/PERFORMANCE.md), so one thread per core the actor holds keeps those cores busy.
         self.io_threads = io_threads or threads or DEFAULT_IO_THREADS

@@ -3,7 +3,9 @@ in skimage's edge order, and its order-free path, a radix sort checked for equal
 compete) on one 500x375 photograph, ms per image on one thread with the steps of each path; which
 path 60 JPEG photographs took (resized crops of skimage's sample images, every segment map checked
 against skimage's); the throughput ratio of 2 threads to 1 (GIL release); and the numba first-call
-cost in a fresh process (cold cache and cached). Prints tables.
+cost in a fresh process (cold cache and cached); ms and page faults per call in fresh processes
+with glibc's default malloc thresholds and with ``pipeline.malloc.keep_freed_memory`` (which this
+benchmark, like a labeling actor, runs under). Prints tables.
 
     python jobs/bench_felzenszwalb.py [--repeat 15]
 """
@@ -29,6 +31,7 @@ from skimage.segmentation import felzenszwalb as skimage_felzenszwalb
 
 from pipeline import felzenszwalb as numba_fz
 from pipeline.config import RefineConfig
+from pipeline.malloc import keep_freed_memory
 
 CFG = RefineConfig()  # every superpixel preset uses these settings (pipeline/config.py)
 
@@ -58,6 +61,23 @@ def _throughput(func: Callable[[np.ndarray], object], image: np.ndarray, threads
         t0 = time.perf_counter()
         list(pool.map(func, [image] * n))
         return n / (time.perf_counter() - t0)
+
+
+def _fresh_process_call(keep: bool, calls: int = 21) -> tuple[float, float]:
+    """(median ms, page faults) per call of felzenszwalb in a fresh process, with glibc's default
+    malloc thresholds or ``keep_freed_memory``'s (the numba cache warm from this run)."""
+    code = ("import resource, statistics, sys, time, numpy as np, skimage.data\n"
+            "from pipeline.felzenszwalb import felzenszwalb\nfrom pipeline.malloc import keep_freed_memory\n"
+            "assert sys.argv[1] == 'default' or keep_freed_memory()\n"
+            "image = np.ascontiguousarray(skimage.data.astronaut()[:375, :500]); felzenszwalb(image, 100, 0.8, 50)\n"
+            "faults, times = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []\n"
+            f"for _ in range({calls}):\n"
+            "    t = time.thread_time(); felzenszwalb(image, 100, 0.8, 50); times.append(time.thread_time() - t)\n"
+            f"print(1000 * statistics.median(times), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / {calls})")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code, "keep" if keep else "default"], check=True,
+                         capture_output=True, text=True)  # fmt: skip
+    ms, faults = out.stdout.split()
+    return float(ms), float(faults)
 
 
 def _first_call(cache_dir: str) -> float:
@@ -100,6 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=15, help="timed runs per figure (median)")
     args = parser.parse_args(argv)
+    kept = keep_freed_memory()  # as labeling actors run (pipeline.malloc)
     image = np.ascontiguousarray(skimage.data.astronaut()[:375, :500])
     if not np.array_equal(_skimage(image), _numba(image)):
         raise SystemExit("segment maps differ from skimage's: fix before timing")
@@ -135,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         "felzenszwalb (blur + path)": lambda: _numba(image),
     }, args.repeat)  # fmt: skip
     print(f"500x375 astronaut crop, scale={CFG.scale} sigma={CFG.sigma} min_size={CFG.min_size}, "
-          f"{os.cpu_count()} CPUs, median of {args.repeat}")  # fmt: skip
+          f"{os.cpu_count()} CPUs, median of {args.repeat}, malloc {'keep' if kept else 'default'}")  # fmt: skip
     print(f"{'step':28s} {'ms/image':>9s}")
     for name, ms in rows.items():
         print(f"{name:28s} {ms:9.1f}")
@@ -155,6 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("skimage", "numba"):
         one, two = statistics.median(rates[name, 1]), statistics.median(rates[name, 2])
         print(f"{name:32s} {one:11.1f} {two:11.1f} {two / one:6.2f}")
+    print(f"\n{'malloc (fresh processes, 3 rounds)':36s} {'ms/call':>8s} {'page faults/call':>17s}")
+    calls: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    for _ in range(3):
+        for keep in (False, True):
+            calls[keep].append(_fresh_process_call(keep))
+    for keep, label in ((False, "glibc defaults"), (True, "keep_freed_memory")):
+        ms, faults = (statistics.median(v) for v in zip(*calls[keep], strict=True))
+        print(f"{label:36s} {ms:8.1f} {faults:17.0f}")
     with tempfile.TemporaryDirectory() as cache:
         cold, cached = _first_call(cache), _first_call(cache)
     print(f"\nfirst call in a fresh process: {cold:.2f} s with an empty numba cache, {cached:.2f} s cached")

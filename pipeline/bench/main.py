@@ -78,6 +78,7 @@ from pipeline.bench.speedwork import (
 from pipeline.bench.stages import batch_rows, dtype_rows, method_rows, run_stages, stage_table
 from pipeline.bench.tables import print_flops, print_rows
 from pipeline.labeler import Labeler
+from pipeline.malloc import keep_freed_memory
 from pipeline.models import DTYPES
 
 DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
@@ -110,6 +111,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the UNet parts before the captured layers (off by default; first "
                         "batch pays the compile time, so it is warmed up before timing)")  # fmt: skip
+    p.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                   help="'keep': glibc keeps freed memory, as labeling actors set it (pipeline.malloc); "
+                        "'default': glibc's defaults, to measure what that changes")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write every number to this JSON file")
     p.add_argument(
         "--method",
@@ -142,7 +146,7 @@ def header(args: argparse.Namespace) -> dict[str, Any]:
     tf32 = {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "tf32_conv": torch.backends.cudnn.allow_tf32}
     return {"size": args.size, "clip": SIZES[args.size][0], "sd": SIZES[args.size][1], "device": name,
             "images": args.images, "tags": args.tags, "repeats": args.repeats, "torch": torch.__version__,
-            **tf32}  # fmt: skip
+            "malloc": args.malloc, **tf32}  # fmt: skip
 
 
 class LabelerCache:
@@ -228,6 +232,9 @@ def section_cpu(args: argparse.Namespace, labelers: LabelerCache, blobs: list[by
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> dict[str, Any]:
     """Run the chosen sections, print their tables; returns every number (as --json writes them)."""
     args = parse_args(argv, prog)
+    if args.malloc == "keep" and not keep_freed_memory():
+        print("--malloc keep: not glibc, or glibc refused the thresholds; running with the defaults")
+        args.malloc = "default"
     if args.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out: dict[str, Any] = {"header": header(args), "command": "python jobs/benchmark.py " + " ".join(
