@@ -15,7 +15,9 @@ The stages, in the order an image meets them (one module each):
     compensation.py  SD self-attention capture and the right-to-left fusion chain
     clip_es.py       CLIP-ES: softmax-GradCAM and class-aware attention affinity
     refine.py        Felzenszwalb superpixels and score pooling
-    felzenszwalb.py  the superpixel segmentation: scikit-image's algorithm compiled with numba
+    felzenszwalb.py  the superpixel segmentation: scikit-image's segments, compiled with numba
+                     (a radix-sorted, order-checked path; np.argsort where equal costs compete)
+    malloc.py        glibc keeps freed pages: labeling actors stop re-faulting per-image buffers
     discovery.py     potential objects in the untagged area: K-means on CLIP tokens, tag suggestions
     labels.py        scores -> label map (background threshold, argmax, ignore)
     labeler.py       holds the configured method, runs it on a batch, assembles each label map

@@ -18,7 +18,7 @@ TORCH_FREE = (
     "pipeline.audit", "pipeline.compare", "pipeline.consensus", "pipeline.report",
     "pipeline.storage.layout", "pipeline.storage.store", "pipeline.storage.outputs",
     "pipeline.storage.commit", "pipeline.storage.merge", "pipeline.review.run", "pipeline.review.app",
-    "pipeline.export", "pipeline.discovery", "pipeline.usecases.audit",
+    "pipeline.export", "pipeline.discovery", "pipeline.usecases.audit", "pipeline.malloc",
 )  # fmt: skip
 MODEL_STACK = ("torch", "open_clip", "diffusers", "transformers")
 

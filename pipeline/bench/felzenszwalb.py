@@ -2,7 +2,7 @@
 in skimage's edge order, and its order-free path, a radix sort checked for equal costs that could
 compete) on one 500x375 photograph, ms per image on one thread with the steps of each path; which
 path 60 JPEG photographs took (resized crops of skimage's sample images, every segment map checked
-against skimage's); the throughput ratio of 2 threads to 1 (GIL release); and the numba first-call
+against skimage's, and the exact path's against a stable sort); the throughput ratio of 2 threads to 1 (GIL release); and the numba first-call
 cost in a fresh process (cold cache and cached); ms and page faults per call in fresh processes
 with glibc's default malloc thresholds and with ``pipeline.malloc.keep_freed_memory`` (which this
 benchmark, like a labeling actor, runs under). Prints tables.
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import io
 import os
 import statistics
@@ -92,12 +93,15 @@ PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", 
                "colorwheel", "camera", "coins", "brick", "grass", "gravel", "moon", "page", "text", "cat", "logo")  # fmt: skip
 
 
-def photograph_paths(count: int, seed: int = 0) -> dict[str, int]:
-    """How many of ``count`` photographs took each path: random crops (40-100% of a side) of
-    skimage's sample images, resized to 500x375 and saved as JPEG at quality 70-95, segmented at
-    the presets' refine settings. Stops if a segment map differs from skimage's."""
+def photograph_paths(count: int, seed: int = 0) -> tuple[dict[str, int], int, str]:
+    """(images per path, exact-path images whose segments change under a stable sort, sha256 of
+    all segment maps) over ``count`` photographs: random crops (40-100% of a side) of skimage's
+    sample images, resized to 500x375 and saved as JPEG at quality 70-95, segmented at the
+    presets' refine settings. Stops if a segment map differs from skimage's. The digest lets runs
+    under different ``NPY_DISABLE_CPU_FEATURES`` (numpy's sort kernels) be compared."""
     rng = np.random.default_rng(seed)
     counts: collections.Counter[str] = collections.Counter()
+    digest, unstable = hashlib.sha256(), 0
     for i in range(count):
         photo = getattr(skimage.data, PHOTOGRAPHS[i % len(PHOTOGRAPHS)])()
         photo = np.repeat(photo[..., None], 3, axis=-1) if photo.ndim == 2 else photo[..., :3]
@@ -113,14 +117,36 @@ def photograph_paths(count: int, seed: int = 0) -> dict[str, int]:
         if not np.array_equal(segments, _skimage(image)):
             raise SystemExit(f"photograph {i} ({path}): segment map differs from skimage's")
         counts[path] += 1
-    return dict(counts)
+        digest.update(segments.tobytes())
+        if path != numba_fz.PATHS[0]:
+            blurred = numba_fz._blur(numba_fz.img_as_float64(image), CFG.sigma)
+            costs = numba_fz._costs(blurred)
+            stable = numba_fz._segment(np.argsort(costs, kind="stable"), costs, 375, 500, CFG.scale / 255,
+                                       CFG.min_size)  # fmt: skip
+            unstable += not np.array_equal(stable, segments)
+    return dict(counts), unstable, digest.hexdigest()
+
+
+def print_paths(count: int) -> None:
+    paths, unstable, digest = photograph_paths(count)
+    print(f"\n{f'path taken ({count} JPEG photographs, 500x375)':52s} {'images':>6s}")
+    for path in numba_fz.PATHS:
+        print(f"{path:52s} {paths.get(path, 0):6d}")
+    print(f"exact-path images whose segments change under a stable sort: {unstable}")
+    print(f"sha256 of the {count} segment maps: {digest} (NPY_DISABLE_CPU_FEATURES="
+          f"{os.environ.get('NPY_DISABLE_CPU_FEATURES', '')!r})")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=15, help="timed runs per figure (median)")
+    parser.add_argument("--paths-only", action="store_true",
+                        help="only the photographs' paths table and digest (to compare numpy sort kernels)")
     args = parser.parse_args(argv)
     kept = keep_freed_memory()  # as labeling actors run (pipeline.malloc)
+    if args.paths_only:
+        print_paths(60)
+        return
     image = np.ascontiguousarray(skimage.data.astronaut()[:375, :500])
     if not np.array_equal(_skimage(image), _numba(image)):
         raise SystemExit("segment maps differ from skimage's: fix before timing")
@@ -162,10 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{name:28s} {ms:9.1f}")
     print(f"speed-up (skimage / numba): {rows['skimage felzenszwalb'] / rows['felzenszwalb (blur + path)']:.2f}x; "
           f"order-free over exact path: {rows['numba, exact path'] / rows['numba, order-free path']:.2f}x")
-    paths = photograph_paths(60)
-    print(f"\n{'path taken (60 JPEG photographs, 500x375)':52s} {'images':>6s}")
-    for path in numba_fz.PATHS:
-        print(f"{path:52s} {paths.get(path, 0):6d}")
+    print_paths(60)
     n = 2 * args.repeat
     print(f"\n{'threads (interleaved, 3 rounds)':32s} {'img/s 1 thr':>11s} {'img/s 2 thr':>11s} {'ratio':>6s}")
     rates: dict[tuple[str, int], list[float]] = {}
