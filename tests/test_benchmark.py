@@ -185,3 +185,19 @@ def test_dtype_aliases_and_the_cpu_section_are_accepted():
 
     args = main.parse_args(["--dtype", "bf16,fp32", "--compare", "cpu", "--images", "16", "--compile"])
     assert args.dtypes == ["bfloat16", "float32"] and args.compare == {"cpu"} and args.compile
+
+
+def test_identity_hashes_cover_every_output_and_repeat_exactly(tmp_path, monkeypatch):
+    """jobs/bench_identity.py: the same code gives the same hashes (its whole point is that a change
+    of code shows as a change of hash), and the hashes cover labels, COCO and stats."""
+    from pipeline.bench import identity
+
+    monkeypatch.setattr(identity, "PRESETS", {"clip-es-voc": {}})
+    first = identity.output_hashes(tmp_path / "work")
+    again = identity.output_hashes(tmp_path / "work")
+    assert first == again and list(first) == ["clip-es-voc"]
+    files = first["clip-es-voc"]
+    assert sum(name.endswith(".png") for name in files) == len(identity.PHOTOS)
+    assert any(name.endswith("annotations.json") for name in files)
+    assert any(name.endswith("stats_images.parquet") for name in files)
+    assert not any("timings" in name for name in files)
