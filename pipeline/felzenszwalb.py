@@ -63,8 +63,10 @@ def compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
 
 #: how ``segment_path`` says an image was segmented (the reasons the order-free path gave way)
 PATHS = ("order-free", "exact: a cost is NaN", "exact: a threshold rounds to an equal cost",
-         "exact: equal costs compete in the min_size pass", "exact: 8 or more channels")  # fmt: skip
-_ORDER_FREE, _NAN, _ROUNDING, _COMPETING, _WIDE = range(5)
+         "exact: equal costs compete in the min_size pass", "exact: 8 or more channels",
+         "exact: too many pixels for int32 edge ids")  # fmt: skip
+_ORDER_FREE, _NAN, _ROUNDING, _COMPETING, _WIDE, _HUGE = range(6)
+MAX_ORDER_FREE_PIXELS = (2**31 - 1) // 4  # edge ids 4 * pixel + direction are int32
 
 
 def felzenszwalb(image: np.ndarray, scale: float = 1.0, sigma: float = 0.8, min_size: int = 20) -> np.ndarray:
@@ -82,8 +84,11 @@ def segment_path(image: np.ndarray, scale: float = 1.0, sigma: float = 0.8,
     blurred = _blur(img_as_float64(np.atleast_3d(image)), sigma)
     height, width = blurred.shape[:2]
     scale, min_size = float(scale) / 255.0, int(min_size)
-    status = _WIDE
-    if blurred.shape[2] < _NUMPY_SUM_LEFT_TO_RIGHT:
+    if blurred.shape[2] >= _NUMPY_SUM_LEFT_TO_RIGHT:
+        status = _WIDE
+    elif height * width > MAX_ORDER_FREE_PIXELS:
+        status = _HUGE
+    else:
         labels, status = _order_free(np.ascontiguousarray(blurred), scale, min_size)
         if status == _ORDER_FREE:
             return labels.reshape(height, width), PATHS[status]
@@ -278,7 +283,7 @@ def _edges(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma: no co
     return costs, ids
 
 
-_RADIX_BITS = 8  # 4 passes over 256 buckets: faster here than 3 over 2048 (python jobs/bench_felzenszwalb.py)
+_RADIX_BITS = 8  # 4 passes over 256 buckets (3 over 2048 timed the same here)
 _RADIX_DIGITS = (32 + _RADIX_BITS - 1) // _RADIX_BITS
 _SHORT_RUN = 24  # runs of equal float32 keys up to this long are insertion-sorted
 

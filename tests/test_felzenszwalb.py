@@ -288,3 +288,20 @@ def test_competing_runs_are_recognised() -> None:
     assert not competing([(0, 1), (0, 1)], [5, 1], 3)  # one pair twice
     assert not competing([(0, 1), (1, 2)], [5, 1, 1], 3)  # one large, the small ones add up to 2 < 3
     assert not competing([(0, 1), (2, 3)], [5, 1, 1, 5], 3)  # two groups that share no segment
+
+
+@pytest.mark.filterwarnings("ignore:Got image with third dimension:RuntimeWarning")  # skimage, on 8 channels
+@pytest.mark.parametrize(("shape", "limit", "path"), [((6, 7, 8), None, "exact: 8 or more channels"),
+                                                      ((6, 7, 3), 41, "exact: too many pixels for int32 edge ids"),
+                                                      ((6, 7, 3), 42, "order-free")])  # fmt: skip
+def test_images_the_order_free_path_cannot_take_go_the_exact_way(monkeypatch, shape, limit, path) -> None:
+    """8+ channels (numpy sums their costs pairwise) and images whose edge ids would overflow int32
+    (the limit lowered here: 6 x 7 = 42 pixels) take the exact path, with skimage's segments."""
+    from pipeline import felzenszwalb as module
+
+    if limit is not None:
+        monkeypatch.setattr(module, "MAX_ORDER_FREE_PIXELS", limit)
+    image = np.random.default_rng(1).random(shape)
+    got, taken = module.segment_path(image, 50.0, 0.5, 3)
+    assert taken == path
+    assert np.array_equal(got, reference(image, 50.0, 0.5, 3))
