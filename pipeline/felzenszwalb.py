@@ -354,7 +354,8 @@ def _sort_by_cost(costs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # pragma
 
 
 @compiled()
-def _order_free(image: np.ndarray, scale: float, min_size: int) -> tuple[np.ndarray, int]:  # pragma: no cover (compiled)
+def _order_free(image: np.ndarray, scale: float,
+                min_size: int) -> tuple[np.ndarray, int]:  # fmt: skip  # pragma: no cover (compiled)
     """(labels [H*W], ``_ORDER_FREE``) for a contiguous float64 [H, W, C<8] blurred image, or
     (empty, the reason) where the order of equal costs could change the segments."""
     h, w = image.shape[0], image.shape[1]
@@ -439,7 +440,8 @@ def _merge(ends0: np.ndarray, ends1: np.ndarray, costs: np.ndarray, forest: np.n
 
 
 @compiled()
-def _competing(pair0: np.ndarray, pair1: np.ndarray, size: np.ndarray, min_size: int) -> bool:  # pragma: no cover (compiled)
+def _competing(pair0: np.ndarray, pair1: np.ndarray, size: np.ndarray,
+               min_size: int) -> bool:  # fmt: skip  # pragma: no cover (compiled)
     """Whether the ``min_size`` merges of a run of equal costs can depend on their order. The
     candidates (segment pairs ``pair0[i] < pair1[i]``, one of them small) fall into groups that
     share segments; groups touch disjoint segments, so each is merged alone. A group whose

@@ -151,7 +151,8 @@ def test_order_free_segments_are_those_of_every_order_of_equal_costs() -> None:
         h, w = int(rng.integers(4, 20)), int(rng.integers(4, 20))
         levels = int(rng.choice([2, 3, 4, 6]))
         image = (rng.integers(0, levels, (h, w, 3)) * (255 // (levels - 1))).astype(np.uint8)
-        scale, sigma, min_size = float(rng.choice([1.0, 30.0, 300.0])), float(rng.choice([0.0, 0.8])), int(rng.integers(2, 12))
+        scale, sigma = float(rng.choice([1.0, 30.0, 300.0])), float(rng.choice([0.0, 0.8]))
+        min_size = int(rng.integers(2, 12))
         got, path = module.segment_path(image, scale, sigma, min_size)
         seen[path] = seen.get(path, 0) + 1
         blurred = module._blur(module.img_as_float64(image), sigma)

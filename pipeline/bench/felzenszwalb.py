@@ -2,10 +2,11 @@
 in skimage's edge order, and its order-free path, a radix sort checked for equal costs that could
 compete) on one 500x375 photograph, ms per image on one thread with the steps of each path; which
 path 60 JPEG photographs took (resized crops of skimage's sample images, every segment map checked
-against skimage's, and the exact path's against a stable sort); the throughput ratio of 2 threads to 1 (GIL release); and the numba first-call
-cost in a fresh process (cold cache and cached); ms and page faults per call in fresh processes
-with glibc's default malloc thresholds and with ``pipeline.malloc.keep_freed_memory`` (which this
-benchmark, like a labeling actor, runs under). Prints tables.
+against skimage's, and the exact path's against a stable sort); the throughput ratio of 2 threads
+to 1 (GIL release); ms and page faults per call in fresh processes with glibc's default malloc
+thresholds and with ``pipeline.malloc.keep_freed_memory`` (which this benchmark, like a labeling
+actor, runs under); and the numba first-call cost in a fresh process (cold cache and cached).
+Prints tables.
 
     python jobs/bench_felzenszwalb.py [--repeat 15]
 """
@@ -70,11 +71,13 @@ def _fresh_process_call(keep: bool, calls: int = 21) -> tuple[float, float]:
     code = ("import resource, statistics, sys, time, numpy as np, skimage.data\n"
             "from pipeline.felzenszwalb import felzenszwalb\nfrom pipeline.malloc import keep_freed_memory\n"
             "assert sys.argv[1] == 'default' or keep_freed_memory()\n"
-            "image = np.ascontiguousarray(skimage.data.astronaut()[:375, :500]); felzenszwalb(image, 100, 0.8, 50)\n"
+            "image = np.ascontiguousarray(skimage.data.astronaut()[:375, :500])\n"
+            "felzenszwalb(image, 100, 0.8, 50)\n"
             "faults, times = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, []\n"
             f"for _ in range({calls}):\n"
             "    t = time.thread_time(); felzenszwalb(image, 100, 0.8, 50); times.append(time.thread_time() - t)\n"
-            f"print(1000 * statistics.median(times), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / {calls})")  # fmt: skip
+            "faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults\n"
+            f"print(1000 * statistics.median(times), faults / {calls})")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code, "keep" if keep else "default"], check=True,
                          capture_output=True, text=True)  # fmt: skip
     ms, faults = out.stdout.split()
@@ -89,8 +92,9 @@ def _first_call(cache_dir: str) -> float:
     return float(out.stdout.strip())
 
 
-PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-               "colorwheel", "camera", "coins", "brick", "grass", "gravel", "moon", "page", "text", "cat", "logo")  # fmt: skip
+PHOTOGRAPHS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+               "retina", "colorwheel", "camera", "coins", "brick", "grass", "gravel", "moon", "page", "text", "cat",
+               "logo")  # fmt: skip
 
 
 def photograph_paths(count: int, seed: int = 0) -> tuple[dict[str, int], int, str]:
