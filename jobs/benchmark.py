@@ -1,11 +1,5 @@
-"""Labeler benchmark (issue 7): per-stage time and images/s on random-weight models of a chosen
-size, the measured comparisons behind the speed work, and the FLOP and byte counts that bound
-the GPU time. No Ray, no downloads: timing does not depend on the weights' values.
-
-    python jobs/benchmark.py --size tiny --images 8
-    python jobs/benchmark.py --size vit-b16 --images 2 --batch-sizes 1,2 --dtypes float32,bfloat16
-    python jobs/benchmark.py --size vit-b16 --device cuda --dtypes float32,bfloat16 --batch-sizes 1,4,16,32
-    python jobs/benchmark.py --size vit-b16 --images 2 --method clip-es   # CLIP-ES against CLIPer
+"""Labeler benchmark: stage times, images/s, speed-work comparisons, FLOP and byte bounds, on
+random-weight models, no Ray, no downloads. Usage and sections: python jobs/benchmark.py --help
 
 The code: pipeline/bench/main.py (also `tag2mask benchmark`).
 """
