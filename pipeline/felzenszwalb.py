@@ -61,11 +61,14 @@ def compiled(**options: Any) -> Callable[[Callable[..., Any]], Any]:
     return wrap
 
 
+_MAX_CANDIDATES = 64  # per run of equal costs; _competing is quadratic in them
+
 #: how ``segment_path`` says an image was segmented (the reasons the order-free path gave way)
 PATHS = ("order-free", "exact: a cost is NaN", "exact: a threshold rounds to an equal cost",
          "exact: equal costs compete in the min_size pass", "exact: 8 or more channels",
-         "exact: too many pixels for int32 edge ids")  # fmt: skip
-_ORDER_FREE, _NAN, _ROUNDING, _COMPETING, _WIDE, _HUGE = range(6)
+         "exact: too many pixels for int32 edge ids",
+         f"exact: over {_MAX_CANDIDATES} min_size candidates in one run of equal costs")  # fmt: skip
+_ORDER_FREE, _NAN, _ROUNDING, _COMPETING, _WIDE, _HUGE, _CROWDED = range(7)
 MAX_ORDER_FREE_PIXELS = (2**31 - 1) // 4  # edge ids 4 * pixel + direction are int32
 
 
@@ -405,8 +408,8 @@ def _merge(ends0: np.ndarray, ends1: np.ndarray, costs: np.ndarray, forest: np.n
     large = np.empty(forest.size, dtype=np.bool_)
     for p in range(forest.size):
         large[p] = size[_find_root(forest, p)] >= min_size
-    pair0 = np.empty(64, dtype=np.int64)
-    pair1 = np.empty(64, dtype=np.int64)
+    pair0 = np.empty(_MAX_CANDIDATES, dtype=np.int64)
+    pair1 = np.empty(_MAX_CANDIDATES, dtype=np.int64)
     k = 0
     while k < n_edges:
         end = k + 1
@@ -422,7 +425,7 @@ def _merge(ends0: np.ndarray, ends1: np.ndarray, costs: np.ndarray, forest: np.n
                 if seg0 == seg1 or (size[seg0] >= min_size and size[seg1] >= min_size):
                     continue
                 if count == pair0.size:
-                    return _COMPETING
+                    return _CROWDED
                 pair0[count], pair1[count] = min(seg0, seg1), max(seg0, seg1)
                 count += 1
             if count > 1 and _competing(pair0[:count], pair1[:count], size, min_size):
@@ -453,7 +456,7 @@ def _competing(pair0: np.ndarray, pair1: np.ndarray, size: np.ndarray,
     count = pair0.size
     group = np.arange(count)
     changed = True
-    while changed:  # groups: candidates linked by a shared segment (count <= 64)
+    while changed:  # groups: candidates linked by a shared segment (count <= _MAX_CANDIDATES)
         changed = False
         for u in range(count):
             for v in range(u + 1, count):

@@ -306,3 +306,22 @@ def test_images_the_order_free_path_cannot_take_go_the_exact_way(monkeypatch, sh
     got, taken = module.segment_path(image, 50.0, 0.5, 3)
     assert taken == path
     assert np.array_equal(got, reference(image, 50.0, 0.5, 3))
+
+
+@pytest.mark.parametrize(("dots", "path"), [(9, "exact: over 64 min_size candidates in one run of equal costs"),
+                                            (2, "exact: equal costs compete in the min_size pass"),
+                                            (1, "order-free")])  # fmt: skip
+def test_a_run_with_more_candidates_than_the_check_holds_takes_the_exact_path(dots: int, path: str) -> None:
+    """Isolated white pixels on black, sigma 0: every dot is a one-pixel segment whose 8 edges to the
+    background all cost 1, one run of equal costs; min_size 2 makes each edge a candidate. 9 dots
+    give 72 candidates, over the 64 the check holds (its own reason); 2 dots are checked and refused
+    (two small segments sharing the background, adding up to 2 >= min_size); 1 dot's 8 candidates
+    join one pair, which any order merges alike."""
+    from pipeline.felzenszwalb import segment_path
+
+    image = np.zeros((3 * 9, 3 * ((dots + 8) // 9)))
+    for i in range(dots):
+        image[3 * (i % 9) + 1, 3 * (i // 9) + 1] = 1.0
+    got, taken = segment_path(image, 1.0, 0.0, 2)
+    assert taken == path
+    assert np.array_equal(got, reference(image, 1.0, 0.0, 2))

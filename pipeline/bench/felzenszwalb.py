@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         threshold = np.full(n, np.float32(scale), dtype=np.float32)
         return numba_fz._merge(ends0, ends1, ordered, np.arange(n), np.ones(n, np.intp), threshold, scale, CFG.min_size)
 
-    if merge() != 0:
+    if merge() != numba_fz._ORDER_FREE:
         raise SystemExit("this photograph does not take the order-free path: pick another to time it")
     rows = _ms({
         "skimage felzenszwalb": lambda: _skimage(image),
