@@ -2,7 +2,7 @@
 
     python jobs/bench_audit.py --images 200 --repeats 3
 
-The code: pipeline/bench/audit.py (also `tag2mask benchmark` audit).
+The code: pipeline/bench/audit.py.
 """
 
 import sys

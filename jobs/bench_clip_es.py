@@ -4,7 +4,7 @@ weights, on this machine; text features are embedded once per run and timed apar
     python jobs/bench_clip_es.py                                  # tiny and ViT-B-16, 500x375, 2 tags
     python jobs/bench_clip_es.py --shapes ViT-B-16 --size 640x480 --tags 1 3 --images 3
 
-The code: pipeline/bench/clip_es.py (also `tag2mask benchmark` clip_es).
+The code: pipeline/bench/clip_es.py.
 """
 
 import sys

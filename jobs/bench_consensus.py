@@ -2,7 +2,7 @@
 
     python jobs/bench_consensus.py --images 200 --out /tmp/bench_consensus
 
-The code: pipeline/bench/consensus.py (also `tag2mask benchmark` consensus).
+The code: pipeline/bench/consensus.py.
 """
 
 import sys

@@ -3,7 +3,7 @@
 
     python jobs/bench_outputs.py --images 50 --repeats 5
 
-The code: pipeline/bench/outputs.py (also `tag2mask benchmark` outputs).
+The code: pipeline/bench/outputs.py.
 """
 
 import sys

@@ -6,7 +6,7 @@ fresh process, so the peak is this shard's).
     python jobs/bench_runner.py --images 200000 --shards 1000
     python jobs/bench_runner.py --shard-images 48 --size 360x480
 
-The code: pipeline/bench/runner.py (also `tag2mask benchmark` runner).
+The code: pipeline/bench/runner.py.
 """
 
 import sys

@@ -193,6 +193,8 @@ def test_identity_hashes_cover_every_output_and_repeat_exactly(tmp_path, monkeyp
     from pipeline.bench import identity
 
     monkeypatch.setattr(identity, "PRESETS", {"clip-es-voc": {}})
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "mine.txt").write_text("not the benchmark's")
     first = identity.output_hashes(tmp_path / "work")
     again = identity.output_hashes(tmp_path / "work")
     assert first == again and list(first) == ["clip-es-voc"]
@@ -201,3 +203,4 @@ def test_identity_hashes_cover_every_output_and_repeat_exactly(tmp_path, monkeyp
     assert any(name.endswith("annotations.json") for name in files)
     assert any(name.endswith("stats_images.parquet") for name in files)
     assert not any("timings" in name for name in files)
+    assert (tmp_path / "work" / "mine.txt").read_text() == "not the benchmark's"  # only its own parts removed

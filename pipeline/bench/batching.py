@@ -19,12 +19,12 @@ import numpy as np
 from pipeline import methods
 from pipeline.bench.architectures import save_models
 from pipeline.bench.common import synthetic_jpeg
+from pipeline.bench.identity import CATEGORIES, tiny_overrides
 from pipeline.config import PRESETS, build_config
 from pipeline.decode import decode_image
 from pipeline.labeler import Labeler
-from pipeline.types import Category, LabelRequest
+from pipeline.types import LabelRequest
 
-CATEGORIES = [Category(1, "cat", "cat"), Category(7, "dog", "dog"), Category(15, "person", "person")]
 SHAPES = [(48, 64), (64, 48), (48, 64), (40, 80), (48, 64), (64, 64), (48, 64), (56, 72), (48, 64)]
 TAGS = [(1,), (1, 7), (7, 15), (15,), (1, 15), (7,), (1, 7, 15), (1,), (15, 7)]
 
@@ -38,10 +38,7 @@ def requests() -> list[LabelRequest]:
 
 
 def compare(preset: str, paths: dict, reqs: Sequence[LabelRequest], sizes: Sequence[int]) -> list[dict]:
-    over = {"model": {"device": "cpu", "clip": {"model": str(paths["clip_config"]),
-                                                "pretrained": None, "checkpoint": str(paths["clip_checkpoint"])},
-                      "sd": {"checkpoint": str(paths["sd_dir"])}}}  # fmt: skip
-    base = build_config(preset, over)
+    base = build_config(preset, tiny_overrides(paths))
     labeler = Labeler.from_config(base, CATEGORIES)
     results = {}
     for size in sizes:

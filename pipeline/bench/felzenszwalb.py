@@ -133,9 +133,9 @@ def photograph_paths(count: int, seed: int = 0) -> tuple[dict[str, int], int, st
 
 def print_paths(count: int) -> None:
     paths, unstable, digest = photograph_paths(count)
-    print(f"\n{f'path taken ({count} JPEG photographs, 500x375)':52s} {'images':>6s}")
+    print(f"\n{f'path taken ({count} JPEG photographs, 500x375)':64s} {'images':>6s}")
     for path in numba_fz.PATHS:
-        print(f"{path:52s} {paths.get(path, 0):6d}")
+        print(f"{path:64s} {paths.get(path, 0):6d}")
     print(f"exact-path images whose segments change under a stable sort: {unstable}")
     print(f"sha256 of the {count} segment maps: {digest} (NPY_DISABLE_CPU_FEATURES="
           f"{os.environ.get('NPY_DISABLE_CPU_FEATURES', '')!r})")

@@ -5,8 +5,8 @@ every output file but the wall-clock timings. Run it in two checkouts and compar
 
     python jobs/bench_identity.py [--work /tmp/tag2mask-identity] [--json hashes.json]
 
-The work folder is emptied first and must be the same path in both checkouts (the outputs record
-the images' paths).
+Under the work folder, models/, images/ and out/ are removed and rewritten (nothing else there is
+touched); it must be the same path in both checkouts (the outputs record the images' paths).
 """
 
 from __future__ import annotations
@@ -49,19 +49,25 @@ def _records(folder: Path) -> list[dict]:
     return records
 
 
-def _overrides(paths: dict) -> dict:
+def tiny_overrides(paths: dict) -> dict:
+    """Config overrides that load ``save_models``' tiny models on the CPU."""
     clip = {"model": str(paths["clip_config"]), "pretrained": None, "checkpoint": str(paths["clip_checkpoint"])}
     return {"model": {"clip": clip, "sd": {"checkpoint": str(paths["sd_dir"])}, "device": "cpu"}}
 
 
+PARTS = ("models", "images", "out")  # what output_hashes writes under its work folder, and removes first
+
+
 def output_hashes(work: Path) -> dict[str, dict[str, str]]:
-    """{preset: {output file: sha256}} for every preset, timings left out."""
-    shutil.rmtree(work, ignore_errors=True)
+    """{preset: {output file: sha256}} for every preset, timings left out. Removes and rewrites only
+    ``PARTS`` under ``work``, nothing else there."""
+    for part in PARTS:
+        shutil.rmtree(work / part, ignore_errors=True)
     paths = save_models(work / "models")
     shard = Shard("00000-identity", tuple(_records(work / "images")))
     hashes = {}
     for preset in sorted(PRESETS):
-        labeler = Labeler.from_config(build_config(preset, _overrides(paths)), CATEGORIES)
+        labeler = Labeler.from_config(build_config(preset, tiny_overrides(paths)), CATEGORIES)
         out = work / "out" / preset
         label_shard(labeler, Store.open(str(out)), shard, "0" * 64, io_threads=2)
         hashes[preset] = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -71,7 +77,8 @@ def output_hashes(work: Path) -> dict[str, dict[str, str]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/tag2mask-identity"), help="emptied, then used")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tag2mask-identity"),
+                        help="its models/, images/ and out/ are removed, then rewritten")
     parser.add_argument("--json", type=Path, help="also write every file's sha256 here")
     args = parser.parse_args(argv)
     keep_freed_memory()

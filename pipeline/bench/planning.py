@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from pipeline import manifest
+from pipeline.bench.runner import peak_mib, rss_mib
 from pipeline.config import build_config
 from pipeline.prompts import COCO_CLASSES
 
@@ -65,15 +64,6 @@ def write_coco(path: Path, images: int = 118_287, annotations: int = 860_001) ->
     path.write_text(json.dumps(doc))
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def plan_jsonl(path: str, stream: bool = False) -> dict:
     """What ``--dry-run`` does before it prints the plan: one scan (schema, unique ids, tags ->
     category ids, fingerprint, count and shard ids), timed; RSS growth over the RSS before it.
@@ -81,7 +71,7 @@ def plan_jsonl(path: str, stream: bool = False) -> dict:
     which the runner pulls while the GPUs work."""
     cats = manifest.categories_from(CATEGORIES, "categories", "coco")
     shard_size = build_config().shard_size
-    before = _rss_mib()
+    before = rss_mib()
     t0, c0 = time.perf_counter(), time.process_time()
     problems: list[str] = []
     scan = manifest.scan_jsonl(path, cats, problems, shard_size)
@@ -90,14 +80,14 @@ def plan_jsonl(path: str, stream: bool = False) -> dict:
     t2 = time.perf_counter()
     return {"records": scan.count, "problems": len(problems), "shards": len(scan.shard_ids or ()),
             "streamed": streamed, "fingerprint": scan.fingerprint[:12], "scan_s": t1 - t0, "scan_cpu_s": c1 - c0,
-            "stream_s": t2 - t1 if stream else None, "rss_growth_mib": _peak_mib() - before}  # fmt: skip
+            "stream_s": t2 - t1 if stream else None, "rss_growth_mib": peak_mib() - before}  # fmt: skip
 
 
 def plan_coco(path: str) -> dict:
-    before = _rss_mib()
+    before = rss_mib()
     t0 = time.perf_counter()
     cats, records = manifest.read_coco(path, "s3://bucket/train2017", "coco", [])
-    return {"records": len(records), "read_s": time.perf_counter() - t0, "rss_growth_mib": _peak_mib() - before}
+    return {"records": len(records), "read_s": time.perf_counter() - t0, "rss_growth_mib": peak_mib() - before}
 
 
 def _child(kind: str, path: Path, *args: object) -> dict:

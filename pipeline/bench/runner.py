@@ -22,11 +22,11 @@ from pipeline.storage.store import Store
 from pipeline.types import Category, Failure
 
 
-def _peak_mib() -> float:
+def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _rss_mib() -> float:
+def rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
@@ -59,9 +59,9 @@ def _shard_memory(n: int, h: int, w: int) -> None:
             records.append({"id": f"im{i:04d}", "uri": f"memory:///bench/{i}.jpg", "tags": [1, 7]})
         warm = next(manifest.shards(records[:1], 1))
         label_shard(labeler, Store.open("memory://warm"), warm, "0" * 64)
-        base, t0 = _rss_mib(), time.perf_counter()
+        base, t0 = rss_mib(), time.perf_counter()
         label_shard(labeler, Store.open("memory://bench-out"), next(manifest.shards(records, n)), "0" * 64)
-        seconds, peak = time.perf_counter() - t0, _peak_mib()
+        seconds, peak = time.perf_counter() - t0, peak_mib()
     print(f"{'measure (one shard, tiny models, CPU)':<58}{'value':>14}")
     print(f"{'  images x size, batch size':<58}{f'{n} x {h}x{w}, {cfg.batch_size}':>14}")
     print(f"{'  RSS after loading models and one warm-up shard (MiB)':<58}{base:>14.0f}")
@@ -87,12 +87,12 @@ def main(argv: list[str] | None = None) -> None:
             for i in range(args.images):
                 tags = sorted({1 + i % 80, 1 + (i * 7) % 80})
                 f.write(json.dumps({"id": f"{i:012d}", "uri": f"s3://bucket/train/{i:012d}.jpg", "tags": tags}) + "\n")
-        base = _peak_mib()
+        base = peak_mib()
         t0 = time.perf_counter()
         fp = manifest.fingerprint(manifest.read_jsonl(str(path)), cats)
         n_shards = sum(1 for _ in manifest.shards(manifest.read_jsonl(str(path)), args.shard_size))
         plan_s = time.perf_counter() - t0
-        stream_peak = _peak_mib()
+        stream_peak = peak_mib()
 
         store = Store.open(str(Path(tmp) / "out"))
         recs = ({"id": f"s{i}", "uri": f"x/{i}.jpg", "tags": [1]} for i in range(args.shards))
