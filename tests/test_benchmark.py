@@ -137,7 +137,7 @@ def test_cpu_path_rows_time_both_variants_and_find_their_outputs_identical(tiny)
     from pipeline.bench import cpupath
 
     blobs = [benchmark.synthetic_jpeg(i, 64, 48) for i in range(2)]
-    rows, identical = cpupath.cpu_path_rows(tiny, blobs, repeats=1)
+    rows, identical = cpupath.cpu_path_rows(tiny, blobs, cpupath.model_outputs(tiny, blobs), repeats=1)
     assert identical is True
     assert [r["stage"] for r in rows] == [*cpupath.CPU_PATH_STAGES, "total"]
     by = {r["stage"]: r for r in rows}
@@ -162,7 +162,8 @@ def test_cpu_path_identity_check_sees_a_changed_output(tiny, monkeypatch):
         return decision, label_map
 
     monkeypatch.setattr(labels, "decide", shifted)
-    _, identical = cpupath.cpu_path_rows(tiny, [benchmark.synthetic_jpeg(0, 64, 48)], repeats=1)
+    blobs = [benchmark.synthetic_jpeg(0, 64, 48)]
+    _, identical = cpupath.cpu_path_rows(tiny, blobs, cpupath.model_outputs(tiny, blobs), repeats=1)
     assert identical is False
 
 

@@ -148,13 +148,13 @@ def _write_seconds(labeler: Labeler, results: Sequence[LabelResult]) -> float:
     return seconds
 
 
-def cpu_path_rows(labeler: Labeler, blobs: Sequence[bytes], repeats: int) -> tuple[list[dict[str, Any]], bool]:
+def cpu_path_rows(labeler: Labeler, blobs: Sequence[bytes], works: Sequence[Any],
+                  repeats: int) -> tuple[list[dict[str, Any]], bool]:  # fmt: skip
     """Median CPU ms per image (one core) of every CPU stage, before and after, passes interleaved
     after a warm-up pass of each; and whether both variants gave byte-identical label maps,
     decision scores, PNGs and COCO annotations on every pass. ``png`` and ``coco_rle`` are timed
     alone; ``write_shard`` is the whole shard write (it encodes them again beside the stats
-    rows), so the total counts it and not them."""
-    works = model_outputs(labeler, blobs)
+    rows), so the total counts it and not them. ``works``: ``model_outputs(labeler, blobs)``."""
     for name in VARIANTS:  # warm-up: imports, numba's cache, first-call allocations
         with variant(name):
             _write_seconds(labeler, [image_path(labeler, blobs[0], works[0])[1]])
@@ -182,12 +182,12 @@ def cpu_path_rows(labeler: Labeler, blobs: Sequence[bytes], repeats: int) -> tup
     return rows, identical
 
 
-def gil_rows(labeler: Labeler, blob: bytes, seconds: float = 1.0) -> list[dict[str, Any]]:
+def gil_rows(labeler: Labeler, blob: bytes, work: Any, seconds: float = 1.0) -> list[dict[str, Any]]:
     """Per CPU stage (as it is now): the speed of a pure-Python loop beside it on another thread,
     over its speed alone (``busy.gil_share``): near 1 = the stage releases the GIL, near 0.5 or
     below = it holds it and threads cannot run it in parallel. On a machine busy with other work
-    both threads also wait for a core: the last row, a sleep, is the control that sees only that."""
-    work = model_outputs(labeler, [blob])[0]
+    both threads also wait for a core: the last row, a sleep, is the control that sees only that.
+    ``work``: ``blob``'s model output (``model_outputs``)."""
     _, result, _, _ = image_path(labeler, blob, work)
     image, segments = decode_image(blob), result.segments
     req = LabelRequest(work.request.image_id, image, work.request.tags, segments)
@@ -204,12 +204,11 @@ def gil_rows(labeler: Labeler, blob: bytes, seconds: float = 1.0) -> list[dict[s
     return [{"stage": s, "python_speed_beside": gil_share(fn, seconds)} for s, fn in stages.items()]
 
 
-def thread_scaling(labeler: Labeler, blobs: Sequence[bytes], repeats: int, threads: Sequence[int] = (1, 2)
-                   ) -> list[dict[str, Any]]:  # fmt: skip
+def thread_scaling(labeler: Labeler, blobs: Sequence[bytes], works: Sequence[Any], repeats: int,
+                   threads: Sequence[int] = (1, 2)) -> list[dict[str, Any]]:  # fmt: skip
     """images/s of the whole CPU path (decode, superpixels, assembly, PNG, COCO RLE) over ``blobs``
     on each thread count, as ``label_shard``'s reader and post threads run it; ratio to 1 thread.
-    Rounds interleaved, medians."""
-    works = model_outputs(labeler, blobs)
+    Rounds interleaved, medians. ``works``: ``model_outputs(labeler, blobs)``."""
     rates: dict[int, list[float]] = {n: [] for n in threads}
     cores: dict[int, list[float]] = {n: [] for n in threads}
     for _ in range(max(1, repeats)):

@@ -63,6 +63,7 @@ from pipeline.bench.cpupath import (
     VARIANTS,
     cpu_path_rows,
     gil_rows,
+    model_outputs,
     simulated_before_after,
     thread_scaling,
     variant,
@@ -212,15 +213,16 @@ def section_cpu(args: argparse.Namespace, labelers: LabelerCache, blobs: list[by
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the goal is CPU time on one core: torch's resize runs on the timed thread
     try:
-        rows, identical = cpu_path_rows(labeler, blobs, args.repeats)
+        works = model_outputs(labeler, blobs)  # the model stages once, for all three tables
+        rows, identical = cpu_path_rows(labeler, blobs, works, args.repeats)
     finally:
         torch.set_num_threads(threads)
     out["cpu_path"], out["cpu_path_identical"] = rows, identical
     print_rows(f"CPU path per image, before/after ({args.tags} tags, 500 x 375; medians of {args.repeats} "
                f"interleaved passes; label maps, PNGs and COCO byte-identical: {identical})", rows)  # fmt: skip
-    out["gil"] = gil_rows(labeler, blobs[0])
+    out["gil"] = gil_rows(labeler, blobs[0], works[0])
     print_rows("GIL: speed of a Python loop beside each stage (1 = the stage releases the GIL)", out["gil"])
-    out["cpu_threads"] = thread_scaling(labeler, blobs, args.repeats)
+    out["cpu_threads"] = thread_scaling(labeler, blobs, works, args.repeats)
     print_rows("Whole CPU path (decode .. COCO RLE) on 1 and 2 threads", out["cpu_threads"])
     sim = with_batch_size(labeler, args.batch_sizes[0])
     out["simulated_before_after"] = simulated_before_after(sim, blobs, sorted({2, args.io_threads}),
