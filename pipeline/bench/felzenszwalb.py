@@ -6,7 +6,7 @@ against skimage's, and the exact path's against a stable sort); the throughput r
 to 1 (GIL release); ms and page faults per call in fresh processes with glibc's default malloc
 thresholds and with ``pipeline.malloc.keep_freed_memory`` (which this benchmark, like a labeling
 actor, runs under); and the numba first-call cost in a fresh process (cold cache and cached).
-Prints tables.
+Prints tables. ``--memory`` instead prints each implementation's peak memory at 3000 x 4000.
 
     python jobs/bench_felzenszwalb.py [--repeat 15]
 """
@@ -84,6 +84,37 @@ def _fresh_process_call(keep: bool, calls: int = 21) -> tuple[float, float]:
     return float(ms), float(faults)
 
 
+MEMORY_RUN = """
+import resource, sys, numpy as np
+from pipeline import felzenszwalb as fz
+from pipeline.malloc import keep_freed_memory
+keep_freed_memory()
+rng = np.random.default_rng(0)
+image = (np.cumsum(rng.integers(0, 256, (3000, 4000, 3)), axis=1) // 50 % 256).astype(np.uint8)
+fz.felzenszwalb(image[:10, :10], 100, 0.8, 50)  # compiled (or loaded from the cache) before the baseline
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if sys.argv[1] == "skimage":
+    from skimage.segmentation import felzenszwalb
+    felzenszwalb(image, 100, 0.8, 50, channel_axis=-1)
+elif sys.argv[1] == "exact":
+    costs = fz._costs(fz._blur(fz.img_as_float64(image), 0.8))
+    fz._segment(np.argsort(costs), costs, 3000, 4000, 100 / 255, 50)
+else:
+    assert fz.segment_path(image, 100, 0.8, 50)[1] == fz.PATHS[0]
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def memory_rows() -> list[tuple[str, float]]:
+    """(implementation, peak RSS growth MiB) of one call on a 3000 x 4000 image, each in a fresh
+    process (the peak is a process's high-water mark)."""
+    rows = []
+    for name in ("order-free", "exact", "skimage"):
+        out = subprocess.run([sys.executable, "-c", MEMORY_RUN, name], check=True, capture_output=True, text=True)
+        rows.append((name, float(out.stdout.strip())))
+    return rows
+
+
 def _first_call(cache_dir: str) -> float:
     code = ("import time, numpy as np; from pipeline.felzenszwalb import felzenszwalb; t=time.perf_counter(); "
             "felzenszwalb(np.zeros((4, 4, 3), np.uint8)); print(time.perf_counter()-t)")  # fmt: skip
@@ -146,10 +177,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=15, help="timed runs per figure (median)")
     parser.add_argument("--paths-only", action="store_true",
                         help="only the photographs' paths table and digest (to compare numpy sort kernels)")
+    parser.add_argument("--memory", action="store_true",
+                        help="only peak memory of one call on a 3000x4000 image, per implementation")
     args = parser.parse_args(argv)
     kept = keep_freed_memory()  # as labeling actors run (pipeline.malloc)
     if args.paths_only:
         print_paths(60)
+        return
+    if args.memory:
+        print(f"{'3000 x 4000, one call, fresh process':36s} {'peak RSS growth MiB':>20s} {'bytes/pixel':>12s}")
+        for name, mib in memory_rows():
+            print(f"{name:36s} {mib:20.0f} {mib * 2**20 / 12e6:12.0f}")
         return
     image = np.ascontiguousarray(skimage.data.astronaut()[:375, :500])
     if not np.array_equal(_skimage(image), _numba(image)):
