@@ -269,8 +269,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                           "(default 900)")  # fmt: skip
     run.add_argument("--startup-timeout", type=float, metavar="S",
                      help="extra seconds for an actor's first shard: loading the models (default 1800)")  # fmt: skip
-    run.add_argument("--actor-cpus", type=int, help="CPU cores and torch threads per actor (default: the cluster's "
-                                                    "CPUs per actor, at most 4)")  # fmt: skip
+    run.add_argument("--actor-cpus", type=int, help="CPU cores, torch threads and reader threads per actor (default: "
+                                                    "the cluster's CPUs per actor, but no more than the CPUs per GPU "
+                                                    "of the poorest GPU node; CPU actors: the CPUs of the smallest "
+                                                    "node)")  # fmt: skip
     run.add_argument("--lease-ttl", type=float, default=300.0, metavar="S",
                      help="the lease on --output expires S seconds after its last renewal (every S/3)")  # fmt: skip
     run.add_argument("--dry-run", action="store_true", help="print the plan and stop")
