@@ -288,6 +288,28 @@ def test_run_record_and_fingerprint():
     assert commit.read_run(store)["parts"]["model"] == other.model
 
 
+def test_another_run_names_an_edited_discovery_vocabulary_file(tmp_path):
+    """The vocabulary file's sha256 is in the config fingerprint but not in run.json's config: the
+    refusal names the file instead of no setting at all."""
+    from pipeline.config import build_config
+
+    vocabulary = tmp_path / "vocabulary.txt"
+    vocabulary.write_text("kite\nbench\n")
+    cfg = build_config(None, {"discovery": {"enabled": True, "vocabulary": str(vocabulary)}})
+    store = Store.open(str(tmp_path / "out"))
+    model = {"clip": {"sha256": "ab"}}
+    commit.write_run(store, run_fingerprint(cfg.fingerprint(), model, "e" * 64), cfg.to_dict(), model)
+    vocabulary.write_text("kite\nbench\nlamp\n")
+    edited = run_fingerprint(cfg.fingerprint(), model, "e" * 64)
+    with pytest.raises(ValueError, match=rf"the config changed \(no stored setting: the content of the discovery "
+                                         rf"vocabulary file {vocabulary}") as err:  # fmt: skip
+        commit.write_run(store, edited, cfg.to_dict(), model)
+    assert "settings:" not in str(err.value)
+    other = build_config(None, {"discovery": {"enabled": True, "vocabulary": str(vocabulary)}, "shard_size": 7})
+    with pytest.raises(ValueError, match=r"\(settings: shard_size 256 -> 7\)"):
+        commit.write_run(store, run_fingerprint(other.fingerprint(), model, "e" * 64), other.to_dict(), model)
+
+
 # --- label maps named by the image file's stem (issue 11, section 3) ---
 
 
