@@ -209,6 +209,29 @@ def test_merge_detects_a_tampered_file():
         merge(store, ["s"], FP)
 
 
+def test_merge_names_the_format_a_shard_was_written_without(tmp_path):
+    """A shard committed with a subset of the formats (``write_shard(formats=...)``) is refused by
+    name before anything is merged, not as a file that fails its checksum."""
+    store = Store.open(str(tmp_path / "run"))
+    commit.write_shard(store, "s0", shard_inputs(1), [], CATEGORIES, FP)
+    commit.write_shard(store, "s1", shard_inputs(1, offset=5), [], CATEGORIES, FP, formats=["coco", "png"])
+    with pytest.raises(ValueError, match=r"shard s1 was written without the 'stats' output format\(s\)") as err:
+        merge(store, ["s0", "s1"], FP)
+    assert "sha256" not in str(err.value) and "stats_classes.parquet" in str(err.value)
+    commit.write_shard(store, "s1", shard_inputs(1, offset=5), [], CATEGORIES, FP, formats=["stats"])
+    with pytest.raises(ValueError, match=r"shard s1 was written without the 'coco' output format\(s\)"):
+        merge(store, ["s0", "s1"], FP)
+    assert not (tmp_path / "run" / "merged").exists()
+
+
+def test_merge_says_a_listed_file_is_missing():
+    store = Store.open(f"memory://{uuid.uuid4().hex}/out")
+    commit.write_shard(store, "s", shard_inputs(1), [], CATEGORIES, FP)
+    store.remove_files(["shards/s/stats_images.parquet"])
+    with pytest.raises(ValueError, match=r"stats_images.parquet is missing; delete the shard's _COMMITTED.json"):
+        merge(store, ["s"], FP)
+
+
 def test_merged_parquet_is_split_into_parts_in_shard_order():
     store = Store.open(f"memory://{uuid.uuid4().hex}/out")
     for k in range(3):

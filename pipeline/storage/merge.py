@@ -22,12 +22,38 @@ from pipeline.types import sha256_hex
 FILE_ROWS = 8 * stats.ROW_GROUP_ROWS  # rows per file of a merged Parquet dataset
 
 
+# What merge reads from every shard, by the output format (``outputs.WRITERS``) that writes it.
+MERGE_FORMATS = ("coco", "stats")
+
+
+def _merge_files(shard_id: str) -> dict[str, list[str]]:
+    """The deterministic files of each of ``MERGE_FORMATS`` that merge reads from a shard."""
+    return {"coco": [layout.shard_file(shard_id, layout.ANNOTATIONS)],
+            "stats": [layout.table_file(shard_id, name) for name in outputs.TABLES]}  # fmt: skip
+
+
+def _check_formats(store: Store, marker: Mapping[str, Any]) -> None:
+    """ValueError naming the formats a shard was written without (``write_shard(formats=...)``):
+    its marker then lists none of their files, and merge cannot read them."""
+    sid = marker["shard_id"]
+    missing = {fmt: rels for fmt, rels in _merge_files(sid).items() if any(r not in marker["files"] for r in rels)}
+    if missing:
+        raise ValueError(f"shard {sid} was written without the {' and '.join(map(repr, missing))} output format(s) "
+                         f"(its commit marker {store.path(layout.marker_file(sid))} lists no "
+                         f"{', '.join(r for rels in missing.values() for r in rels)}); merge reads "
+                         f"{' and '.join(MERGE_FORMATS)} from every shard: write the shard with the default formats "
+                         "to merge it")  # fmt: skip
+
+
 def _read_checked(store: Store, rel: str, marker: Mapping[str, Any]) -> bytes:
-    data = store.read(rel)
     expected = marker["files"].get(rel)
-    if data is None or expected is None or sha256_hex(data) != expected["sha256"]:
-        raise ValueError(f"{store.path(rel)} is missing or does not match the sha256 in its shard's commit marker; "
-                         f"delete the shard's {layout.MARKER} to redo it")  # fmt: skip
+    if expected is None:
+        raise ValueError(f"{store.path(rel)} is not among the files of its shard's commit marker: the shard was "
+                         "written without it")  # fmt: skip
+    data = store.read(rel)
+    if data is None or sha256_hex(data) != expected["sha256"]:
+        found = "is missing" if data is None else "does not match the sha256 in its shard's commit marker"
+        raise ValueError(f"{store.path(rel)} {found}; delete the shard's {layout.MARKER} to redo it")
     return data
 
 
@@ -38,6 +64,7 @@ def _committed_markers(store: Store, shard_ids: Sequence[str], fingerprint: str)
         if marker is None or marker["fingerprint"] != fingerprint:
             raise ValueError(f"shard {shard_id} is not committed by this run (fingerprint {fingerprint[:12]}); "
                              "run it before merging")  # fmt: skip
+        _check_formats(store, marker)
         markers.append(marker)
     return markers
 
@@ -89,7 +116,8 @@ def _merge_table(store: Store, name: str, markers: Sequence[Mapping[str, Any]], 
 def merge(store: Store, shard_ids: Sequence[str], fingerprint: str, file_rows: int = FILE_ROWS) -> dict[str, Any]:
     """Merge committed shards (in sorted shard-id order) into ``merged/``; returns the summary also
     written to ``merged/_MERGED.json`` (last). Raises ValueError if a shard is not committed by
-    this run or a file does not match its marker's checksum."""
+    this run, was written without a format merge reads (``MERGE_FORMATS``), or a file is missing or
+    does not match its marker's checksum."""
     if not shard_ids:
         raise ValueError("merge needs at least one shard id")
     markers = _committed_markers(store, shard_ids, fingerprint)
