@@ -101,10 +101,10 @@ def write_shard(store: Store, shard_id: str, results: Sequence[LabelResult | Ima
     results: labelled images; failures: ``Failure`` or ``(image_id, status, error)`` for images
     that produced no label map; categories: ``types.Category`` objects or COCO category dicts;
     fingerprint: ``RunFingerprint.digest``; names: ``ImageName`` by image id (``Shard.names``),
-    labels named by id without; formats: the writers to run (``outputs.WRITERS``; merge refuses a shard without
-    ``merge.MERGE_FORMATS``); discovery: the
-    run's ``discovery.enabled`` (its stats columns, region and suggestion files). Order: old
-    marker and stale files deleted, files written, marker written last.
+    labels named by id without; formats: the writers to run (``outputs.WRITERS``; merge refuses a
+    shard without ``merge.MERGE_FORMATS``); discovery: the run's ``discovery.enabled`` (its stats
+    columns, region and suggestion files). Order: old marker and stale files deleted, files
+    written, marker written last.
     """
     built = outputs.build_shard(shard_id, results, failures, categories, fingerprint, names, formats, discovery)
     marker = marker_doc(shard_id, built, fingerprint)
