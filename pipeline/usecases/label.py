@@ -93,8 +93,7 @@ class Inputs:
     records: Callable[[], Iterator[dict]]
     fingerprint: str
     count: int
-    shard_ids: tuple[str, ...] | None = None  # the shards' ids at ``shard_size``, when the scan gave them
-    shard_size: int | None = None
+    shard_ids: tuple[str, ...] | None = None  # the shards' ids at read_inputs' shard_size, when the scan gave them
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,7 @@ def read_inputs(dataset: Dataset, prompt_set: str, opts: dict, shard_size: int |
         more = f"\n  ... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
         raise manifest.ManifestError(f"{len(problems)} manifest record(s) cannot be used; nothing was labeled:\n  "
                                      f"{shown}{more}")  # fmt: skip
-    return Inputs(cats, factory, fingerprint, count, shard_ids, shard_size)
+    return Inputs(cats, factory, fingerprint, count, shard_ids)
 
 
 def check_image_root(records: Callable[[], Iterator[dict]], opts: dict) -> None:
@@ -194,8 +193,8 @@ def _prepare(dataset: Dataset, output: str, config: Config, opts: dict, retry: R
 
 
 def _plan(p: _Prepared) -> Plan:
-    shard_ids = p.inputs.shard_ids
-    if shard_ids is None or p.inputs.shard_size != p.config.shard_size:  # a COCO file: records in memory
+    shard_ids = p.inputs.shard_ids  # scanned at config.shard_size (_prepare)
+    if shard_ids is None:  # a COCO file: records in memory
         shard_ids = tuple(s.shard_id for s in manifest.shards(p.inputs.records(), p.config.shard_size))
     committed = sum(commit.is_committed(p.store, sid, p.fingerprint.digest) for sid in shard_ids)
     old = commit.read_run(p.store)
