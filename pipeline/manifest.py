@@ -214,6 +214,12 @@ def read_jsonl(uri: str, categories: Iterable[Category] | None = None, problems:
     bad record's message is appended there and the record skipped (a full scan before any work).
     Ids are held as 8-byte hashes; a hash seen before is confirmed exactly by a second look at the
     lines before (``_JsonlChecker``), so only a truly repeated id is reported.
+
+    Cost: every block (64 KiB) holding the first repeat of an id re-reads the file up to that
+    block, so with ``problems`` a manifest with repeated ids spread over its length reads in time
+    quadratic in its size. Collect problems with ``scan_jsonl`` instead (one pass, then one second
+    look for all suspects together; what the label job does); a production read after a clean
+    scan has no repeats and so no second look.
     """
     check = _JsonlChecker(uri, categories, storage_options, defer=False)
     for block in check.blocks():
