@@ -219,13 +219,16 @@ class RunSettings:
 
 # Dotted keys of ``Config.to_dict()`` that say how to run, not what to compute (``RunSettings``).
 RUN_SETTINGS = ("batch_size", "model.device")
+# Methods whose ``Method.batch_invariant`` is True, spelled here so that fingerprinting a config
+# (``identity_of``) needs no import of ``pipeline.methods``, which loads torch. tests/test_config.py
+# checks that it names exactly the registry's batch-invariant methods.
+BATCH_INVARIANT_METHODS = frozenset({"clip-es"})
 
 
 def identity_of(config: Mapping[str, Any]) -> dict[str, Any]:
     """``Config.identity`` of a stored ``Config.to_dict()`` (a ``run.json`` config, also one
-    written before methods existed: no ``method`` means CLIPer); keys it lacks are skipped."""
-    from pipeline import methods  # here: the methods import this module
-
+    written before methods existed: no ``method`` means CLIPer); keys it lacks are skipped.
+    Imports no model code (``BATCH_INVARIANT_METHODS``)."""
     data = json.loads(json.dumps(config))
     method = data.get("method", "cliper")
     if method != "clip-es":  # CLIP-ES's own settings cannot change another method's labels
@@ -233,7 +236,7 @@ def identity_of(config: Mapping[str, Any]) -> dict[str, Any]:
     if not (data.get("discovery") or {}).get("enabled"):  # off: fingerprints stay as before discovery existed
         data.pop("discovery", None)
     for dotted in RUN_SETTINGS:
-        if dotted != "batch_size" or (method in methods.REGISTRY and methods.get(method).batch_invariant):
+        if dotted != "batch_size" or method in BATCH_INVARIANT_METHODS:
             *parents, key = dotted.split(".")
             _part(data, parents).pop(key, None)
     for part in ("clip", "sd"):

@@ -23,6 +23,7 @@ import orjson
 
 from pipeline import schemas, types
 from pipeline.prompts import class_prompt
+from pipeline.schemas import RECORD_KEYS
 from pipeline.types import (
     MAX_CLASS_ID,
     Category,
@@ -213,6 +214,12 @@ def read_jsonl(uri: str, categories: Iterable[Category] | None = None, problems:
     bad record's message is appended there and the record skipped (a full scan before any work).
     Ids are held as 8-byte hashes; a hash seen before is confirmed exactly by a second look at the
     lines before (``_JsonlChecker``), so only a truly repeated id is reported.
+
+    Cost: every block (64 KiB) holding the first repeat of an id re-reads the file up to that
+    block, so with ``problems`` a manifest with repeated ids spread over its length reads in time
+    quadratic in its size. Collect problems with ``scan_jsonl`` instead (one pass, then one second
+    look for all suspects together; what the label job does); a production read after a clean
+    scan has no repeats and so no second look.
     """
     check = _JsonlChecker(uri, categories, storage_options, defer=False)
     for block in check.blocks():
@@ -245,9 +252,6 @@ def scan_jsonl(uri: str, categories: list[Category], problems: list[str], shard_
     if shard_size is not None and shard_size < 1:
         raise ValueError(f"shard size must be at least 1, got {shard_size}")
     check = _JsonlChecker(uri, categories, storage_options, defer=True)
-    digest = hashlib.sha256()
-    for c in categories:
-        digest.update(json.dumps([c.id, c.name, c.prompt]).encode() + b"\n")
     h, count = hashlib.sha256(), 0
     found: list[tuple[int, str]] = []
     shard_ids: list[str] = []
@@ -274,8 +278,8 @@ def scan_jsonl(uri: str, categories: list[Category], problems: list[str], shard_
     problems.extend(message for _, message in found)
     if batch:
         shard_ids.append(shard_id_for(len(shard_ids), batch))
-    digest.update(h.hexdigest().encode())
-    return Scan(digest.hexdigest(), count - taken, tuple(shard_ids) if shard_size is not None else None)
+    ids = tuple(shard_ids) if shard_size is not None else None
+    return Scan(_with_categories(categories, h.hexdigest()), count - taken, ids)
 
 
 # A block of these bytes only (printable ASCII but the backslash, and newlines) holds strings of
@@ -309,7 +313,6 @@ def _gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-_RECORD_KEYS = frozenset({"id", "uri", "tags", "width", "height", "file_name", "ground_truth"})
 _TAG_TYPES = {int, str}
 
 
@@ -439,7 +442,7 @@ class _JsonlChecker(_Checker):
         """Accept (tags resolved in place) a record every check but the id's passes: the schema
         (as ``schemas._valid_manifest_record``), the file name, the tags. Plain Python fused for
         the usual record; False sends the record through the exact checks, unchanged."""
-        if type(doc) is not dict or not doc.keys() <= _RECORD_KEYS:
+        if type(doc) is not dict or not doc.keys() <= RECORD_KEYS:
             return False
         rid, uri, tags = doc.get("id"), doc.get("uri"), doc.get("tags")
         if type(rid) is not str or type(uri) is not str or type(tags) is not list or not uri or not rid:
@@ -643,8 +646,14 @@ def _shard(index: int, batch: list[dict[str, Any]], namer: ImageNamer) -> Shard:
 
 def fingerprint(records: Iterable[Mapping[str, Any]], categories: Iterable[Category]) -> str:
     """sha256 over the categories and every record, in order (streams)."""
+    return _with_categories(categories, manifest_fingerprint(records))
+
+
+def _with_categories(categories: Iterable[Category], records_digest: str) -> str:
+    """The manifest fingerprint: sha256 over one JSON line per category ([id, name, prompt]), then
+    the hex digest of the records (``manifest_fingerprint``, or ``scan_jsonl``'s running hash)."""
     h = hashlib.sha256()
     for c in categories:
         h.update(json.dumps([c.id, c.name, c.prompt]).encode() + b"\n")
-    h.update(manifest_fingerprint(records).encode())
+    h.update(records_digest.encode())
     return h.hexdigest()

@@ -77,7 +77,8 @@ def _message(error: jsonschema.ValidationError) -> str:
     return error.message
 
 
-_RECORD_KEYS = frozenset({"id", "uri", "tags", "width", "height", "file_name", "ground_truth"})
+# The fields manifest_record.v1 allows (also manifest.py's fast path).
+RECORD_KEYS = frozenset({"id", "uri", "tags", "width", "height", "file_name", "ground_truth"})
 _RECORD_STRINGS = ("uri", "file_name", "ground_truth")
 
 
@@ -86,7 +87,7 @@ def _valid_manifest_record(doc: Any) -> bool:
     microseconds, against ~0.3 ms for the validator). False sends the record to the validator,
     which finds and words the problems; so anything unusual (a float 3.0 tag, which the schema
     takes as an integer) may be False."""
-    if type(doc) is not dict or not doc.keys() <= _RECORD_KEYS:
+    if type(doc) is not dict or not doc.keys() <= RECORD_KEYS:
         return False
     rid, tags = doc.get("id"), doc.get("tags")
     if type(rid) is not str or not 1 <= len(rid) <= 1024 or type(tags) is not list or "uri" not in doc:

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from pipeline.config import PRESETS, RunSettings, build_config, load_config_file
+from pipeline.config import BATCH_INVARIANT_METHODS, PRESETS, RunSettings, build_config, load_config_file
 
 # cliper-method.md section 5, typed from the table.
 PUBLISHED = {
@@ -79,3 +79,11 @@ def test_the_identity_leaves_out_how_to_run_but_keeps_what_changes_labels_or_sha
     assert build_config("clip-es-voc", {"shard_size": 64}).fingerprint() != es.fingerprint()
     assert build_config("clip-es-voc", {"refine": {"scale": 90.0}}).fingerprint() != es.fingerprint()
     assert build_config(None, {"batch_size": 3, "model": {"device": "cpu"}}).run_settings() == RunSettings(3, "cpu")
+
+
+def test_the_torch_free_list_of_batch_invariant_methods_matches_the_registry():
+    """``identity_of`` reads ``BATCH_INVARIANT_METHODS`` so as not to import the methods (torch);
+    the list must name exactly the registered methods that claim ``batch_invariant``."""
+    from pipeline import methods
+
+    assert {name for name, cls in methods.REGISTRY.items() if cls.batch_invariant} == BATCH_INVARIANT_METHODS

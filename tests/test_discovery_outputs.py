@@ -137,6 +137,20 @@ def test_merge_writes_regions_suggestions_and_the_missing_tags(tmp_path):
     assert merged_images.column("n_unknown_regions").to_pylist() == [2, 1, 2]
 
 
+def test_merge_reads_each_shard_file_once_with_discovery(tmp_path, monkeypatch):
+    """The missing tags need every shard's stats_classes and suggestions: merge reads and checks
+    each file once (they were read again after being merged)."""
+    store = Store.open(str(tmp_path))
+    for sid, image_id in (("s0", "a"), ("s1", "b")):
+        commit.write_shard(store, sid, [_result(image_id, _regions(TWO))], [], CATEGORIES, FP, discovery=True)
+    reads: list[str] = []
+    real = Store.read
+    monkeypatch.setattr(Store, "read", lambda self, rel: reads.append(rel) or real(self, rel))
+    merge.merge(store, ["s0", "s1"], FP)
+    assert layout.table_file("s1", "stats_classes") in reads and layout.table_file("s1", layout.SUGGESTIONS) in reads
+    assert sorted(rel for rel in set(reads) if reads.count(rel) > 1) == []
+
+
 def test_merge_without_discovery_writes_no_discovery_files(tmp_path):
     store = Store.open(str(tmp_path))
     commit.write_shard(store, "s0", [_result("a", None)], [], CATEGORIES, FP)

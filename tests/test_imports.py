@@ -34,19 +34,24 @@ OUTPUT_OR_MODEL = (
 def test_readers_and_writers_of_outputs_import_without_the_model_stack():
     """All in one fresh interpreter, one after another: the first module that brings in torch
     (or open_clip, diffusers, transformers), directly or through another pipeline module, is
-    named; once one is loaded, later modules cannot be told apart, so the first is enough."""
+    named; once one is loaded, later modules cannot be told apart, so the first is enough. Last,
+    fingerprinting a config (what ``consensus`` and ``storage.commit.write_run`` do) loads none
+    either: ``config.identity_of`` once imported the methods for ``batch_invariant``."""
     script = (
         "import importlib, json, sys\n"
         "out = {}\n"
         f"for name in {list(TORCH_FREE)!r}:\n"
         "    importlib.import_module(name)\n"
         f"    out[name] = sorted(m for m in {list(MODEL_STACK)!r} if m in sys.modules)\n"
+        "from pipeline.config import Config\n"
+        "Config().fingerprint()\n"
+        f"out['Config().fingerprint()'] = sorted(m for m in {list(MODEL_STACK)!r} if m in sys.modules)\n"
         "print(json.dumps(out))\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert list(loaded) == list(TORCH_FREE)
+    assert list(loaded) == [*TORCH_FREE, "Config().fingerprint()"]
     first = next(((name, mods) for name, mods in loaded.items() if mods), None)
     assert first is None, f"importing {first[0]} loads {first[1]}"
 

@@ -209,6 +209,29 @@ def test_merge_detects_a_tampered_file():
         merge(store, ["s"], FP)
 
 
+def test_merge_names_the_format_a_shard_was_written_without(tmp_path):
+    """A shard committed with a subset of the formats (``write_shard(formats=...)``) is refused by
+    name before anything is merged, not as a file that fails its checksum."""
+    store = Store.open(str(tmp_path / "run"))
+    commit.write_shard(store, "s0", shard_inputs(1), [], CATEGORIES, FP)
+    commit.write_shard(store, "s1", shard_inputs(1, offset=5), [], CATEGORIES, FP, formats=["coco", "png"])
+    with pytest.raises(ValueError, match=r"shard s1 was written without the 'stats' output format\(s\)") as err:
+        merge(store, ["s0", "s1"], FP)
+    assert "sha256" not in str(err.value) and "stats_classes.parquet" in str(err.value)
+    commit.write_shard(store, "s1", shard_inputs(1, offset=5), [], CATEGORIES, FP, formats=["stats"])
+    with pytest.raises(ValueError, match=r"shard s1 was written without the 'coco' output format\(s\)"):
+        merge(store, ["s0", "s1"], FP)
+    assert not (tmp_path / "run" / "merged").exists()
+
+
+def test_merge_says_a_listed_file_is_missing():
+    store = Store.open(f"memory://{uuid.uuid4().hex}/out")
+    commit.write_shard(store, "s", shard_inputs(1), [], CATEGORIES, FP)
+    store.remove_files(["shards/s/stats_images.parquet"])
+    with pytest.raises(ValueError, match=r"stats_images.parquet is missing; delete the shard's _COMMITTED.json"):
+        merge(store, ["s"], FP)
+
+
 def test_merged_parquet_is_split_into_parts_in_shard_order():
     store = Store.open(f"memory://{uuid.uuid4().hex}/out")
     for k in range(3):
@@ -286,6 +309,28 @@ def test_run_record_and_fingerprint():
         commit.write_run(store, other, Config().to_dict(), {"clip": {"sha256": "ac"}})
     commit.write_run(store, other, Config().to_dict(), {"clip": {"sha256": "ac"}}, overwrite=True)
     assert commit.read_run(store)["parts"]["model"] == other.model
+
+
+def test_another_run_names_an_edited_discovery_vocabulary_file(tmp_path):
+    """The vocabulary file's sha256 is in the config fingerprint but not in run.json's config: the
+    refusal names the file instead of no setting at all."""
+    from pipeline.config import build_config
+
+    vocabulary = tmp_path / "vocabulary.txt"
+    vocabulary.write_text("kite\nbench\n")
+    cfg = build_config(None, {"discovery": {"enabled": True, "vocabulary": str(vocabulary)}})
+    store = Store.open(str(tmp_path / "out"))
+    model = {"clip": {"sha256": "ab"}}
+    commit.write_run(store, run_fingerprint(cfg.fingerprint(), model, "e" * 64), cfg.to_dict(), model)
+    vocabulary.write_text("kite\nbench\nlamp\n")
+    edited = run_fingerprint(cfg.fingerprint(), model, "e" * 64)
+    with pytest.raises(ValueError, match=rf"the config changed \(no stored setting: the content of the discovery "
+                                         rf"vocabulary file {vocabulary}") as err:  # fmt: skip
+        commit.write_run(store, edited, cfg.to_dict(), model)
+    assert "settings:" not in str(err.value)
+    other = build_config(None, {"discovery": {"enabled": True, "vocabulary": str(vocabulary)}, "shard_size": 7})
+    with pytest.raises(ValueError, match=r"\(settings: shard_size 256 -> 7\)"):
+        commit.write_run(store, run_fingerprint(other.fingerprint(), model, "e" * 64), other.to_dict(), model)
 
 
 # --- label maps named by the image file's stem (issue 11, section 3) ---

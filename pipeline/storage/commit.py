@@ -14,7 +14,8 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from pipeline import schemas
+from pipeline import discovery, schemas
+from pipeline.config import identity_of
 from pipeline.stats import ImageEntry
 from pipeline.storage import layout, outputs
 from pipeline.storage.store import Store
@@ -34,13 +35,7 @@ def write_run(store: Store, run: RunFingerprint, config: Mapping[str, Any], mode
     old = read_run(store)
     if old is not None and old["fingerprint"] != run.digest and not overwrite:
         changed = [name for name, digest in doc["parts"].items() if old["parts"].get(name) != digest]
-        from pipeline.config import identity_of  # here: config's identity asks the method registry
-
-        # Only settings in the identity changed the fingerprint: device and the like are not named.
-        before, after = identity_of(old.get("config", {})), identity_of(config)
-        keys = _changed_keys(before, after) if "config" in changed else []
-        keys.sort(key=lambda k: not k.startswith("method "))  # another method changes many settings: it first
-        detail = f" (settings: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})" if keys else ""
+        detail = _config_change(old.get("config", {}), config) if "config" in changed else ""
         raise ValueError(
             f"{store.path(layout.RUN_FILE)} belongs to another run: the {' and the '.join(changed)} changed{detail} "
             f"(fingerprint {old['fingerprint'][:12]}, this run {run.digest[:12]}). Use a new output "
@@ -48,6 +43,23 @@ def write_run(store: Store, run: RunFingerprint, config: Mapping[str, Any], mode
         )
     store.write_many({layout.RUN_FILE: json.dumps(doc, indent=1, sort_keys=True).encode()})
     return doc
+
+
+def _config_change(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+    """What made two stored configs' fingerprints differ, as `` (settings: ...)``. Only settings in
+    the identity count (device and the like are not named). The content of a discovery vocabulary
+    file enters the fingerprint but run.json keeps only its path, so an edited file, or a run.json
+    of an older version that fingerprinted otherwise, changes no stored setting: said so."""
+    keys = _changed_keys(identity_of(old), identity_of(new))
+    keys.sort(key=lambda k: not k.startswith("method "))  # another method changes many settings: it first
+    if keys:
+        return f" (settings: {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''})"
+    found = new.get("discovery") or {}
+    vocabulary = found.get("vocabulary")
+    if found.get("enabled") and vocabulary not in discovery.BUILTIN_VOCABULARIES:
+        return (f" (no stored setting: the content of the discovery vocabulary file {vocabulary}, which "
+                "the fingerprint holds by sha256, or a run.json written by an older version)")  # fmt: skip
+    return " (no stored setting: a run.json written by an older version that fingerprinted configs otherwise)"
 
 
 def _changed_keys(old: Any, new: Any, where: str = "") -> list[str]:
@@ -89,9 +101,10 @@ def write_shard(store: Store, shard_id: str, results: Sequence[LabelResult | Ima
     results: labelled images; failures: ``Failure`` or ``(image_id, status, error)`` for images
     that produced no label map; categories: ``types.Category`` objects or COCO category dicts;
     fingerprint: ``RunFingerprint.digest``; names: ``ImageName`` by image id (``Shard.names``),
-    labels named by id without; formats: the writers to run (``outputs.WRITERS``); discovery: the
-    run's ``discovery.enabled`` (its stats columns, region and suggestion files). Order: old
-    marker and stale files deleted, files written, marker written last.
+    labels named by id without; formats: the writers to run (``outputs.WRITERS``; merge refuses a
+    shard without ``merge.MERGE_FORMATS``); discovery: the run's ``discovery.enabled`` (its stats
+    columns, region and suggestion files). Order: old marker and stale files deleted, files
+    written, marker written last.
     """
     built = outputs.build_shard(shard_id, results, failures, categories, fingerprint, names, formats, discovery)
     marker = marker_doc(shard_id, built, fingerprint)

@@ -93,8 +93,7 @@ class Inputs:
     records: Callable[[], Iterator[dict]]
     fingerprint: str
     count: int
-    shard_ids: tuple[str, ...] | None = None  # the shards' ids at ``shard_size``, when the scan gave them
-    shard_size: int | None = None
+    shard_ids: tuple[str, ...] | None = None  # the shards' ids at read_inputs' shard_size, when the scan gave them
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,7 @@ def read_inputs(dataset: Dataset, prompt_set: str, opts: dict, shard_size: int |
         more = f"\n  ... and {len(problems) - MAX_SHOWN} more" if len(problems) > MAX_SHOWN else ""
         raise manifest.ManifestError(f"{len(problems)} manifest record(s) cannot be used; nothing was labeled:\n  "
                                      f"{shown}{more}")  # fmt: skip
-    return Inputs(cats, factory, fingerprint, count, shard_ids, shard_size)
+    return Inputs(cats, factory, fingerprint, count, shard_ids)
 
 
 def check_image_root(records: Callable[[], Iterator[dict]], opts: dict) -> None:
@@ -194,8 +193,8 @@ def _prepare(dataset: Dataset, output: str, config: Config, opts: dict, retry: R
 
 
 def _plan(p: _Prepared) -> Plan:
-    shard_ids = p.inputs.shard_ids
-    if shard_ids is None or p.inputs.shard_size != p.config.shard_size:  # a COCO file: records in memory
+    shard_ids = p.inputs.shard_ids  # scanned at config.shard_size (_prepare)
+    if shard_ids is None:  # a COCO file: records in memory
         shard_ids = tuple(s.shard_id for s in manifest.shards(p.inputs.records(), p.config.shard_size))
     committed = sum(commit.is_committed(p.store, sid, p.fingerprint.digest) for sid in shard_ids)
     old = commit.read_run(p.store)
@@ -269,8 +268,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                           "(default 900)")  # fmt: skip
     run.add_argument("--startup-timeout", type=float, metavar="S",
                      help="extra seconds for an actor's first shard: loading the models (default 1800)")  # fmt: skip
-    run.add_argument("--actor-cpus", type=int, help="CPU cores and torch threads per actor (default: the cluster's "
-                                                    "CPUs per actor, at most 4)")  # fmt: skip
+    run.add_argument("--actor-cpus", type=int, help="CPU cores, torch threads and reader threads per actor (default: "
+                                                    "the cluster's CPUs per actor, but no more than the CPUs per GPU "
+                                                    "of the poorest GPU node; CPU actors: the CPUs of the smallest "
+                                                    "node)")  # fmt: skip
     run.add_argument("--lease-ttl", type=float, default=300.0, metavar="S",
                      help="the lease on --output expires S seconds after its last renewal (every S/3)")  # fmt: skip
     run.add_argument("--dry-run", action="store_true", help="print the plan and stop")
