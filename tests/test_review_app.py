@@ -266,3 +266,29 @@ def test_only_loopback_host_names_are_served(run_copy):
         "/api/decision", json={"image_id": "cat-0", "decision": "reject"}).status_code == 400  # fmt: skip
     assert not (run_copy / "review").exists()
     assert TestClient(app, base_url="http://localhost:8000").get("/gallery").status_code == 200
+
+
+def test_a_page_of_another_site_cannot_write_or_try(run_copy):
+    """A form or a ``no-cors`` fetch on another site reaches the app through the user's browser
+    with the page's own Origin (or ``Sec-Fetch-Site: cross-site``): refused, nothing written; the
+    app's own pages (same Origin) and clients sending no Origin (curl, scripts) are served."""
+    before = tree_digest(run_copy.parent)
+    client = _client(create_app(str(run_copy), session="s1"))
+    decision = {"image_id": "cat-0", "decision": "reject"}
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": "http://127.0.0.1:8001"},
+                    {"Origin": "https://127.0.0.1"}, {"Sec-Fetch-Site": "cross-site"}):  # fmt: skip
+        refused = client.post("/api/decision", json=decision, headers=headers)
+        assert refused.status_code == 403 and "cross-site request refused" in refused.text, headers
+        as_text = client.post("/api/decision", content=json.dumps(decision), headers={**headers,
+                              "Content-Type": "text/plain"})  # fmt: skip
+        assert as_text.status_code == 403, headers
+        tried = client.post("/try", data={"image_id": "cat-0", "tags": "cat"}, headers=headers)
+        assert tried.status_code == 403 and "Try it" not in tried.text, headers
+    assert client.get("/gallery", headers={"Origin": "http://evil.example"}).status_code == 200  # reads pass
+    assert tree_digest(run_copy.parent) == before
+    same = client.post("/api/decision", json=decision, headers={"Origin": "http://127.0.0.1",
+                                                                 "Sec-Fetch-Site": "same-origin"})  # fmt: skip
+    assert same.status_code == 200
+    assert client.post("/api/decision", json={"image_id": "dog-1", "decision": "accept"}).status_code == 200
+    lines = (run_copy / "review" / "decisions-s1.jsonl").read_text().splitlines()
+    assert [json.loads(x)["image_id"] for x in lines] == ["cat-0", "dog-1"]
