@@ -292,3 +292,29 @@ def test_a_page_of_another_site_cannot_write_or_try(run_copy):
     assert client.post("/api/decision", json={"image_id": "dog-1", "decision": "accept"}).status_code == 200
     lines = (run_copy / "review" / "decisions-s1.jsonl").read_text().splitlines()
     assert [json.loads(x)["image_id"] for x in lines] == ["cat-0", "dog-1"]
+
+
+def test_allowed_host_names_join_the_host_check(run_copy, monkeypatch, capsys):
+    """``--host 0.0.0.0`` alone answers loopback names only (and says so); an ``--allowed-host``
+    name is what remote browsers send as Host, so it is served, writes included."""
+    job = _review_job()
+    served = []
+    monkeypatch.setattr(job, "serve", lambda app, host, port: served.append(app))
+    assert job.main(["--run", str(run_copy), "--host", "0.0.0.0"]) == 0
+    warning = capsys.readouterr().err
+    assert "0.0.0.0, 127.0.0.1, [::1], localhost;" in warning and "--allowed-host NAME" in warning
+    assert job.main(["--run", str(run_copy), "--host", "0.0.0.0", "--allowed-host", "review.lab",
+                     "--allowed-host", "10.0.0.5"]) == 0  # fmt: skip
+    assert "0.0.0.0, 10.0.0.5, 127.0.0.1, [::1], localhost, review.lab;" in capsys.readouterr().err
+    without, with_names = served
+    for name in ("review.lab", "10.0.0.5"):
+        url = f"http://{name}:8000"
+        assert TestClient(without, base_url=url).get("/gallery").status_code == 400
+        assert TestClient(with_names, base_url=url).get("/gallery").status_code == 200
+        assert TestClient(with_names, base_url=url).post("/api/decision", headers={"Origin": url},
+                                                         json={"image_id": "cat-0", "decision": "accept"}).status_code == 200  # fmt: skip
+    assert TestClient(with_names, base_url="http://evil.example").get("/gallery").status_code == 400
+    for bad in ("http://review.lab", "review.lab:8000", ""):
+        assert job.main(["--run", str(run_copy), "--host", "0.0.0.0", "--allowed-host", bad]) == 2
+        assert "give a bare host name" in capsys.readouterr().err
+    assert len(served) == 2
