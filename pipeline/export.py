@@ -77,14 +77,29 @@ def _class_scores(run: ReviewRun) -> dict[str, dict[int, float]]:
     return out
 
 
+def _file_names(run: ReviewRun, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Image id -> ``file_name`` of each row's image, each shard's COCO file read once: rows come
+    in id order while shards are manifest chunks, so going row by row through a cache of shards
+    would read a shard again for most images of a manifest not sorted by id."""
+    ids_by_shard: dict[str, list[str]] = {}
+    for row in rows:
+        ids_by_shard.setdefault(row["shard_id"], []).append(row["image_id"])
+    out: dict[str, str] = {}
+    for shard_id, ids in sorted(ids_by_shard.items()):
+        in_shard = run.read_file_names(shard_id)
+        out.update((i, in_shard[i]) for i in ids if i in in_shard)
+    return out
+
+
 def items(run: ReviewRun, images: str | None = None) -> Iterator[Item]:
     """The run's labelled images in image-id order, with their label maps and decisions."""
     rows = ds.dataset(list(run.images_files), format="parquet", filesystem=run.store.fs).to_table(
         filter=ds.field("status") == "ok").sort_by("image_id").to_pylist()  # fmt: skip
     decisions = {k: d.decision for k, d in DecisionLog(run).latest().items()}
     scores = _class_scores(run)
+    names = _file_names(run, rows)
     for row in rows:
-        name = run.file_names(row["shard_id"]).get(row["image_id"])
+        name = names.get(row["image_id"])
         yield Item(row, Path(row["label_file"]).stem, image_url(name, images), run.label_map(row["label_file"]),
                    scores.get(row["image_id"], {}), decisions.get(row["image_id"]))  # fmt: skip
 

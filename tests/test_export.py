@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline import export
 from pipeline.review.decisions import DecisionLog
 from pipeline.review.run import open_review_run
-from tests.review_data import IMAGES, label_maps, review_run, tree_digest  # noqa: F401 (fixture)
+from tests.review_data import IMAGES, interleaved, label_maps, make_run, review_run, tree_digest  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 # class scores by image (review_data.painted: the tags' scores are linspace(0.9, 0.3) in tag order)
@@ -170,3 +170,31 @@ def test_an_export_is_byte_identical_when_repeated(run_copy, tmp_path, fmt):
     export.export(str(run_copy), fmt, tmp_path / "a", rejected="tag")
     export.export(str(run_copy), fmt, tmp_path / "b", rejected="tag")
     assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b") != {}
+
+
+@pytest.fixture(scope="module")
+def interleaved_run(tmp_path_factory, tiny_config) -> Path:
+    """65 shards of two images, the manifest not in id order (``review_data.interleaved``)."""
+    images, shards = interleaved(65)
+    return make_run(tmp_path_factory.mktemp("interleaved"), tiny_config, images, shards, size=(12, 12))
+
+
+def test_an_export_reads_each_shards_coco_file_once(interleaved_run, tmp_path, monkeypatch):
+    """Images are exported in id order, which visits all 65 shards before any shard's second
+    image: each shard's annotations.json is still read once (more shards than any cache holds)."""
+    run = open_review_run(str(interleaved_run))
+    reads: list[str] = []
+    read = run.store.read
+
+    def counting(rel: str) -> bytes | None:
+        reads.append(rel)
+        return read(rel)
+
+    monkeypatch.setattr(run.store, "read", counting)
+    summary = export.export(run, "labelstudio", tmp_path / "ls", images="/pictures")
+    coco = sorted(r for r in reads if r.endswith("/annotations.json"))
+    assert len(run.shards) == 65 and summary.exported == 130
+    assert coco == sorted(set(coco)) and len(coco) == 65
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert [t["data"]["image_id"] for t in tasks] == [f"im-{i:03d}" for i in range(130)]
+    assert all(t["data"]["image"].rsplit("/", 1)[-1] == f"{t['data']['image_id']}.png" for t in tasks)

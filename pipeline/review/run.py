@@ -93,7 +93,12 @@ class ReviewRun:
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one run per app; shards are small
     def file_names(self, shard_id: str) -> dict[str, str]:
-        """Manifest id -> the image's ``file_name`` from the shard's COCO file."""
+        """``read_file_names``, the last 64 shards' kept (the app's pages ask image by image)."""
+        return self.read_file_names(shard_id)
+
+    def read_file_names(self, shard_id: str) -> dict[str, str]:
+        """Manifest id -> the image's ``file_name`` from the shard's COCO file (read and parsed on
+        each call: callers that visit many shards read each once, see ``export.items``)."""
         data = self.read(layout.shard_file(shard_id, layout.ANNOTATIONS))
         doc = json.loads(data) if data else {"images": []}
         return {str(im.get("source_id", im["id"])): im["file_name"] for im in doc["images"]}
