@@ -6,6 +6,7 @@ from __future__ import annotations
 import html as html_text
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -318,3 +319,57 @@ def test_allowed_host_names_join_the_host_check(run_copy, monkeypatch, capsys):
         assert job.main(["--run", str(run_copy), "--host", "0.0.0.0", "--allowed-host", bad]) == 2
         assert "give a bare host name" in capsys.readouterr().err
     assert len(served) == 2
+
+
+def test_a_local_decisions_file_grows_by_appends(run_copy, monkeypatch):
+    """Each decision appends its line: the bytes written before stay the file's prefix, and no
+    whole-file write happens (a session of n decisions costs n lines, not n squared / 2)."""
+    run = open_review_run(str(run_copy))
+    whole = []
+    monkeypatch.setattr(run.store, "write_many", whole.append)
+    log = DecisionLog(run, "s1")
+    path = run_copy / "review" / "decisions-s1.jsonl"
+    before = b""
+    for n, image_id in enumerate(["cat-0", "dog-1", "cat-0"]):
+        log.record(image_id, ("accept", "reject")[n % 2], when=float(n))
+        after = path.read_bytes()
+        assert after.startswith(before) and after.count(b"\n") == n + 1 and after.endswith(b"\n")
+        before = after
+    assert whole == []
+    sync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        log.record("both-2", "reject", when=3.0)
+    assert path.read_bytes() == before  # the failed line is cut back off: no half line for the next to continue
+    monkeypatch.setattr(os, "fsync", sync)
+    log.record("both-2", "accept", when=4.0)
+    assert [d.image_id for d in DecisionLog(run, "s2").all] == ["cat-0", "dog-1", "cat-0", "both-2"]
+    with pytest.raises(ValueError, match="session name '../x': use letters, digits"):
+        DecisionLog(run, "../x")
+
+
+def test_where_the_store_cannot_append_a_session_rolls_to_parts(run_copy, monkeypatch):
+    """Object stores (no append): the current part is rewritten with each line, and a new part
+    starts every PART_LINES lines, so one decision never rewrites more than PART_LINES lines."""
+    from pipeline.review import decisions
+    from pipeline.review.run import ReviewRun
+
+    monkeypatch.setattr(ReviewRun, "appends", property(lambda self: False))
+    monkeypatch.setattr(decisions, "PART_LINES", 2)
+    run = open_review_run(str(run_copy))
+    written, write = [], run.store.write_many
+    monkeypatch.setattr(run.store, "write_many",
+                        lambda files: (written.append({k: v.count(b"\n") for k, v in files.items()}), write(files)))  # fmt: skip
+    log = DecisionLog(run, "s1")
+    ids, said = ["cat-0", "dog-1", "both-2", "cat-0", "dog-1"], ["accept", "accept", "reject", "reject", "needs_fix"]
+    for n, (image_id, decision) in enumerate(zip(ids, said, strict=True)):
+        log.record(image_id, decision, when=float(n))
+    first, part = "review/decisions-s1.jsonl", "review/decisions-s1.part{:05d}.jsonl"
+    assert written == [{first: 1}, {first: 2}, {part.format(1): 1}, {part.format(1): 2}, {part.format(2): 1}]
+    again = DecisionLog(run, "s2")
+    assert [d.image_id for d in again.all] == ids
+    assert {k: d.decision for k, d in again.latest().items()} == {"cat-0": "reject", "dog-1": "needs_fix",
+                                                                   "both-2": "reject"}  # fmt: skip
+    DecisionLog(run, "s1").record("both-2", "accept", when=9.0)  # the session named again: after its parts
+    assert written[-1] == {part.format(3): 1}
+    assert [d.image_id for d in DecisionLog(run, "s3").all] == [*ids, "both-2"]

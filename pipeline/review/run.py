@@ -12,9 +12,12 @@ import functools
 import io
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import discovery
 from pipeline.pngs import decode_png, palette
@@ -53,6 +56,31 @@ class ReviewRun:
 
     def write(self, rel: str, data: bytes) -> None:
         self.store.write_many({rel: data})
+
+    @property
+    def appends(self) -> bool:
+        """Whether files under the prefix can be appended to: a local filesystem can; object
+        stores cannot (an object is only ever written whole)."""
+        return isinstance(self.store.fs, LocalFileSystem)
+
+    def append(self, rel: str, data: bytes) -> None:
+        """Append ``data`` to the local file ``rel`` under the prefix (made, with its folder, when
+        missing) and sync it to disk. A write that fails is cut back off, so the next one does not
+        continue a half line. Only where ``appends``; not retried (a retry could append twice)."""
+        if not self.appends:
+            raise ValueError(f"{self.url} is on an object store, which cannot append; write whole files there")
+        path = self.store.path(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "ab", buffering=0) as f:
+            start = f.tell()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[f.write(view) :]
+                os.fsync(f.fileno())
+            except OSError:
+                f.truncate(start)
+                raise
 
     def list_review(self, pattern: str) -> list[str]:
         """Names of the files in ``review/`` matching a glob ``pattern`` (no folders), sorted."""
