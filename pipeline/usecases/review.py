@@ -45,8 +45,8 @@ def allowed_hosts(host: str, names: Sequence[str]) -> list[str]:
     for name in names:
         bare = name[1:-1] if name.startswith("[") and name.endswith("]") else name  # [::1]
         if not name or any(c in name for c in "/ ") or (":" in name and bare == name):
-            raise ValueError(f"--allowed-host {name!r}: give a bare host name or address as browsers send "
-                             "it in Host, without scheme, port or path (e.g. review.lab.example, 10.0.0.5)")  # fmt: skip
+            raise ValueError(f"--allowed-host {name!r}: give a bare host name or address as browsers send it "
+                             "in Host, without scheme, port or path (e.g. review.lab.example, 10.0.0.5)")  # fmt: skip
     return sorted({*LOOPBACK_HOSTS, host, *names})
 
 
