@@ -30,12 +30,13 @@ import numpy as np
 import pyarrow.dataset as ds
 from PIL import Image
 
+from pipeline.review import render
 from pipeline.review.decisions import DecisionLog
-from pipeline.review.run import ReviewRun, image_url, open_review_run, palette
+from pipeline.review.run import ReviewRun, image_url, open_review_run
+from pipeline.types import IGNORE
 
 log = logging.getLogger(__name__)
 
-IGNORE = 255
 REJECTED = ("skip", "tag")
 STAT_FIELDS = ("background_fraction", "ignore_fraction", "coarse_refined_agreement", "superpixel_purity",
                "n_candidates", "n_kept", "n_superpixels")  # fmt: skip
@@ -209,9 +210,7 @@ def brush_rle(mask: np.ndarray) -> list[int]:
 
 def label_config(names: Mapping[int, str]) -> str:
     """A Label Studio labeling config with one brush label per class (colours as in the label PNGs)."""
-    raw = palette()
-    colour = {i: "#" + raw[3 * i : 3 * i + 3].hex() for i in names}
-    labels = "".join(f'\n    <Label value={quoteattr(name)} background="{colour[i]}"/>'
+    labels = "".join(f'\n    <Label value={quoteattr(name)} background="{render.hex_colour(i)}"/>'
                      for i, name in sorted(names.items()) if i not in (0, IGNORE))  # fmt: skip
     return (f'<View>\n  <Image name="{TO_NAME}" value="$image" zoom="true"/>\n'
             f'  <BrushLabels name="{FROM_NAME}" toName="{TO_NAME}">{labels}\n  </BrushLabels>\n</View>\n')  # fmt: skip
@@ -255,7 +254,7 @@ def to_labelstudio(run: ReviewRun, out: Path, images: str | None, rejected: str,
 def to_cvat(run: ReviewRun, out: Path, images: str | None, rejected: str, summary: ExportSummary) -> None:
     (out / "SegmentationClass").mkdir(parents=True, exist_ok=True)
     (out / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
-    colours = np.frombuffer(palette(), np.uint8).reshape(256, 3)
+    colours = render.colours()
     stems, tagged, present = [], [], {0}
     for item in items(run, images):
         if not _kept(item, rejected, summary):

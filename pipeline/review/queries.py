@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.review.decisions import DECISIONS
 from pipeline.review.run import ReviewRun
 
 PAGE_SIZES = (24, 48, 96)
-DECISIONS = ("accept", "reject", "needs_fix")
 AUDIT_COLUMNS = ("miou", "miou_fg", "pixel_accuracy", "ignored_fraction")  # from the audit's images.parquet
 CLASS_COLUMNS = ("class_score", "class_fraction")  # of the class picked in the filter
 HIDDEN = {"shard_id", "image_id", "status", "error", "label_file"}
@@ -338,10 +338,6 @@ class RunIndex:
         rows = self._sql("SELECT image_id, shard_id, status, error FROM images WHERE status <> 'ok' "
                          "ORDER BY status, image_id LIMIT ? OFFSET ?", [limit, offset])  # fmt: skip
         return rows, total
-
-    def ok_images(self) -> list[dict[str, Any]]:
-        """Every labelled image's id, shard and label file, by id (exports; streams no pixels)."""
-        return self._sql("SELECT image_id, shard_id, label_file FROM images WHERE status = 'ok' ORDER BY image_id")
 
     def close(self) -> None:
         self.con.close()

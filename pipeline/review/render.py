@@ -11,9 +11,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.review.run import palette
-from pipeline.types import MAX_CLASS_ID
+from pipeline.types import IGNORE, MAX_CLASS_ID
 
-IGNORE = 255
 THUMB = 192  # longest side of a gallery thumbnail, pixels
 OVERLAY_ALPHA = 0.55
 
