@@ -23,7 +23,7 @@ from starlette.testclient import TestClient
 from pipeline.review import create_app
 from pipeline.review.decisions import DecisionLog
 from pipeline.review.queries import GalleryQuery, RunIndex
-from pipeline.review.run import open_review_run
+from pipeline.review.run import image_url, open_review_run
 from tests.review_data import IMAGES, label_maps, review_run, tree_digest  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,6 +162,53 @@ def test_no_route_reads_or_writes_outside_the_run_prefix(run_copy):
         response = client.get(path)
         assert response.status_code == 404 and "create_app" not in response.text, path
     assert tree_digest(run_copy.parent) == before  # nothing written, not even under the prefix
+
+
+def test_image_url_keeps_relative_names_under_the_root():
+    assert image_url("a/b.png", "s3://bucket/imgs/") == "s3://bucket/imgs/a/b.png"
+    for climbing in ("../run.json", "../../run.json", "a/../../x.png", "a/b/../../../x.png", "..", "a/.."):
+        assert image_url(climbing, "/data/images") is None, climbing
+    assert image_url("a/b.png", None) is None  # a relative name without --images: unknown
+    assert image_url(None, "/data/images") is None and image_url("", "/data/images") is None
+    # absolute names and URLs are the run's own record of where its image is (the manifest's uri)
+    assert image_url("/data/coco/x.jpg", "/data/images") == "/data/coco/x.jpg"
+    assert image_url("s3://b/x.jpg", None) == "s3://b/x.jpg"
+
+
+def _set_file_name(run: Path, image_id: str, file_name: str) -> None:
+    """Rewrite the image's ``file_name`` in its shard's COCO file (as a tampered or odd run would hold)."""
+    for path in run.glob("shards/*/annotations.json"):
+        doc = json.loads(path.read_text())
+        for image in doc["images"]:
+            if str(image.get("source_id", image["id"])) == image_id:
+                image["file_name"] = file_name
+                path.write_text(json.dumps(doc))
+                return
+    raise AssertionError(f"no image {image_id} in {run}")
+
+
+def test_a_coco_file_name_that_climbs_out_of_the_images_root_is_not_read(run_copy, tmp_path):
+    """The run's COCO file names ``../x/secret.png`` and ``../../run.json`` (both exist from
+    --images): the app shows no picture and the exports copy none."""
+    from pipeline import export
+
+    root = run_copy / "x" / "y"  # --images; ../../run.json from here is the run's run.json
+    root.mkdir(parents=True)  # there, so the OS could resolve the climb
+    Image.fromarray(np.full((48, 64, 3), 7, np.uint8)).save(run_copy / "x" / "secret.png")  # cat-0's size
+    _set_file_name(run_copy, "cat-0", "../secret.png")
+    _set_file_name(run_copy, "dog-1", "../../run.json")
+    client = _client(create_app(str(run_copy), images=str(root)))
+    photo = np.array(Image.open(io.BytesIO(client.get("/picture/photo?id=cat-0").content)))
+    assert (photo == 96).all()  # the grey stand-in, not the secret's 7s
+    assert "cannot be read" in client.post("/try", data={"image_id": "cat-0", "tags": "cat"}).text
+    summary = export.export(str(run_copy), "fiftyone", tmp_path / "fo", images=str(root))
+    assert summary.missing_pictures == ["cat-0", "dog-1"] and summary.exported == 3
+    assert sorted(p.name for p in (tmp_path / "fo" / "data").iterdir()) == ["both-2.png", "person-3.png",
+                                                                            "three-4.png"]  # fmt: skip
+    assert export.export(str(run_copy), "labelstudio", tmp_path / "ls", images=str(root)).missing_pictures == [
+        "cat-0", "dog-1"]  # fmt: skip
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert {t["data"]["image_id"]: t["data"]["image"] for t in tasks}["dog-1"] == ""
 
 
 def test_classes_and_failed_pages(run_copy):
