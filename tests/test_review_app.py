@@ -117,7 +117,11 @@ def test_decisions_survive_a_restart_and_the_latest_wins(run_copy):
     assert client.post("/api/decision", json={"image_id": "cat-0", "decision": "reject", "note": "leg"}).json()[
         "counts"] == {"accept": 0, "reject": 1, "needs_fix": 0}  # fmt: skip
     client.post("/api/decision", json={"image_id": "dog-1", "decision": "needs_fix"})
-    assert client.post("/api/decision", json={"image_id": "dog-1", "decision": "maybe"}).status_code == 400
+    maybe = client.post("/api/decision", json={"image_id": "dog-1", "decision": "maybe"})
+    assert maybe.status_code == 400
+    assert maybe.json()["detail"] == "decision 'maybe' must be one of ['accept', 'reject', 'needs_fix']"
+    long_note = {"image_id": "dog-1", "decision": "accept", "note": "x" * 2001}
+    assert "a note must be text of at most 2000 characters" in client.post("/api/decision", json=long_note).text
     lines = (run_copy / "review" / "decisions-s1.jsonl").read_text().splitlines()
     assert [json.loads(x)["decision"] for x in lines] == ["reject", "needs_fix"]
     again = _client(create_app(str(run_copy), session="s2"))  # a restarted server
