@@ -429,3 +429,26 @@ def test_where_the_store_cannot_append_a_session_rolls_to_parts(run_copy, monkey
     DecisionLog(run, "s1").record("both-2", "accept", when=9.0)  # the session named again: after its parts
     assert written[-1] == {part.format(3): 1}
     assert [d.image_id for d in DecisionLog(run, "s3").all] == [*ids, "both-2"]
+
+
+def test_a_view_count_made_before_decisions_change_is_not_kept(run_copy):
+    """A decision that lands while a gallery count is being cached (another request's thread)
+    clears the cache after that count, never before it: the next page counts again."""
+    import threading
+
+    index = RunIndex(open_review_run(str(run_copy)))
+    view = GalleryQuery(decision="reject")
+    racers: list[threading.Thread] = []
+
+    class Racing(dict):
+        def __setitem__(self, key, value):  # between counting and keeping: another thread decides
+            if not racers:
+                racers.append(threading.Thread(target=index.set_decisions, args=({"cat-0": "reject"},)))
+                racers[0].start()
+                racers[0].join(timeout=0.5)  # it waits for the lock where the count is kept under it
+            super().__setitem__(key, value)
+
+    index._counts = Racing()
+    assert index.gallery(view).total == 0  # counted before the decision
+    racers[0].join()
+    assert index.gallery(view).total == 1 and [r["image_id"] for r in index.gallery(view).rows] == ["cat-0"]
