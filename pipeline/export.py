@@ -1,7 +1,8 @@
 """Exports of a run to the tools curators use, honouring review decisions.
 
-    fiftyone     ImageSegmentationDirectory: data/<stem>.<ext> images, labels/<stem>.png masks
-                 (pixel = category id, 255 ignore), mask_targets.json, and fields.json with each
+    fiftyone     ImageSegmentationDirectory: data/<stem>.<ext> images, labels/<stem>.png greyscale
+                 masks (pixel = category id, 255 ignore; the run's label PNGs without their
+                 palette, see ``grey_png``), mask_targets.json, and fields.json with each
                  image's stats (and review decision) to set as sample fields
     labelstudio  tasks.json: one task per image with ``predictions`` (a ``brushlabels`` RLE result
                  per class present and a ``score``), and label_config.xml for the project
@@ -16,10 +17,11 @@ so an export is byte-identical for the same run and decisions.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
+import struct
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +30,11 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 import pyarrow.dataset as ds
-from PIL import Image
 
+from pipeline.pngs import COMPRESS_LEVEL
 from pipeline.review import render
 from pipeline.review.decisions import DecisionLog
-from pipeline.review.run import ReviewRun, image_url, open_review_run
+from pipeline.review.run import ReviewRun, decode_png, image_url, open_review_run
 from pipeline.types import IGNORE
 
 log = logging.getLogger(__name__)
@@ -59,12 +61,14 @@ class ExportSummary:
 @dataclass(frozen=True)
 class Item:
     """One labelled image to export: its stats row, ``stem`` (its label file's), the image's
-    location (or None), its label map [H, W] uint8, class scores by category id, review decision."""
+    location (or None), its label map [H, W] uint8 and the run's PNG of it (indexed), class scores
+    by category id, review decision."""
 
     row: Mapping[str, Any]
     stem: str
     picture: str | None
     label_map: np.ndarray
+    label_png: bytes
     scores: Mapping[int, float]
     decision: str | None
 
@@ -100,8 +104,8 @@ def items(run: ReviewRun, images: str | None = None) -> Iterator[Item]:
     scores = _class_scores(run)
     names = _file_names(run, rows)
     for row in rows:
-        name = names.get(row["image_id"])
-        yield Item(row, Path(row["label_file"]).stem, image_url(name, images), run.label_map(row["label_file"]),
+        name, png = names.get(row["image_id"]), run.label_png(row["label_file"])
+        yield Item(row, Path(row["label_file"]).stem, image_url(name, images), decode_png(png), png,
                    scores.get(row["image_id"], {}), decisions.get(row["image_id"]))  # fmt: skip
 
 
@@ -115,10 +119,44 @@ def _kept(item: Item, rejected: str, summary: ExportSummary) -> bool:
     return True
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(type, data) of each chunk of a PNG file; raises ValueError when it is not one."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError("not a PNG file")
+    at = len(PNG_SIGNATURE)
+    while at < len(data):
+        if at + 12 > len(data):
+            raise ValueError("a PNG chunk is cut short")
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        yield data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        at += 12 + length
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def grey_png(indexed: bytes) -> bytes | None:
+    """An 8-bit indexed PNG (a run's label PNG) as an 8-bit greyscale PNG with the same pixel
+    values, without decoding: both store one byte per pixel, so the compressed rows stay as they
+    are; only the header's colour type changes and the palette goes. Readers that expand palettes
+    to colours (OpenCV, so FiftyOne) then see the category ids. None when ``indexed`` is no 8-bit
+    indexed PNG."""
+    try:
+        chunks = list(_chunks(indexed))
+    except (ValueError, struct.error):
+        return None
+    if not chunks or chunks[0][0] != b"IHDR" or len(chunks[0][1]) != 13:
+        return None
+    header = chunks[0][1]
+    if header[8:10] != b"\x08\x03":  # bit depth 8, colour type 3 (indexed)
+        return None
+    out = [PNG_SIGNATURE, _chunk(b"IHDR", header[:9] + b"\x00" + header[10:])]
+    out += [_chunk(kind, body) for kind, body in chunks[1:] if kind not in (b"PLTE", b"tRNS")]
+    return b"".join(out)
 
 
 def _names(run: ReviewRun, present: Sequence[int] = ()) -> dict[int, str]:
@@ -150,7 +188,8 @@ def to_fiftyone(run: ReviewRun, out: Path, images: str | None, rejected: str, su
         ext = Path(item.picture).suffix.lower() or ".jpg"
         with fs.open(item.picture, "rb") as src, open(out / "data" / f"{item.stem}{ext}", "wb") as dst:
             shutil.copyfileobj(src, dst)
-        (out / "labels" / f"{item.stem}.png").write_bytes(_png(item.label_map))
+        mask = grey_png(item.label_png) or render.png_bytes(item.label_map, COMPRESS_LEVEL)
+        (out / "labels" / f"{item.stem}.png").write_bytes(mask)
         present |= set(np.unique(item.label_map).tolist())
         fields[item.stem] = {"image_id": item.row["image_id"], "score": image_score(item),
                              **{k: item.row[k] for k in STAT_FIELDS},
@@ -259,7 +298,8 @@ def to_cvat(run: ReviewRun, out: Path, images: str | None, rejected: str, summar
     for item in items(run, images):
         if not _kept(item, rejected, summary):
             continue
-        (out / "SegmentationClass" / f"{item.stem}.png").write_bytes(_png(colours[item.label_map]))
+        coloured = render.png_bytes(colours[item.label_map], COMPRESS_LEVEL)
+        (out / "SegmentationClass" / f"{item.stem}.png").write_bytes(coloured)
         present |= set(np.unique(item.label_map).tolist())
         stems.append(item.stem)
         tagged += [item.stem] if item.decision == "reject" else []

@@ -96,12 +96,16 @@ class ReviewRun:
         protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
         return fs if fsspec.utils.get_protocol(url) in protocols else fsspec.core.url_to_fs(url)[0]
 
-    def label_map(self, label_file: str) -> Any:
-        """[H, W] uint8 label map stored at ``label_file`` (a stats row's path under the prefix)."""
+    def label_png(self, label_file: str) -> bytes:
+        """Bytes of the indexed label PNG at ``label_file`` (a stats row's path under the prefix)."""
         data = self.read(label_file)
         if data is None:
             raise FileNotFoundError(f"{self.store.path(label_file)} is missing although its shard is committed")
-        return decode_png(data)
+        return data
+
+    def label_map(self, label_file: str) -> Any:
+        """[H, W] uint8 label map stored at ``label_file`` (a stats row's path under the prefix)."""
+        return decode_png(self.label_png(label_file))
 
     def region_map(self, shard_id: str, label_file: str) -> Any:
         """[H, W] uint16 region map of the image whose label is ``label_file`` (discovery with
