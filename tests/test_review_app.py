@@ -452,3 +452,19 @@ def test_a_view_count_made_before_decisions_change_is_not_kept(run_copy):
     assert index.gallery(view).total == 0  # counted before the decision
     racers[0].join()
     assert index.gallery(view).total == 1 and [r["image_id"] for r in index.gallery(view).rows] == ["cat-0"]
+
+
+def test_the_image_page_looks_the_region_map_up_without_reading_it(run_copy):
+    """The page only needs to know a region map is there (the picture route decodes it): a file
+    that is no PNG still gives the toggle, and only the picture route says what is wrong."""
+    from pipeline.storage import layout
+
+    row = RunIndex(open_review_run(str(run_copy))).image("cat-0")
+    region = run_copy / layout.region_file(row["shard_id"], layout.label_name(row["label_file"]))
+    region.parent.mkdir(parents=True)
+    region.write_bytes(b"not a png")
+    client = _client(create_app(str(run_copy)))
+    assert 'id="regions-toggle"' in client.get("/image?id=cat-0").text
+    assert 'id="regions-toggle"' not in client.get("/image?id=dog-1").text
+    with pytest.raises(OSError, match="cannot identify image"):  # the file is bad: the page never decoded it
+        client.get("/picture/regions?id=cat-0")

@@ -229,7 +229,7 @@ def image_page(request: Request, id: str, pos: int | None = None) -> HTMLRespons
     stats = {k: v for k, v in row.items() if k not in ("decision",)}
     ok = row["status"] == "ok" and row["label_file"]
     suggestions = review.run.suggestions(row["shard_id"], id) if ok else []
-    has_regions = bool(ok) and review.run.region_map(row["shard_id"], row["label_file"]) is not None
+    has_regions = bool(ok) and review.run.has_region_map(row["shard_id"], row["label_file"])
     return _page(request, "image.html", row=row, stats=stats, classes=classes, q=q, pos=pos, prev_id=prev_id,
                  next_id=next_id, decision=decision, has_gt=review.gt is not None,
                  audit=review.index.audit_key is not None, suggestions=suggestions,

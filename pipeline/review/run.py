@@ -113,6 +113,10 @@ class ReviewRun:
         data = self.read(layout.region_file(shard_id, layout.label_name(label_file)))
         return None if data is None else discovery.decode_region_png(data)
 
+    def has_region_map(self, shard_id: str, label_file: str) -> bool:
+        """Whether the run has a region map for the image whose label is ``label_file`` (looked up, not read)."""
+        return bool(self.store.fs.exists(self.store.path(layout.region_file(shard_id, layout.label_name(label_file)))))
+
     def suggestions(self, shard_id: str, image_id: str) -> list[dict[str, Any]]:
         """The image's rows of its shard's ``suggestions.parquet`` (discovery), by region id; [] without."""
         data = self.read(layout.table_file(shard_id, layout.SUGGESTIONS))
