@@ -86,7 +86,8 @@ def cross_site(headers: Mapping[str, str], scheme: str) -> str | None:
     if origin is None:
         return None
     own = f"{scheme}://{headers.get('host', '')}"
-    if _origin(origin.lower()) is None or _origin(origin.lower()) != _origin(own.lower()):
+    theirs = _origin(origin.lower())
+    if theirs is None or theirs != _origin(own.lower()):
         return f"its Origin {origin!r} is not this app's own ({own})"
     return None
 
