@@ -1,7 +1,8 @@
 """Exports of a run to the tools curators use, honouring review decisions.
 
-    fiftyone     ImageSegmentationDirectory: data/<stem>.<ext> images, labels/<stem>.png masks
-                 (pixel = category id, 255 ignore), mask_targets.json, and fields.json with each
+    fiftyone     ImageSegmentationDirectory: data/<stem>.<ext> images, labels/<stem>.png greyscale
+                 masks (pixel = category id, 255 ignore; the run's label PNGs without their
+                 palette, see ``grey_png``), mask_targets.json, and fields.json with each
                  image's stats (and review decision) to set as sample fields
     labelstudio  tasks.json: one task per image with ``predictions`` (a ``brushlabels`` RLE result
                  per class present and a ``score``), and label_config.xml for the project
@@ -16,10 +17,11 @@ so an export is byte-identical for the same run and decisions.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import shutil
+import struct
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +30,15 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 import pyarrow.dataset as ds
-from PIL import Image
 
+from pipeline.pngs import COMPRESS_LEVEL
+from pipeline.review import render
 from pipeline.review.decisions import DecisionLog
-from pipeline.review.run import ReviewRun, image_url, open_review_run, palette
+from pipeline.review.run import ReviewRun, decode_png, image_url, open_review_run
+from pipeline.types import IGNORE
 
 log = logging.getLogger(__name__)
 
-IGNORE = 255
 REJECTED = ("skip", "tag")
 STAT_FIELDS = ("background_fraction", "ignore_fraction", "coarse_refined_agreement", "superpixel_purity",
                "n_candidates", "n_kept", "n_superpixels")  # fmt: skip
@@ -58,12 +61,14 @@ class ExportSummary:
 @dataclass(frozen=True)
 class Item:
     """One labelled image to export: its stats row, ``stem`` (its label file's), the image's
-    location (or None), its label map [H, W] uint8, class scores by category id, review decision."""
+    location (or None), its label map [H, W] uint8 and the run's PNG of it (indexed), class scores
+    by category id, review decision."""
 
     row: Mapping[str, Any]
     stem: str
     picture: str | None
     label_map: np.ndarray
+    label_png: bytes
     scores: Mapping[int, float]
     decision: str | None
 
@@ -77,15 +82,30 @@ def _class_scores(run: ReviewRun) -> dict[str, dict[int, float]]:
     return out
 
 
+def _file_names(run: ReviewRun, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """Image id -> ``file_name`` of each row's image, each shard's COCO file read once: rows come
+    in id order while shards are manifest chunks, so going row by row through a cache of shards
+    would read a shard again for most images of a manifest not sorted by id."""
+    ids_by_shard: dict[str, list[str]] = {}
+    for row in rows:
+        ids_by_shard.setdefault(row["shard_id"], []).append(row["image_id"])
+    out: dict[str, str] = {}
+    for shard_id, ids in sorted(ids_by_shard.items()):
+        in_shard = run.read_file_names(shard_id)
+        out.update((i, in_shard[i]) for i in ids if i in in_shard)
+    return out
+
+
 def items(run: ReviewRun, images: str | None = None) -> Iterator[Item]:
     """The run's labelled images in image-id order, with their label maps and decisions."""
     rows = ds.dataset(list(run.images_files), format="parquet", filesystem=run.store.fs).to_table(
         filter=ds.field("status") == "ok").sort_by("image_id").to_pylist()  # fmt: skip
     decisions = {k: d.decision for k, d in DecisionLog(run).latest().items()}
     scores = _class_scores(run)
+    names = _file_names(run, rows)
     for row in rows:
-        name = run.file_names(row["shard_id"]).get(row["image_id"])
-        yield Item(row, Path(row["label_file"]).stem, image_url(name, images), run.label_map(row["label_file"]),
+        name, png = names.get(row["image_id"]), run.label_png(row["label_file"])
+        yield Item(row, Path(row["label_file"]).stem, image_url(name, images), decode_png(png), png,
                    scores.get(row["image_id"], {}), decisions.get(row["image_id"]))  # fmt: skip
 
 
@@ -99,10 +119,44 @@ def _kept(item: Item, rejected: str, summary: ExportSummary) -> bool:
     return True
 
 
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
-    return buf.getvalue()
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _chunks(data: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(type, data) of each chunk of a PNG file; raises ValueError when it is not one."""
+    if not data.startswith(PNG_SIGNATURE):
+        raise ValueError("not a PNG file")
+    at = len(PNG_SIGNATURE)
+    while at < len(data):
+        if at + 12 > len(data):
+            raise ValueError("a PNG chunk is cut short")
+        (length,) = struct.unpack(">I", data[at : at + 4])
+        yield data[at + 4 : at + 8], data[at + 8 : at + 8 + length]
+        at += 12 + length
+
+
+def _chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def grey_png(indexed: bytes) -> bytes | None:
+    """An 8-bit indexed PNG (a run's label PNG) as an 8-bit greyscale PNG with the same pixel
+    values, without decoding: both store one byte per pixel, so the compressed rows stay as they
+    are; only the header's colour type changes and the palette goes. Readers that expand palettes
+    to colours (OpenCV, so FiftyOne) then see the category ids. None when ``indexed`` is no 8-bit
+    indexed PNG."""
+    try:
+        chunks = list(_chunks(indexed))
+    except (ValueError, struct.error):
+        return None
+    if not chunks or chunks[0][0] != b"IHDR" or len(chunks[0][1]) != 13:
+        return None
+    header = chunks[0][1]
+    if header[8:10] != b"\x08\x03":  # bit depth 8, colour type 3 (indexed)
+        return None
+    out = [PNG_SIGNATURE, _chunk(b"IHDR", header[:9] + b"\x00" + header[10:])]
+    out += [_chunk(kind, body) for kind, body in chunks[1:] if kind not in (b"PLTE", b"tRNS")]
+    return b"".join(out)
 
 
 def _names(run: ReviewRun, present: Sequence[int] = ()) -> dict[int, str]:
@@ -134,7 +188,8 @@ def to_fiftyone(run: ReviewRun, out: Path, images: str | None, rejected: str, su
         ext = Path(item.picture).suffix.lower() or ".jpg"
         with fs.open(item.picture, "rb") as src, open(out / "data" / f"{item.stem}{ext}", "wb") as dst:
             shutil.copyfileobj(src, dst)
-        (out / "labels" / f"{item.stem}.png").write_bytes(_png(item.label_map))
+        mask = grey_png(item.label_png) or render.png_bytes(item.label_map, COMPRESS_LEVEL)
+        (out / "labels" / f"{item.stem}.png").write_bytes(mask)
         present |= set(np.unique(item.label_map).tolist())
         fields[item.stem] = {"image_id": item.row["image_id"], "score": image_score(item),
                              **{k: item.row[k] for k in STAT_FIELDS},
@@ -194,9 +249,7 @@ def brush_rle(mask: np.ndarray) -> list[int]:
 
 def label_config(names: Mapping[int, str]) -> str:
     """A Label Studio labeling config with one brush label per class (colours as in the label PNGs)."""
-    raw = palette()
-    colour = {i: "#" + raw[3 * i : 3 * i + 3].hex() for i in names}
-    labels = "".join(f'\n    <Label value={quoteattr(name)} background="{colour[i]}"/>'
+    labels = "".join(f'\n    <Label value={quoteattr(name)} background="{render.hex_colour(i)}"/>'
                      for i, name in sorted(names.items()) if i not in (0, IGNORE))  # fmt: skip
     return (f'<View>\n  <Image name="{TO_NAME}" value="$image" zoom="true"/>\n'
             f'  <BrushLabels name="{FROM_NAME}" toName="{TO_NAME}">{labels}\n  </BrushLabels>\n</View>\n')  # fmt: skip
@@ -240,12 +293,13 @@ def to_labelstudio(run: ReviewRun, out: Path, images: str | None, rejected: str,
 def to_cvat(run: ReviewRun, out: Path, images: str | None, rejected: str, summary: ExportSummary) -> None:
     (out / "SegmentationClass").mkdir(parents=True, exist_ok=True)
     (out / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
-    colours = np.frombuffer(palette(), np.uint8).reshape(256, 3)
+    colours = render.colours()
     stems, tagged, present = [], [], {0}
     for item in items(run, images):
         if not _kept(item, rejected, summary):
             continue
-        (out / "SegmentationClass" / f"{item.stem}.png").write_bytes(_png(colours[item.label_map]))
+        coloured = render.png_bytes(colours[item.label_map], COMPRESS_LEVEL)
+        (out / "SegmentationClass" / f"{item.stem}.png").write_bytes(coloured)
         present |= set(np.unique(item.label_map).tolist())
         stems.append(item.stem)
         tagged += [item.stem] if item.decision == "reject" else []

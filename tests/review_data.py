@@ -27,15 +27,15 @@ IMAGES = {"cat-0": (1,), "dog-1": (7,), "both-2": (1, 7), "person-3": (15,), "th
 SHARDS = (("cat-0", "dog-1", "both-2"), ("person-3", "three-4", "broken"))
 
 
-def _write_images(folder: Path) -> list[dict]:
+def _write_images(folder: Path, images: dict[str, tuple[int, ...]], size: tuple[int, int] | None) -> list[dict]:
     folder.mkdir(parents=True, exist_ok=True)
     records = []
-    for k, (image_id, tags) in enumerate(IMAGES.items()):
+    for k, (image_id, tags) in enumerate(images.items()):
         path = folder / f"{image_id}.png"
         if image_id == "broken":
             path.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
         else:
-            Image.fromarray(blob_image(48 + 8 * k, 64, seed=k)).save(path)
+            Image.fromarray(blob_image(*(size or (48 + 8 * k, 64)), seed=k)).save(path)
         records.append({"id": image_id, "uri": str(path), "tags": list(tags)})
     return records
 
@@ -56,9 +56,12 @@ def painted(image_id: str, image: np.ndarray, tags: tuple[int, ...]) -> LabelRes
                        scores, tuple(tags), maps, None)  # fmt: skip
 
 
-def make_run(root: Path, config) -> Path:
-    """Write the run under ``root / "run"`` (images under ``root / "images"``); returns the prefix."""
-    records = _write_images(root / "images")
+def make_run(root: Path, config, images: dict[str, tuple[int, ...]] = IMAGES,
+             shards: tuple[tuple[str, ...], ...] = SHARDS, size: tuple[int, int] | None = None) -> Path:  # fmt: skip
+    """Write the run under ``root / "run"`` (images under ``root / "images"``); returns the prefix.
+    ``images``: id -> tags, in manifest order; ``shards``: their ids by shard; ``size``: (height,
+    width) of every image (default: 48 + 8 * index by 64)."""
+    records = _write_images(root / "images", images, size)
     names = types.image_names(records)
     by_id = {r["id"]: r for r in records}
     manifest = types.manifest_fingerprint(records)
@@ -67,7 +70,7 @@ def make_run(root: Path, config) -> Path:
     commit.write_run(store, fp, config.to_dict(), {"clip": {"sha256": "tiny"}})
     cats = [{"id": c.id, "name": c.name} for c in CATEGORIES]
     shard_ids = []
-    for index, ids in enumerate(SHARDS):
+    for index, ids in enumerate(shards):
         results, failures = [], []
         for image_id in ids:
             try:
@@ -81,6 +84,14 @@ def make_run(root: Path, config) -> Path:
         shard_ids.append(shard_id)
     merge.merge(store, shard_ids, fp.digest)
     return root / "run"
+
+
+def interleaved(n_shards: int) -> tuple[dict[str, tuple[int, ...]], tuple[tuple[str, ...], ...]]:
+    """A manifest not sorted by id: shard k holds ``im-<k>`` and ``im-<k + n_shards>``, so the
+    id order visits every shard before coming back to the first. (images, shards) for ``make_run``."""
+    ids = [f"im-{i:03d}" for i in range(2 * n_shards)]
+    shards = tuple((ids[k], ids[k + n_shards]) for k in range(n_shards))
+    return {i: ((1, 7)[n % 2],) for n, i in enumerate(i for pair in shards for i in pair)}, shards
 
 
 def label_maps(prefix: Path) -> dict[str, np.ndarray]:

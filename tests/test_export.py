@@ -4,6 +4,7 @@ their documented layouts say, and compared pixel for pixel with the run's label 
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 from pathlib import Path
@@ -19,7 +20,7 @@ from PIL import Image
 from pipeline import export
 from pipeline.review.decisions import DecisionLog
 from pipeline.review.run import open_review_run
-from tests.review_data import IMAGES, label_maps, review_run, tree_digest  # noqa: F401 (fixture)
+from tests.review_data import IMAGES, interleaved, label_maps, make_run, review_run, tree_digest  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 # class scores by image (review_data.painted: the tags' scores are linspace(0.9, 0.3) in tag order)
@@ -170,3 +171,81 @@ def test_an_export_is_byte_identical_when_repeated(run_copy, tmp_path, fmt):
     export.export(str(run_copy), fmt, tmp_path / "a", rejected="tag")
     export.export(str(run_copy), fmt, tmp_path / "b", rejected="tag")
     assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b") != {}
+
+
+@pytest.fixture(scope="module")
+def interleaved_run(tmp_path_factory, tiny_config) -> Path:
+    """65 shards of two images, the manifest not in id order (``review_data.interleaved``)."""
+    images, shards = interleaved(65)
+    return make_run(tmp_path_factory.mktemp("interleaved"), tiny_config, images, shards, size=(12, 12))
+
+
+def test_an_export_reads_each_shards_coco_file_once(interleaved_run, tmp_path, monkeypatch):
+    """Images are exported in id order, which visits all 65 shards before any shard's second
+    image: each shard's annotations.json is still read once (more shards than any cache holds)."""
+    run = open_review_run(str(interleaved_run))
+    reads: list[str] = []
+    read = run.store.read
+
+    def counting(rel: str) -> bytes | None:
+        reads.append(rel)
+        return read(rel)
+
+    monkeypatch.setattr(run.store, "read", counting)
+    summary = export.export(run, "labelstudio", tmp_path / "ls", images="/pictures")
+    coco = sorted(r for r in reads if r.endswith("/annotations.json"))
+    assert len(run.shards) == 65 and summary.exported == 130
+    assert coco == sorted(set(coco)) and len(coco) == 65
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert [t["data"]["image_id"] for t in tasks] == [f"im-{i:03d}" for i in range(130)]
+    assert all(t["data"]["image"].rsplit("/", 1)[-1] == f"{t['data']['image_id']}.png" for t in tasks)
+
+
+def _idat(png: bytes) -> bytes:
+    return b"".join(body for kind, body in export._chunks(png) if kind == b"IDAT")
+
+
+def test_fiftyone_masks_are_the_runs_label_pngs_made_greyscale(run_copy, tmp_path, monkeypatch):
+    """FiftyOne reads masks with OpenCV (IMREAD_UNCHANGED), which turns an indexed PNG into
+    colours, so the run's PNGs cannot be copied as they are: they go out as greyscale PNGs holding
+    the same compressed rows, with nothing encoded again."""
+    from PIL import Image as PILImage
+
+    def no_encoding(*args, **kwargs):
+        raise AssertionError("a FiftyOne mask was encoded again")
+
+    monkeypatch.setattr(PILImage.Image, "save", no_encoding)
+    summary = export.export(str(run_copy), "fiftyone", tmp_path / "fo")
+    monkeypatch.undo()
+    maps = label_maps(run_copy)
+    stats = {r["image_id"]: r for r in ds.dataset(run_copy / "merged" / "stats_images").to_table().to_pylist()}
+    assert summary.exported == len(maps) == 5
+    for stem, lm in maps.items():
+        written = (tmp_path / "fo" / "labels" / f"{stem}.png").read_bytes()
+        mask = Image.open(tmp_path / "fo" / "labels" / f"{stem}.png")
+        assert mask.mode == "L" and mask.palette is None and np.array_equal(np.array(mask), lm)
+        assert _idat(written) == _idat((run_copy / stats[stem]["label_file"]).read_bytes())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 30), st.integers(1, 30), st.integers(0, 2**32 - 1), st.integers(1, 256))
+def test_grey_png_keeps_every_label_value(h, w, seed, values):
+    from pipeline.pngs import encode_png
+
+    lm = np.random.default_rng(seed).integers(0, values, (h, w)).astype(np.uint8)
+    grey = Image.open(io.BytesIO(export.grey_png(encode_png(lm))))
+    assert grey.mode == "L" and np.array_equal(np.array(grey), lm)
+
+
+def test_grey_png_declines_what_it_cannot_convert():
+    """Anything but an 8-bit indexed PNG: None, and the exporter encodes the label map itself."""
+    lm = np.arange(12, dtype=np.uint8).reshape(3, 4)
+    pngs = {}
+    for name, image, options in (("grey", Image.fromarray(lm), {}), ("4-bit", Image.fromarray(lm).convert("P"),
+                                                                      {"bits": 4})):  # fmt: skip
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", **options)
+        pngs[name] = buf.getvalue()
+    assert pngs["4-bit"][24:26] == b"\x04\x03"  # really 4 bits a pixel, indexed (IHDR)
+    for name, data in {**pngs, "junk": b"not a png", "cut short": pngs["grey"][:30]}.items():
+        assert export.grey_png(data) is None, name

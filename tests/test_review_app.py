@@ -6,6 +6,7 @@ from __future__ import annotations
 import html as html_text
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from starlette.testclient import TestClient
 from pipeline.review import create_app
 from pipeline.review.decisions import DecisionLog
 from pipeline.review.queries import GalleryQuery, RunIndex
-from pipeline.review.run import open_review_run
+from pipeline.review.run import image_url, open_review_run
 from tests.review_data import IMAGES, label_maps, review_run, tree_digest  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -116,7 +117,11 @@ def test_decisions_survive_a_restart_and_the_latest_wins(run_copy):
     assert client.post("/api/decision", json={"image_id": "cat-0", "decision": "reject", "note": "leg"}).json()[
         "counts"] == {"accept": 0, "reject": 1, "needs_fix": 0}  # fmt: skip
     client.post("/api/decision", json={"image_id": "dog-1", "decision": "needs_fix"})
-    assert client.post("/api/decision", json={"image_id": "dog-1", "decision": "maybe"}).status_code == 400
+    maybe = client.post("/api/decision", json={"image_id": "dog-1", "decision": "maybe"})
+    assert maybe.status_code == 400
+    assert maybe.json()["detail"] == "decision 'maybe' must be one of ['accept', 'reject', 'needs_fix']"
+    long_note = {"image_id": "dog-1", "decision": "accept", "note": "x" * 2001}
+    assert "a note must be text of at most 2000 characters" in client.post("/api/decision", json=long_note).text
     lines = (run_copy / "review" / "decisions-s1.jsonl").read_text().splitlines()
     assert [json.loads(x)["decision"] for x in lines] == ["reject", "needs_fix"]
     again = _client(create_app(str(run_copy), session="s2"))  # a restarted server
@@ -161,6 +166,53 @@ def test_no_route_reads_or_writes_outside_the_run_prefix(run_copy):
         response = client.get(path)
         assert response.status_code == 404 and "create_app" not in response.text, path
     assert tree_digest(run_copy.parent) == before  # nothing written, not even under the prefix
+
+
+def test_image_url_keeps_relative_names_under_the_root():
+    assert image_url("a/b.png", "s3://bucket/imgs/") == "s3://bucket/imgs/a/b.png"
+    for climbing in ("../run.json", "../../run.json", "a/../../x.png", "a/b/../../../x.png", "..", "a/.."):
+        assert image_url(climbing, "/data/images") is None, climbing
+    assert image_url("a/b.png", None) is None  # a relative name without --images: unknown
+    assert image_url(None, "/data/images") is None and image_url("", "/data/images") is None
+    # absolute names and URLs are the run's own record of where its image is (the manifest's uri)
+    assert image_url("/data/coco/x.jpg", "/data/images") == "/data/coco/x.jpg"
+    assert image_url("s3://b/x.jpg", None) == "s3://b/x.jpg"
+
+
+def _set_file_name(run: Path, image_id: str, file_name: str) -> None:
+    """Rewrite the image's ``file_name`` in its shard's COCO file (as a tampered or odd run would hold)."""
+    for path in run.glob("shards/*/annotations.json"):
+        doc = json.loads(path.read_text())
+        for image in doc["images"]:
+            if str(image.get("source_id", image["id"])) == image_id:
+                image["file_name"] = file_name
+                path.write_text(json.dumps(doc))
+                return
+    raise AssertionError(f"no image {image_id} in {run}")
+
+
+def test_a_coco_file_name_that_climbs_out_of_the_images_root_is_not_read(run_copy, tmp_path):
+    """The run's COCO file names ``../x/secret.png`` and ``../../run.json`` (both exist from
+    --images): the app shows no picture and the exports copy none."""
+    from pipeline import export
+
+    root = run_copy / "x" / "y"  # --images; ../../run.json from here is the run's run.json
+    root.mkdir(parents=True)  # there, so the OS could resolve the climb
+    Image.fromarray(np.full((48, 64, 3), 7, np.uint8)).save(run_copy / "x" / "secret.png")  # cat-0's size
+    _set_file_name(run_copy, "cat-0", "../secret.png")
+    _set_file_name(run_copy, "dog-1", "../../run.json")
+    client = _client(create_app(str(run_copy), images=str(root)))
+    photo = np.array(Image.open(io.BytesIO(client.get("/picture/photo?id=cat-0").content)))
+    assert (photo == 96).all()  # the grey stand-in, not the secret's 7s
+    assert "cannot be read" in client.post("/try", data={"image_id": "cat-0", "tags": "cat"}).text
+    summary = export.export(str(run_copy), "fiftyone", tmp_path / "fo", images=str(root))
+    assert summary.missing_pictures == ["cat-0", "dog-1"] and summary.exported == 3
+    assert sorted(p.name for p in (tmp_path / "fo" / "data").iterdir()) == ["both-2.png", "person-3.png",
+                                                                            "three-4.png"]  # fmt: skip
+    assert export.export(str(run_copy), "labelstudio", tmp_path / "ls", images=str(root)).missing_pictures == [
+        "cat-0", "dog-1"]  # fmt: skip
+    tasks = json.loads((tmp_path / "ls" / "tasks.json").read_text())
+    assert {t["data"]["image_id"]: t["data"]["image"] for t in tasks}["dog-1"] == ""
 
 
 def test_classes_and_failed_pages(run_copy):
@@ -266,3 +318,153 @@ def test_only_loopback_host_names_are_served(run_copy):
         "/api/decision", json={"image_id": "cat-0", "decision": "reject"}).status_code == 400  # fmt: skip
     assert not (run_copy / "review").exists()
     assert TestClient(app, base_url="http://localhost:8000").get("/gallery").status_code == 200
+
+
+def test_a_page_of_another_site_cannot_write_or_try(run_copy):
+    """A form or a ``no-cors`` fetch on another site reaches the app through the user's browser
+    with the page's own Origin (or ``Sec-Fetch-Site: cross-site``): refused, nothing written; the
+    app's own pages (same Origin) and clients sending no Origin (curl, scripts) are served."""
+    before = tree_digest(run_copy.parent)
+    client = _client(create_app(str(run_copy), session="s1"))
+    decision = {"image_id": "cat-0", "decision": "reject"}
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Origin": "http://127.0.0.1:8001"},
+                    {"Origin": "https://127.0.0.1"}, {"Sec-Fetch-Site": "cross-site"}):  # fmt: skip
+        refused = client.post("/api/decision", json=decision, headers=headers)
+        assert refused.status_code == 403 and "cross-site request refused" in refused.text, headers
+        as_text = client.post("/api/decision", content=json.dumps(decision), headers={**headers,
+                              "Content-Type": "text/plain"})  # fmt: skip
+        assert as_text.status_code == 403, headers
+        tried = client.post("/try", data={"image_id": "cat-0", "tags": "cat"}, headers=headers)
+        assert tried.status_code == 403 and "Try it" not in tried.text, headers
+    assert client.get("/gallery", headers={"Origin": "http://evil.example"}).status_code == 200  # reads pass
+    assert tree_digest(run_copy.parent) == before
+    same = client.post("/api/decision", json=decision, headers={"Origin": "http://127.0.0.1",
+                                                                 "Sec-Fetch-Site": "same-origin"})  # fmt: skip
+    assert same.status_code == 200
+    assert client.post("/api/decision", json={"image_id": "dog-1", "decision": "accept"}).status_code == 200
+    lines = (run_copy / "review" / "decisions-s1.jsonl").read_text().splitlines()
+    assert [json.loads(x)["image_id"] for x in lines] == ["cat-0", "dog-1"]
+
+
+def test_allowed_host_names_join_the_host_check(run_copy, monkeypatch, capsys):
+    """``--host 0.0.0.0`` alone answers loopback names only (and says so); an ``--allowed-host``
+    name is what remote browsers send as Host, so it is served, writes included."""
+    job = _review_job()
+    served = []
+    monkeypatch.setattr(job, "serve", lambda app, host, port: served.append(app))
+    assert job.main(["--run", str(run_copy), "--host", "0.0.0.0"]) == 0
+    warning = capsys.readouterr().err
+    assert "0.0.0.0, 127.0.0.1, [::1], localhost;" in warning and "--allowed-host NAME" in warning
+    assert job.main(["--run", str(run_copy), "--host", "0.0.0.0", "--allowed-host", "review.lab",
+                     "--allowed-host", "10.0.0.5"]) == 0  # fmt: skip
+    assert "0.0.0.0, 10.0.0.5, 127.0.0.1, [::1], localhost, review.lab;" in capsys.readouterr().err
+    without, with_names = served
+    for name in ("review.lab", "10.0.0.5"):
+        url = f"http://{name}:8000"
+        assert TestClient(without, base_url=url).get("/gallery").status_code == 400
+        assert TestClient(with_names, base_url=url).get("/gallery").status_code == 200
+        decision = {"image_id": "cat-0", "decision": "accept"}
+        decided = TestClient(with_names, base_url=url).post("/api/decision", headers={"Origin": url}, json=decision)
+        assert decided.status_code == 200
+    assert TestClient(with_names, base_url="http://evil.example").get("/gallery").status_code == 400
+    for bad in ("http://review.lab", "review.lab:8000", ""):
+        assert job.main(["--run", str(run_copy), "--host", "0.0.0.0", "--allowed-host", bad]) == 2
+        assert "give a bare host name" in capsys.readouterr().err
+    assert len(served) == 2
+
+
+def test_a_local_decisions_file_grows_by_appends(run_copy, monkeypatch):
+    """Each decision appends its line: the bytes written before stay the file's prefix, and no
+    whole-file write happens (a session of n decisions costs n lines, not n squared / 2)."""
+    run = open_review_run(str(run_copy))
+    whole = []
+    monkeypatch.setattr(run.store, "write_many", whole.append)
+    log = DecisionLog(run, "s1")
+    path = run_copy / "review" / "decisions-s1.jsonl"
+    before = b""
+    for n, image_id in enumerate(["cat-0", "dog-1", "cat-0"]):
+        log.record(image_id, ("accept", "reject")[n % 2], when=float(n))
+        after = path.read_bytes()
+        assert after.startswith(before) and after.count(b"\n") == n + 1 and after.endswith(b"\n")
+        before = after
+    assert whole == []
+    sync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(OSError, match="No space left"):
+        log.record("both-2", "reject", when=3.0)
+    assert path.read_bytes() == before  # the failed line is cut back off: no half line for the next to continue
+    monkeypatch.setattr(os, "fsync", sync)
+    log.record("both-2", "accept", when=4.0)
+    assert [d.image_id for d in DecisionLog(run, "s2").all] == ["cat-0", "dog-1", "cat-0", "both-2"]
+    with pytest.raises(ValueError, match="session name '../x': use letters, digits"):
+        DecisionLog(run, "../x")
+
+
+def test_where_the_store_cannot_append_a_session_rolls_to_parts(run_copy, monkeypatch):
+    """Object stores (no append): the current part is rewritten with each line, and a new part
+    starts every PART_LINES lines, so one decision never rewrites more than PART_LINES lines."""
+    from pipeline.review import decisions
+    from pipeline.review.run import ReviewRun
+
+    monkeypatch.setattr(ReviewRun, "appends", property(lambda self: False))
+    monkeypatch.setattr(decisions, "PART_LINES", 2)
+    run = open_review_run(str(run_copy))
+    written, write = [], run.store.write_many
+
+    def counting(files: dict[str, bytes]) -> None:
+        written.append({k: v.count(b"\n") for k, v in files.items()})
+        write(files)
+
+    monkeypatch.setattr(run.store, "write_many", counting)
+    log = DecisionLog(run, "s1")
+    ids, said = ["cat-0", "dog-1", "both-2", "cat-0", "dog-1"], ["accept", "accept", "reject", "reject", "needs_fix"]
+    for n, (image_id, decision) in enumerate(zip(ids, said, strict=True)):
+        log.record(image_id, decision, when=float(n))
+    first, part = "review/decisions-s1.jsonl", "review/decisions-s1.part{:05d}.jsonl"
+    assert written == [{first: 1}, {first: 2}, {part.format(1): 1}, {part.format(1): 2}, {part.format(2): 1}]
+    again = DecisionLog(run, "s2")
+    assert [d.image_id for d in again.all] == ids
+    assert {k: d.decision for k, d in again.latest().items()} == {"cat-0": "reject", "dog-1": "needs_fix",
+                                                                   "both-2": "reject"}  # fmt: skip
+    DecisionLog(run, "s1").record("both-2", "accept", when=9.0)  # the session named again: after its parts
+    assert written[-1] == {part.format(3): 1}
+    assert [d.image_id for d in DecisionLog(run, "s3").all] == [*ids, "both-2"]
+
+
+def test_a_view_count_made_before_decisions_change_is_not_kept(run_copy):
+    """A decision that lands while a gallery count is being cached (another request's thread)
+    clears the cache after that count, never before it: the next page counts again."""
+    import threading
+
+    index = RunIndex(open_review_run(str(run_copy)))
+    view = GalleryQuery(decision="reject")
+    racers: list[threading.Thread] = []
+
+    class Racing(dict):
+        def __setitem__(self, key, value):  # between counting and keeping: another thread decides
+            if not racers:
+                racers.append(threading.Thread(target=index.set_decisions, args=({"cat-0": "reject"},)))
+                racers[0].start()
+                racers[0].join(timeout=0.5)  # it waits for the lock where the count is kept under it
+            super().__setitem__(key, value)
+
+    index._counts = Racing()
+    assert index.gallery(view).total == 0  # counted before the decision
+    racers[0].join()
+    assert index.gallery(view).total == 1 and [r["image_id"] for r in index.gallery(view).rows] == ["cat-0"]
+
+
+def test_the_image_page_looks_the_region_map_up_without_reading_it(run_copy):
+    """The page only needs to know a region map is there (the picture route decodes it): a file
+    that is no PNG still gives the toggle, and only the picture route says what is wrong."""
+    from pipeline.storage import layout
+
+    row = RunIndex(open_review_run(str(run_copy))).image("cat-0")
+    region = run_copy / layout.region_file(row["shard_id"], layout.label_name(row["label_file"]))
+    region.parent.mkdir(parents=True)
+    region.write_bytes(b"not a png")
+    client = _client(create_app(str(run_copy)))
+    assert 'id="regions-toggle"' in client.get("/image?id=cat-0").text
+    assert 'id="regions-toggle"' not in client.get("/image?id=dog-1").text
+    with pytest.raises(OSError, match="cannot identify image"):  # the file is bad: the page never decoded it
+        client.get("/picture/regions?id=cat-0")

@@ -12,22 +12,25 @@ import base64
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 from fastapi import APIRouter, FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel
+from starlette.datastructures import Headers
 from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pipeline.decode import ImageDecodeError, decode_image
 from pipeline.review import render
-from pipeline.review.decisions import DECISIONS, DecisionLog
+from pipeline.review.decisions import DecisionLog
 from pipeline.review.queries import PAGE_SIZES, GalleryQuery, RunIndex
 from pipeline.review.run import ReviewRun, image_url, open_review_run
 from pipeline.review.tryit import Trier, TryUnavailable, parse_tags
@@ -39,6 +42,8 @@ THUMB_CACHE = 4096  # thumbnails kept in memory (about 20 kB each)
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 MAX_UPLOAD = 20 * 1024 * 1024  # bytes of an uploaded "try it" image
 FAILED_PAGE = 100
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # read only: a page elsewhere may send them, they change nothing
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class LRU:
@@ -58,6 +63,52 @@ class LRU:
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
         return value
+
+
+def _origin(url: str) -> tuple[str, str, int | None] | None:
+    """(scheme, host, port with the scheme's default filled in) of ``url``; None when it is no origin."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port or DEFAULT_PORTS.get(parts.scheme)
+    except ValueError:
+        return None
+    return (parts.scheme, parts.hostname, port) if parts.scheme and parts.hostname else None
+
+
+def cross_site(headers: Mapping[str, str], scheme: str) -> str | None:
+    """Why a request that changes something (a decision, a try) must be refused as sent by a page
+    of another site, or None. Browsers mark such requests: ``Sec-Fetch-Site: cross-site``, or an
+    ``Origin`` other than the app's own (``scheme`` and the ``Host`` header; "null" from sandboxed
+    pages and files counts as other). Requests without either header (curl, scripts) pass."""
+    if headers.get("sec-fetch-site", "").lower() == "cross-site":
+        return "Sec-Fetch-Site says the request comes from another site"
+    origin = headers.get("origin")
+    if origin is None:
+        return None
+    own = f"{scheme}://{headers.get('host', '')}"
+    theirs = _origin(origin.lower())
+    if theirs is None or theirs != _origin(own.lower()):
+        return f"its Origin {origin!r} is not this app's own ({own})"
+    return None
+
+
+class SameOriginMiddleware:
+    """Refuses (403) any request but GET/HEAD/OPTIONS that a page of another site sends (``cross_site``):
+    a plain form or a ``no-cors`` fetch elsewhere could otherwise write decisions or load the
+    model stack through ``/try``, since the app has no login."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
+            reason = cross_site(Headers(scope=scope), scope.get("scheme", "http"))
+            if reason is not None:
+                message = (f"cross-site request refused: {reason}; this app takes changes only from its own "
+                           "pages (open it at the address it serves and use the page's buttons)")  # fmt: skip
+                await PlainTextResponse(message, status_code=403)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 @dataclass
@@ -179,7 +230,7 @@ def image_page(request: Request, id: str, pos: int | None = None) -> HTMLRespons
     stats = {k: v for k, v in row.items() if k not in ("decision",)}
     ok = row["status"] == "ok" and row["label_file"]
     suggestions = review.run.suggestions(row["shard_id"], id) if ok else []
-    has_regions = bool(ok) and review.run.region_map(row["shard_id"], row["label_file"]) is not None
+    has_regions = bool(ok) and review.run.has_region_map(row["shard_id"], row["label_file"])
     return _page(request, "image.html", row=row, stats=stats, classes=classes, q=q, pos=pos, prev_id=prev_id,
                  next_id=next_id, decision=decision, has_gt=review.gt is not None,
                  audit=review.index.audit_key is not None, suggestions=suggestions,
@@ -274,11 +325,9 @@ class DecisionIn(BaseModel):
 def decide(request: Request, body: DecisionIn) -> JSONResponse:
     review = _review(request)
     review.row(body.image_id)
-    if body.decision not in DECISIONS:
-        raise HTTPException(400, f"decision must be one of {list(DECISIONS)}")
     try:
         d = review.decisions.record(body.image_id, body.decision, body.note)
-    except ValueError as err:
+    except ValueError as err:  # Decision checks the decision and the note
         raise HTTPException(400, str(err)) from err
     review.refresh()
     return JSONResponse({"image_id": d.image_id, "decision": d.decision, "counts": review.decisions.counts()})
@@ -345,7 +394,8 @@ def create_app(run: str | ReviewRun, audit: str | None = None, *, gt: str | None
     ``gt``: ground truth as the audit reads it, shown beside the labels; ``images``: the root
     that relative image file names (COCO inputs) are under; ``session``: the decisions file's
     name (default: start time + random); ``allowed_hosts``: the Host headers served (loopback
-    names by default, so a web page cannot reach the app through DNS rebinding)."""
+    names by default, so a web page cannot reach the app through DNS rebinding). Requests that
+    change something are refused when a page of another site sends them (``SameOriginMiddleware``)."""
     opened = run if isinstance(run, ReviewRun) else open_review_run(run, **(storage_options or {}))
     index = RunIndex(opened, audit)
     truth = None
@@ -358,7 +408,8 @@ def create_app(run: str | ReviewRun, audit: str | None = None, *, gt: str | None
     review.refresh()
     app = FastAPI(title="tag2mask review", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.review = review
-    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(SameOriginMiddleware)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))  # added last: checked first
     for router in (pages, pictures, api, trying):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")

@@ -1,16 +1,21 @@
 """Review decisions: what a curator said about each image, kept under the run prefix.
 
-Each server session appends to its own file, ``review/decisions-<session>.jsonl``, one JSON
-object a line: ``{"image_id", "decision", "note", "time"}``. Files are never edited by another
-session, so two sessions (or a restart) cannot lose each other's lines. Reading takes every file
-in name order (sessions are named by their start time) and, within one, line order; the latest
-decision per image wins. On object stores, which cannot append, a session's file is rewritten
-whole with each new line (one PUT, so a reader sees the old or the new file, never half of it).
+Each server session writes its own file, ``review/decisions-<session>.jsonl``, one JSON object
+a line: ``{"image_id", "decision", "note", "time"}``. Files are never edited by another session,
+so two sessions (or a restart) cannot lose each other's lines. On a local filesystem a decision
+is one line appended to the session's file. Object stores cannot append, so there a session
+writes parts of at most ``PART_LINES`` lines (``decisions-<session>.jsonl``, then
+``decisions-<session>.part00001.jsonl``, ...), the current part rewritten whole with each new
+line (one PUT, so a reader sees the old or the new part, never half of it): a decision costs at
+most ``PART_LINES`` lines, not the whole session's. Reading takes every file in name order
+(sessions are named by their start time), a session's parts in part order, and within one, line
+order; the latest decision per image wins.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import threading
 import time
@@ -20,6 +25,9 @@ from pipeline.review.run import REVIEW_DIR, ReviewRun
 
 DECISIONS = ("accept", "reject", "needs_fix")
 MAX_NOTE = 2000  # characters
+PART_LINES = 500  # lines per part file where the store cannot append (each decision rewrites its part)
+SESSION = re.compile(r"[A-Za-z0-9_-]+")
+_FILE = re.compile(r"decisions-(?P<session>.+?)(?:\.part(?P<part>\d+))?\.jsonl")
 
 
 @dataclass(frozen=True)
@@ -66,28 +74,56 @@ def latest(decisions: list[Decision]) -> dict[str, Decision]:
     return {d.image_id: d for d in decisions}
 
 
+def file_name(session: str, part: int = 0) -> str:
+    """The name of a session's decisions file (``part`` > 0: the parts after the first, on object stores)."""
+    return f"decisions-{session}.jsonl" if part == 0 else f"decisions-{session}.part{part:05d}.jsonl"
+
+
+def reading_order(name: str) -> tuple[str, int]:
+    """Sort key of a decisions file: its session's first file name, then its part number."""
+    found = _FILE.fullmatch(name)
+    if found is None:
+        return name, 0
+    return file_name(found["session"]), int(found["part"] or 0)
+
+
 class DecisionLog:
     """This session's decisions file plus everything earlier sessions wrote."""
 
     def __init__(self, run: ReviewRun, session: str | None = None) -> None:
         self.run = run
         self.session = session or session_name()
-        self.rel = f"{REVIEW_DIR}/decisions-{self.session}.jsonl"
-        run.store.path(self.rel)  # a session name that is no plain file name raises ValueError here
+        if not SESSION.fullmatch(self.session):
+            raise ValueError(f"session name {self.session!r}: use letters, digits, '-' and '_' only")
         self._lock = threading.Lock()
-        self._mine: list[bytes] = []
+        self._part = 0
+        self._mine: list[bytes] = []  # the current part's lines (object stores)
         self.all: list[Decision] = []
-        for name in self.run.list_review("decisions-*.jsonl"):
+        for name in sorted(self.run.list_review("decisions-*.jsonl"), key=reading_order):
             data = self.run.read(f"{REVIEW_DIR}/{name}") or b""
             self.all += parse_lines(data, self.run.store.path(f"{REVIEW_DIR}/{name}"))
+            first, part = reading_order(name)
+            if first == file_name(self.session):  # a session named again goes on after its files
+                self._part = max(self._part, part + 1)
+
+    @property
+    def rel(self) -> str:
+        """The file (under the prefix) this session writes its next decision to."""
+        return f"{REVIEW_DIR}/{file_name(self.session, self._part)}"
 
     def record(self, image_id: str, decision: str, note: str = "", when: float | None = None) -> Decision:
-        """Validate, save (the session file rewritten with the new line) and return the decision."""
+        """Validate, save (a line appended; on object stores the current part rewritten with it)
+        and return the decision."""
         d = Decision(image_id, decision, note, round(time.time() if when is None else when, 3))
         line = json.dumps(asdict(d), sort_keys=True, ensure_ascii=False).encode() + b"\n"
         with self._lock:
-            self.run.write(self.rel, b"".join([*self._mine, line]))
-            self._mine.append(line)
+            if self.run.appends:
+                self.run.append(self.rel, line)
+            else:
+                if len(self._mine) >= PART_LINES:
+                    self._part, self._mine = self._part + 1, []
+                self.run.write(self.rel, b"".join([*self._mine, line]))
+                self._mine.append(line)
             self.all.append(d)
         return d
 

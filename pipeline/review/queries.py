@@ -21,10 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.review.decisions import DECISIONS
 from pipeline.review.run import ReviewRun
 
 PAGE_SIZES = (24, 48, 96)
-DECISIONS = ("accept", "reject", "needs_fix")
 AUDIT_COLUMNS = ("miou", "miou_fg", "pixel_accuracy", "ignored_fraction")  # from the audit's images.parquet
 CLASS_COLUMNS = ("class_score", "class_fraction")  # of the class picked in the filter
 HIDDEN = {"shard_id", "image_id", "status", "error", "label_file"}
@@ -185,9 +185,22 @@ class RunIndex:
 
     def _sql(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._lock:  # one connection: registered Arrow tables are visible to it alone
-            result = self.con.execute(sql, list(params))
-            names = [d[0] for d in result.description]
-            return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+            return self._locked_sql(sql, params)
+
+    def _locked_sql(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """``_sql`` for a caller that holds ``_lock``."""
+        result = self.con.execute(sql, list(params))
+        names = [d[0] for d in result.description]
+        return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+
+    def _count(self, tail: str, params: Sequence[Any]) -> int:
+        """How many images the view holds; cached until ``set_decisions``, counted and kept under
+        the lock, so a count made before decisions changed is never kept after."""
+        key = (tail, tuple(params))
+        with self._lock:
+            if key not in self._counts:  # the stats never change; decisions clear this
+                self._counts[key] = self._locked_sql(f"SELECT count(*) AS n FROM images i{tail}", params)[0]["n"]
+            return self._counts[key]
 
     # --- the gallery -----------------------------------------------------------------------
 
@@ -243,10 +256,7 @@ class RunIndex:
     def gallery(self, q: GalleryQuery) -> Page:
         """The rows of the view's page, in its order, and how many images the view holds."""
         tail, params = self._where(q)
-        key = (tail, tuple(params))
-        if key not in self._counts:  # the stats never change; decisions clear this
-            self._counts[key] = self._sql(f"SELECT count(*) AS n FROM images i{tail}", params)[0]["n"]
-        total = self._counts[key]
+        total = self._count(tail, params)
         rows = self._sql(f"{self._select(q)}{tail} ORDER BY {self._order(q)} LIMIT ? OFFSET ?",
                          [*params, q.per_page, (q.page - 1) * q.per_page])  # fmt: skip
         return Page(rows, total, q, self.sortable(q))
@@ -338,10 +348,6 @@ class RunIndex:
         rows = self._sql("SELECT image_id, shard_id, status, error FROM images WHERE status <> 'ok' "
                          "ORDER BY status, image_id LIMIT ? OFFSET ?", [limit, offset])  # fmt: skip
         return rows, total
-
-    def ok_images(self) -> list[dict[str, Any]]:
-        """Every labelled image's id, shard and label file, by id (exports; streams no pixels)."""
-        return self._sql("SELECT image_id, shard_id, label_file FROM images WHERE status = 'ok' ORDER BY image_id")
 
     def close(self) -> None:
         self.con.close()

@@ -11,9 +11,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.review.run import palette
-from pipeline.types import MAX_CLASS_ID
+from pipeline.types import IGNORE, MAX_CLASS_ID
 
-IGNORE = 255
 THUMB = 192  # longest side of a gallery thumbnail, pixels
 OVERLAY_ALPHA = 0.55
 
@@ -28,9 +27,11 @@ def hex_colour(label: int) -> str:
     return f"#{r:02x}{g:02x}{b:02x}"
 
 
-def _png(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray, compress_level: int = 1) -> bytes:
+    """PNG bytes of ``array`` ([H, W] uint8: grey; HWC uint8 RGB or RGBA); level 1 by default:
+    pictures made per request favour speed over size."""
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    Image.fromarray(array).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
 
 
@@ -51,7 +52,7 @@ def thumbnail_png(image: np.ndarray | None, label_map: np.ndarray, size: int = T
     """PNG bytes of the overlay, its longest side ``size`` pixels."""
     pic = Image.fromarray(overlay(image, label_map))
     pic.thumbnail((size, size), Image.Resampling.BILINEAR)
-    return _png(np.asarray(pic))
+    return png_bytes(np.asarray(pic))
 
 
 def class_mask_png(label_map: np.ndarray, label: int) -> bytes:
@@ -60,7 +61,7 @@ def class_mask_png(label_map: np.ndarray, label: int) -> bytes:
     where = label_map == label
     rgba[where, :3] = colours()[label]
     rgba[where, 3] = 255
-    return _png(rgba)
+    return png_bytes(rgba)
 
 
 def regions_png(region_map: np.ndarray) -> bytes:
@@ -70,16 +71,16 @@ def regions_png(region_map: np.ndarray) -> bytes:
     where = region_map > 0
     rgba[where, :3] = colours()[(region_map[where].astype(np.int64) - 1) % MAX_CLASS_ID + 1]
     rgba[where, 3] = 255
-    return _png(rgba)
+    return png_bytes(rgba)
 
 
 def colour_png(label_map: np.ndarray) -> bytes:
     """RGB PNG of a label map in the palette's colours (ground truth, the final map)."""
-    return _png(colours()[label_map])
+    return png_bytes(colours()[label_map])
 
 
 def photo_png(image: np.ndarray) -> bytes:
-    return _png(image)
+    return png_bytes(image)
 
 
 def heatmap_png(scores: np.ndarray, size: tuple[int, int] | None = None) -> bytes:
@@ -92,7 +93,7 @@ def heatmap_png(scores: np.ndarray, size: tuple[int, int] | None = None) -> byte
     pic = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
     if size is not None:
         pic = pic.resize(size, Image.Resampling.BILINEAR)
-    return _png(np.asarray(pic))
+    return png_bytes(np.asarray(pic))
 
 
 def histogram_svg(counts: Sequence[int], width: int = 160, height: int = 48, title: str = "") -> str:

@@ -12,9 +12,12 @@ import functools
 import io
 import json
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from fsspec.implementations.local import LocalFileSystem
 
 from pipeline import discovery
 from pipeline.pngs import decode_png, palette
@@ -54,6 +57,31 @@ class ReviewRun:
     def write(self, rel: str, data: bytes) -> None:
         self.store.write_many({rel: data})
 
+    @property
+    def appends(self) -> bool:
+        """Whether files under the prefix can be appended to: a local filesystem can; object
+        stores cannot (an object is only ever written whole)."""
+        return isinstance(self.store.fs, LocalFileSystem)
+
+    def append(self, rel: str, data: bytes) -> None:
+        """Append ``data`` to the local file ``rel`` under the prefix (made, with its folder, when
+        missing) and sync it to disk. A write that fails is cut back off, so the next one does not
+        continue a half line. Only where ``appends``; not retried (a retry could append twice)."""
+        if not self.appends:
+            raise ValueError(f"{self.url} is on an object store, which cannot append; write whole files there")
+        path = self.store.path(rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "ab", buffering=0) as f:
+            start = f.tell()
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[f.write(view) :]
+                os.fsync(f.fileno())
+            except OSError:
+                f.truncate(start)
+                raise
+
     def list_review(self, pattern: str) -> list[str]:
         """Names of the files in ``review/`` matching a glob ``pattern`` (no folders), sorted."""
         folder = self.store.path(REVIEW_DIR)
@@ -68,18 +96,26 @@ class ReviewRun:
         protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
         return fs if fsspec.utils.get_protocol(url) in protocols else fsspec.core.url_to_fs(url)[0]
 
-    def label_map(self, label_file: str) -> Any:
-        """[H, W] uint8 label map stored at ``label_file`` (a stats row's path under the prefix)."""
+    def label_png(self, label_file: str) -> bytes:
+        """Bytes of the indexed label PNG at ``label_file`` (a stats row's path under the prefix)."""
         data = self.read(label_file)
         if data is None:
             raise FileNotFoundError(f"{self.store.path(label_file)} is missing although its shard is committed")
-        return decode_png(data)
+        return data
+
+    def label_map(self, label_file: str) -> Any:
+        """[H, W] uint8 label map stored at ``label_file`` (a stats row's path under the prefix)."""
+        return decode_png(self.label_png(label_file))
 
     def region_map(self, shard_id: str, label_file: str) -> Any:
         """[H, W] uint16 region map of the image whose label is ``label_file`` (discovery with
         ``unknown: regions``), or None when the run has none for it."""
         data = self.read(layout.region_file(shard_id, layout.label_name(label_file)))
         return None if data is None else discovery.decode_region_png(data)
+
+    def has_region_map(self, shard_id: str, label_file: str) -> bool:
+        """Whether the run has a region map for the image whose label is ``label_file`` (looked up, not read)."""
+        return bool(self.store.fs.exists(self.store.path(layout.region_file(shard_id, layout.label_name(label_file)))))
 
     def suggestions(self, shard_id: str, image_id: str) -> list[dict[str, Any]]:
         """The image's rows of its shard's ``suggestions.parquet`` (discovery), by region id; [] without."""
@@ -93,7 +129,12 @@ class ReviewRun:
 
     @functools.lru_cache(maxsize=64)  # noqa: B019 - one run per app; shards are small
     def file_names(self, shard_id: str) -> dict[str, str]:
-        """Manifest id -> the image's ``file_name`` from the shard's COCO file."""
+        """``read_file_names``, the last 64 shards' kept (the app's pages ask image by image)."""
+        return self.read_file_names(shard_id)
+
+    def read_file_names(self, shard_id: str) -> dict[str, str]:
+        """Manifest id -> the image's ``file_name`` from the shard's COCO file (read and parsed on
+        each call: callers that visit many shards read each once, see ``export.items``)."""
         data = self.read(layout.shard_file(shard_id, layout.ANNOTATIONS))
         doc = json.loads(data) if data else {"images": []}
         return {str(im.get("source_id", im["id"])): im["file_name"] for im in doc["images"]}
