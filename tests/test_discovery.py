@@ -176,16 +176,17 @@ def test_grid_cells_of_an_image_smaller_than_the_grid():
     assert cells.shape == (6, 8) and cells[:, 4:].all() and not cells[:, :4].any()
 
 
-def _one_region(shape: tuple[int, int]) -> discovery.Regions:
-    masks = np.zeros((1, 2, 2), bool)
-    masks[0, :, 1] = True  # the right half
+def _one_region(grid: tuple[int, int]) -> discovery.Regions:
+    """One region, the right half of an [h, w] grid (w even)."""
+    masks = np.zeros((1, *grid), bool)
+    masks[0, :, grid[1] // 2 :] = True
     return discovery.Regions(masks, np.zeros((1, 2), np.float32), np.ones(1, np.float32), np.ones(1, np.float32))
 
 
 def test_apply_unknown_modes():
     label = np.zeros((4, 6), np.uint8)
     label[:2, 3:] = 7  # a tagged class inside the region
-    regions = _one_region(label.shape)
+    regions = _one_region((2, 2))  # a coarser grid than the label map, as the ViT grid is
     same, none = discovery.apply_unknown(label, regions, "background")
     assert same is label and none is None
     ignored, none = discovery.apply_unknown(label, regions, "ignore")
