@@ -19,7 +19,7 @@ import hashlib
 import io
 import math
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -360,16 +360,23 @@ def vocabulary_sha256(spec: str) -> str | None:
     return None if spec in BUILTIN_VOCABULARIES else hashlib.sha256(_vocabulary_bytes(spec)).hexdigest()
 
 
-def vocabulary_prompts(spec: str, categories: Sequence[Category]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(names, prompts) of a vocabulary: with ``dataset`` each category's name and its own prompt
-    (as the method embeds it for labeling); otherwise each name is its own prompt."""
+def vocabulary_prompts(
+    spec: str, categories: Sequence[Category], prompt: Callable[[Category], str] | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(names, prompts) of a vocabulary: with ``dataset`` each category's name and ``prompt(category)``
+    (give the method's ``class_prompt``, the text it labels with; default ``Category.prompt``);
+    otherwise each name is its own prompt."""
     if spec == "dataset":
         unique = list({c.name: c for c in categories}.values())
         if not unique:
             raise ValueError("discovery.vocabulary 'dataset' holds no class names: the run has no categories")
-        return tuple(c.name for c in unique), tuple(c.prompt for c in unique)
+        return tuple(c.name for c in unique), tuple((prompt or _own_prompt)(c) for c in unique)
     names = load_vocabulary(spec, ())
     return names, names
+
+
+def _own_prompt(category: Category) -> str:
+    return category.prompt
 
 
 def suggestion_rows(

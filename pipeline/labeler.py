@@ -80,7 +80,8 @@ class Labeler:
         labeler (per actor) with the method's own text encoder and prompts, cached per vocabulary."""
         spec = self.config.discovery.vocabulary
         if spec not in self._vocabularies:
-            names, prompts = discovery.vocabulary_prompts(spec, list(self.categories.values()))
+            names, prompts = discovery.vocabulary_prompts(spec, list(self.categories.values()),
+                                                          lambda c: self.method.class_prompt(c.id))  # fmt: skip
             with torch.no_grad():
                 emb = self.method.embed_prompts(prompts).float().cpu().numpy()
             self._vocabularies[spec] = (names, emb)

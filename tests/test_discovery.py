@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import discovery
+from pipeline import clip_es_prompts, discovery
 from pipeline.config import DiscoveryConfig, build_config, merge_overrides
 from pipeline.labeler import Labeler
 from pipeline.types import LabelRequest
@@ -304,3 +304,31 @@ def test_discovery_off_or_background_leaves_label_maps_byte_identical(tiny_paths
         assert (result.regions is None) == (name == "off")
         maps[name] = result.label_map.tobytes()
     assert maps["off"] == maps["background"]
+
+
+def _vocabulary_labeler(labeler, tiny_paths, preset: str) -> Labeler:
+    overrides = merge_overrides(tiny_overrides(tiny_paths), {"cliper": {"compensation": False},
+                                                             "discovery": {"enabled": True}})  # fmt: skip
+    return Labeler(labeler.clip, None, build_config(preset, overrides), CATEGORIES)
+
+
+@pytest.mark.parametrize("preset", ["voc-vit-b16", "clip-es-voc"])
+def test_the_dataset_vocabulary_embeds_the_text_the_method_labels_with(labeler, tiny_paths, preset):
+    """CLIP-ES labels with its published synonyms ("person with clothes,people,human"), CLIPer with
+    the category's prompt: the ``dataset`` vocabulary must embed the same strings, so a region
+    whose centre is a class's labeling text embedding is suggested as that class."""
+    lab = _vocabulary_labeler(labeler, tiny_paths, preset)
+    embedded: list[tuple[str, ...]] = []
+    real = lab.method.embed_prompts
+    lab.method.embed_prompts = lambda prompts: (embedded.append(tuple(prompts)), real(prompts))[1]
+    names, text = lab.vocabulary()
+    synonyms = clip_es_prompts.SYNONYMS["voc"] if preset == "clip-es-voc" else {}
+    assert names == ("cat", "dog", "person")
+    assert embedded == [tuple(synonyms.get(c.name, c.prompt) for c in CATEGORIES)]
+    for k, c in enumerate(CATEGORIES):
+        labeling = lab.method._text((c.id,))[0].float().numpy()  # row 0: the class as labeling embeds it
+        labeling = labeling / np.linalg.norm(labeling)
+        np.testing.assert_allclose(text[k], labeling, atol=1e-6)
+        [(name, _)] = discovery.score_regions(labeling[None], text, names)
+        assert name == c.name
+

@@ -106,6 +106,12 @@ class Method(ABC):
         """The image's candidate classes: its tags, in order, without repeats."""
         return Item(request, tuple(dict.fromkeys(request.tags)))
 
+    def class_prompt(self, class_id: int) -> str:
+        """The text this method embeds for class ``class_id`` when labeling (its ``Category.prompt``
+        unless the method has its own, as CLIP-ES's published synonyms); discovery's ``dataset``
+        vocabulary embeds the same text, so a suggestion names a class as the labeling saw it."""
+        return self.categories[class_id].prompt
+
     def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """[V, E] float32 unit text embeddings of class prompts, with this method's own text encoder
         and templates, in the space of ``MethodOutput.tokens`` (discovery's suggestions)."""

@@ -80,7 +80,7 @@ class Cliper(Method):
 
     def _text(self, ids: Sequence[int]) -> torch.Tensor:
         """[T, E] candidate list: the classes ``ids``, the background classes, their mean."""
-        fg = torch.stack([self._embed(self.categories[i].prompt) for i in ids])
+        fg = torch.stack([self._embed(self.class_prompt(i)) for i in ids])
         parts = [fg, self._background, fg.mean(dim=0, keepdim=True)]
         return torch.cat([p for p in parts if p is not None])
 
