@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 class ClipEs(Method):
     name = "clip-es"
     batch_invariant = True  # one image at a time whatever the batch (``infer``)
+    supports_discovery = True
 
     def __init__(self, clip: ClipModels, sd: Any, config: Config, categories: Mapping[int, Category]) -> None:
         super().__init__(clip, sd, config, categories)

@@ -36,6 +36,7 @@ class Cliper(Method):
     # Measured on the tiny models, 9 images, batch 1 vs 2 / 8: 760 / 1002 of 29760 label pixels
     # (voc-vit-b16), 1022 / 1074 (voc-vit-l14), 0 / 0 (coco presets); scores differ by < 2e-6.
     batch_invariant = False
+    supports_discovery = True
 
     def __init__(self, clip: ClipModels, sd: Any, config: Config, categories: Mapping[int, Category]) -> None:
         if config.cliper.compensation and sd is None:
