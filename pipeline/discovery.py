@@ -289,17 +289,26 @@ def apply_unknown(label_map: np.ndarray, regions: Regions, mode: str) -> tuple[n
     return out, None
 
 
+def text_matrix(text_embeddings: np.ndarray) -> np.ndarray:
+    """[V, D] text embeddings -> [V, D] float64 unit rows for ``score_regions``, made once per
+    vocabulary (``Labeler.vocabulary``). Rows are normalised in float32, then stored column-major,
+    so ``x @ m.T`` multiplies a C-contiguous [D, V] float64 matrix: the same operands, and so the
+    same bits, as casting the float32 rows inside every product."""
+    return np.asfortranarray(_normalise(np.asarray(text_embeddings, np.float32)), dtype=np.float64)
+
+
 def score_regions(
     region_embeddings: np.ndarray, text_embeddings: np.ndarray, names: Sequence[str], logit_scale: float = 100.0
 ) -> list[tuple[str, float]]:
-    """Best vocabulary class per region: ([R, D] region embeddings, [V, D] text embeddings, V
-    names) -> R (name, probability), the softmax over the vocabulary of ``logit_scale`` x cosine,
-    as CLIPer scores patches against its candidates (ties go to the earlier name)."""
+    """Best vocabulary class per region: ([R, D] region embeddings, [V, D] unit text embeddings,
+    ``text_matrix``'s, V names) -> R (name, probability), the softmax over the vocabulary of
+    ``logit_scale`` x cosine, as CLIPer scores patches against its candidates (ties go to the
+    earlier name). Region rows are normalised here; text rows are taken as unit vectors."""
     if len(names) != len(text_embeddings):
         raise ValueError(f"{len(names)} names for {len(text_embeddings)} text embeddings")
     if not len(names):
         raise ValueError("the vocabulary is empty: give at least one class name")
-    logits = logit_scale * (_normalise(region_embeddings).astype(np.float64) @ _normalise(text_embeddings).T)
+    logits = logit_scale * (_normalise(region_embeddings).astype(np.float64) @ text_embeddings.T)
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)

@@ -212,6 +212,27 @@ def test_score_regions_softmax_over_the_vocabulary():
         discovery.score_regions(region, text, ["a", "b"])
 
 
+@pytest.mark.parametrize(("v", "d", "r"), [(3, 64, 2), (80, 512, 6), (1203, 768, 16)])
+def test_text_normalised_once_scores_regions_to_the_same_bits_as_per_image(v, d, r):
+    """``Labeler.vocabulary`` stores ``text_matrix`` once; suggestions must keep the bits of the
+    per-image formula it replaced (rows normalised in float32, cast to float64 in the product)."""
+    rng = np.random.default_rng(v)
+    raw = (3 * rng.normal(size=(v, d))).astype(np.float32)  # not unit: the method's rows may be off by rounding
+    regions = rng.normal(size=(r, d)).astype(np.float32)
+    names = [f"c{k}" for k in range(v)]
+    text = discovery.text_matrix(raw)
+    assert text.dtype == np.float64 and np.allclose(np.linalg.norm(text, axis=1), 1.0)
+    unit32 = (raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float32)
+    reg64 = (regions / np.linalg.norm(regions, axis=1, keepdims=True)).astype(np.float32).astype(np.float64)
+    logits = 100.0 * (reg64 @ unit32.T)  # the per-image formula, float32 rows cast in the product
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    want = [(names[b], float(probs[k, b])) for k, b in enumerate(probs.argmax(axis=1))]
+    got = discovery.score_regions(regions, text, names)
+    assert [n for n, _ in got] == [n for n, _ in want]
+    assert np.array([s for _, s in got]).tobytes() == np.array([s for _, s in want]).tobytes()
+
+
 def test_run_suggestions_counts_classes_never_tagged():
     shards = [{"suggested_class": ["dog", "cat", "dog"], "score": [0.9, 0.8, 0.5]},
               {"suggested_class": ["kite", "dog"], "score": [0.4, 0.7]}]  # fmt: skip
