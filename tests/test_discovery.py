@@ -353,3 +353,18 @@ def test_the_dataset_vocabulary_embeds_the_text_the_method_labels_with(labeler, 
         [(name, _)] = discovery.score_regions(labeling[None], text, names)
         assert name == c.name
 
+
+
+def test_the_vocabulary_is_embedded_once_per_labeler(labeler, tiny_paths):
+    """CLIP-ES (the faster of the two on the tiny model) over two infer batches."""
+    lab = _vocabulary_labeler(labeler, tiny_paths, "clip-es-voc")
+    vocabulary = tuple(clip_es_prompts.SYNONYMS["voc"].get(c.name, c.prompt) for c in CATEGORIES)
+    calls = []
+    real = lab.method.embed_prompts
+    lab.method.embed_prompts = lambda prompts: (calls.append(tuple(prompts)), real(prompts))[1]
+    for seed in range(2):  # two infer batches
+        lab.infer([LabelRequest(f"i{seed}", blob_image(32, 40, seed), (1,))])
+    assert calls.count(vocabulary) == 1  # CLIP-ES also embeds each image's tags and background this way
+    names, text = lab.vocabulary()
+    assert calls.count(vocabulary) == 1 and text.dtype == np.float64
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, atol=1e-6)  # stored as unit rows
