@@ -158,7 +158,9 @@ class Labeler:
         suggestions: tuple = ()
         if cfg.discovery.enabled:
             if out.tokens is None:  # a method bug, not a bad image: the shard fails and is reported
-                raise RuntimeError(f"method {self.method.name} gave no tokens for image {req.image_id} with discovery on")
+                raise RuntimeError(
+                    f"method {self.method.name} gave no tokens for image {req.image_id} with discovery on"
+                )
             regions, label_map, region_map, suggestions = self._discover(out.tokens, label_map)
             w.timings["discovery"] = time.perf_counter() - t2
         w.timings.update(superpixels=t1 - t0, label_assembly=t2 - t1)

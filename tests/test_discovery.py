@@ -354,7 +354,6 @@ def test_the_dataset_vocabulary_embeds_the_text_the_method_labels_with(labeler, 
         assert name == c.name
 
 
-
 def test_the_vocabulary_is_embedded_once_per_labeler(labeler, tiny_paths):
     """CLIP-ES (the faster of the two on the tiny model) over two infer batches."""
     lab = _vocabulary_labeler(labeler, tiny_paths, "clip-es-voc")

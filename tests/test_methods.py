@@ -89,8 +89,7 @@ def test_a_method_registered_in_one_line_labels_a_shard(labeler, tiny_paths, mon
     fs.rm(root, recursive=True)
 
 
-def test_discovery_is_refused_for_a_method_without_it_and_claimed_only_with_the_hooks(labeler, tiny_paths,
-                                                                                      monkeypatch):
+def test_discovery_needs_a_method_that_supports_it(labeler, tiny_paths, monkeypatch):
     monkeypatch.setitem(methods.REGISTRY, "bands", Bands)
     with pytest.raises(ValueError, match=r"method 'bands' cannot run discovery.*set discovery.enabled to false, "
                                          r"or use one of \['clip-es', 'cliper'\]"):  # fmt: skip
