@@ -365,7 +365,12 @@ def _from_dict(cls: type, data: Mapping[str, Any], where: str) -> Any:
 def _validate(cfg: Config) -> Config:
     from pipeline import methods  # here: the methods import this module
 
-    methods.get(cfg.method).validate(cfg)
+    method = methods.get(cfg.method)
+    method.validate(cfg)
+    if cfg.discovery.enabled and not method.supports_discovery:
+        able = sorted(name for name, m in methods.REGISTRY.items() if m.supports_discovery)
+        raise ValueError(f"method {cfg.method!r} cannot run discovery (it gives no dense tokens or vocabulary "
+                         f"embeddings): set discovery.enabled to false, or use one of {able}")  # fmt: skip
     c, r = cfg.cliper, cfg.refine
     if c.window is not None and c.window <= 0:
         raise ValueError(f"config cliper.window must be positive or null, got {c.window}")

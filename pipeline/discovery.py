@@ -19,7 +19,7 @@ import hashlib
 import io
 import math
 from collections import Counter, defaultdict
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -289,17 +289,26 @@ def apply_unknown(label_map: np.ndarray, regions: Regions, mode: str) -> tuple[n
     return out, None
 
 
+def text_matrix(text_embeddings: np.ndarray) -> np.ndarray:
+    """[V, D] text embeddings -> [V, D] float64 unit rows for ``score_regions``, made once per
+    vocabulary (``Labeler.vocabulary``). Rows are normalised in float32, then stored column-major,
+    so ``x @ m.T`` multiplies a C-contiguous [D, V] float64 matrix: the same operands, and so the
+    same bits, as casting the float32 rows inside every product."""
+    return np.asfortranarray(_normalise(np.asarray(text_embeddings, np.float32)), dtype=np.float64)
+
+
 def score_regions(
     region_embeddings: np.ndarray, text_embeddings: np.ndarray, names: Sequence[str], logit_scale: float = 100.0
 ) -> list[tuple[str, float]]:
-    """Best vocabulary class per region: ([R, D] region embeddings, [V, D] text embeddings, V
-    names) -> R (name, probability), the softmax over the vocabulary of ``logit_scale`` x cosine,
-    as CLIPer scores patches against its candidates (ties go to the earlier name)."""
+    """Best vocabulary class per region: ([R, D] region embeddings, [V, D] unit text embeddings,
+    ``text_matrix``'s, V names) -> R (name, probability), the softmax over the vocabulary of
+    ``logit_scale`` x cosine, as CLIPer scores patches against its candidates (ties go to the
+    earlier name). Region rows are normalised here; text rows are taken as unit vectors."""
     if len(names) != len(text_embeddings):
         raise ValueError(f"{len(names)} names for {len(text_embeddings)} text embeddings")
     if not len(names):
         raise ValueError("the vocabulary is empty: give at least one class name")
-    logits = logit_scale * (_normalise(region_embeddings).astype(np.float64) @ _normalise(text_embeddings).T)
+    logits = logit_scale * (_normalise(region_embeddings).astype(np.float64) @ text_embeddings.T)
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     probs /= probs.sum(axis=1, keepdims=True)
@@ -360,16 +369,23 @@ def vocabulary_sha256(spec: str) -> str | None:
     return None if spec in BUILTIN_VOCABULARIES else hashlib.sha256(_vocabulary_bytes(spec)).hexdigest()
 
 
-def vocabulary_prompts(spec: str, categories: Sequence[Category]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """(names, prompts) of a vocabulary: with ``dataset`` each category's name and its own prompt
-    (as the method embeds it for labeling); otherwise each name is its own prompt."""
+def vocabulary_prompts(
+    spec: str, categories: Sequence[Category], prompt: Callable[[Category], str] | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(names, prompts) of a vocabulary: with ``dataset`` each category's name and ``prompt(category)``
+    (give the method's ``class_prompt``, the text it labels with; default ``Category.prompt``);
+    otherwise each name is its own prompt."""
     if spec == "dataset":
         unique = list({c.name: c for c in categories}.values())
         if not unique:
             raise ValueError("discovery.vocabulary 'dataset' holds no class names: the run has no categories")
-        return tuple(c.name for c in unique), tuple(c.prompt for c in unique)
+        return tuple(c.name for c in unique), tuple((prompt or _own_prompt)(c) for c in unique)
     names = load_vocabulary(spec, ())
     return names, names
+
+
+def _own_prompt(category: Category) -> str:
+    return category.prompt
 
 
 def suggestion_rows(

@@ -76,14 +76,16 @@ class Labeler:
         return time.perf_counter()
 
     def vocabulary(self) -> tuple[tuple[str, ...], np.ndarray]:
-        """(names, [V, E] float32 text embeddings) of ``discovery.vocabulary``, embedded once per
-        labeler (per actor) with the method's own text encoder and prompts, cached per vocabulary."""
+        """(names, [V, E] float64 unit text embeddings, ``discovery.text_matrix``) of
+        ``discovery.vocabulary``, embedded once per labeler (per actor) with the method's own text
+        encoder and prompts, normalised once, cached per vocabulary."""
         spec = self.config.discovery.vocabulary
         if spec not in self._vocabularies:
-            names, prompts = discovery.vocabulary_prompts(spec, list(self.categories.values()))
+            names, prompts = discovery.vocabulary_prompts(spec, list(self.categories.values()),
+                                                          lambda c: self.method.class_prompt(c.id))  # fmt: skip
             with torch.no_grad():
                 emb = self.method.embed_prompts(prompts).float().cpu().numpy()
-            self._vocabularies[spec] = (names, emb)
+            self._vocabularies[spec] = (names, discovery.text_matrix(emb))
         return self._vocabularies[spec]
 
     def _discover(self, tokens: torch.Tensor, label_map: np.ndarray) -> tuple[Any, np.ndarray, Any, tuple]:
@@ -154,7 +156,11 @@ class Labeler:
         t2 = time.perf_counter()
         regions = region_map = None
         suggestions: tuple = ()
-        if cfg.discovery.enabled and out.tokens is not None:
+        if cfg.discovery.enabled:
+            if out.tokens is None:  # a method bug, not a bad image: the shard fails and is reported
+                raise RuntimeError(
+                    f"method {self.method.name} gave no tokens for image {req.image_id} with discovery on"
+                )
             regions, label_map, region_map, suggestions = self._discover(out.tokens, label_map)
             w.timings["discovery"] = time.perf_counter() - t2
         w.timings.update(superpixels=t1 - t0, label_assembly=t2 - t1)

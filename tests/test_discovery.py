@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline import discovery
+from pipeline import clip_es_prompts, discovery
 from pipeline.config import DiscoveryConfig, build_config, merge_overrides
 from pipeline.labeler import Labeler
 from pipeline.types import LabelRequest
@@ -176,16 +176,17 @@ def test_grid_cells_of_an_image_smaller_than_the_grid():
     assert cells.shape == (6, 8) and cells[:, 4:].all() and not cells[:, :4].any()
 
 
-def _one_region(shape: tuple[int, int]) -> discovery.Regions:
-    masks = np.zeros((1, 2, 2), bool)
-    masks[0, :, 1] = True  # the right half
+def _one_region(grid: tuple[int, int]) -> discovery.Regions:
+    """One region, the right half of an [h, w] grid (w even)."""
+    masks = np.zeros((1, *grid), bool)
+    masks[0, :, grid[1] // 2 :] = True
     return discovery.Regions(masks, np.zeros((1, 2), np.float32), np.ones(1, np.float32), np.ones(1, np.float32))
 
 
 def test_apply_unknown_modes():
     label = np.zeros((4, 6), np.uint8)
     label[:2, 3:] = 7  # a tagged class inside the region
-    regions = _one_region(label.shape)
+    regions = _one_region((2, 2))  # a coarser grid than the label map, as the ViT grid is
     same, none = discovery.apply_unknown(label, regions, "background")
     assert same is label and none is None
     ignored, none = discovery.apply_unknown(label, regions, "ignore")
@@ -209,6 +210,27 @@ def test_score_regions_softmax_over_the_vocabulary():
     assert name == "b" and score == pytest.approx(math.exp(10) / (1 + math.exp(10) + math.exp(8)))
     with pytest.raises(ValueError, match="2 names for 3"):
         discovery.score_regions(region, text, ["a", "b"])
+
+
+@pytest.mark.parametrize(("v", "d", "r"), [(3, 64, 2), (80, 512, 6), (1203, 768, 16)])
+def test_text_normalised_once_scores_regions_to_the_same_bits_as_per_image(v, d, r):
+    """``Labeler.vocabulary`` stores ``text_matrix`` once; suggestions must keep the bits of the
+    per-image formula it replaced (rows normalised in float32, cast to float64 in the product)."""
+    rng = np.random.default_rng(v)
+    raw = (3 * rng.normal(size=(v, d))).astype(np.float32)  # not unit: the method's rows may be off by rounding
+    regions = rng.normal(size=(r, d)).astype(np.float32)
+    names = [f"c{k}" for k in range(v)]
+    text = discovery.text_matrix(raw)
+    assert text.dtype == np.float64 and np.allclose(np.linalg.norm(text, axis=1), 1.0)
+    unit32 = (raw / np.linalg.norm(raw, axis=1, keepdims=True)).astype(np.float32)
+    reg64 = (regions / np.linalg.norm(regions, axis=1, keepdims=True)).astype(np.float32).astype(np.float64)
+    logits = 100.0 * (reg64 @ unit32.T)  # the per-image formula, float32 rows cast in the product
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    want = [(names[b], float(probs[k, b])) for k, b in enumerate(probs.argmax(axis=1))]
+    got = discovery.score_regions(regions, text, names)
+    assert [n for n, _ in got] == [n for n, _ in want]
+    assert np.array([s for _, s in got]).tobytes() == np.array([s for _, s in want]).tobytes()
 
 
 def test_run_suggestions_counts_classes_never_tagged():
@@ -303,3 +325,45 @@ def test_discovery_off_or_background_leaves_label_maps_byte_identical(tiny_paths
         assert (result.regions is None) == (name == "off")
         maps[name] = result.label_map.tobytes()
     assert maps["off"] == maps["background"]
+
+
+def _vocabulary_labeler(labeler, tiny_paths, preset: str) -> Labeler:
+    overrides = merge_overrides(tiny_overrides(tiny_paths), {"cliper": {"compensation": False},
+                                                             "discovery": {"enabled": True}})  # fmt: skip
+    return Labeler(labeler.clip, None, build_config(preset, overrides), CATEGORIES)
+
+
+@pytest.mark.parametrize("preset", ["voc-vit-b16", "clip-es-voc"])
+def test_the_dataset_vocabulary_embeds_the_text_the_method_labels_with(labeler, tiny_paths, preset):
+    """CLIP-ES labels with its published synonyms ("person with clothes,people,human"), CLIPer with
+    the category's prompt: the ``dataset`` vocabulary must embed the same strings, so a region
+    whose centre is a class's labeling text embedding is suggested as that class."""
+    lab = _vocabulary_labeler(labeler, tiny_paths, preset)
+    embedded: list[tuple[str, ...]] = []
+    real = lab.method.embed_prompts
+    lab.method.embed_prompts = lambda prompts: (embedded.append(tuple(prompts)), real(prompts))[1]
+    names, text = lab.vocabulary()
+    synonyms = clip_es_prompts.SYNONYMS["voc"] if preset == "clip-es-voc" else {}
+    assert names == ("cat", "dog", "person")
+    assert embedded == [tuple(synonyms.get(c.name, c.prompt) for c in CATEGORIES)]
+    for k, c in enumerate(CATEGORIES):
+        labeling = lab.method._text((c.id,))[0].float().numpy()  # row 0: the class as labeling embeds it
+        labeling = labeling / np.linalg.norm(labeling)
+        np.testing.assert_allclose(text[k], labeling, atol=1e-6)
+        [(name, _)] = discovery.score_regions(labeling[None], text, names)
+        assert name == c.name
+
+
+def test_the_vocabulary_is_embedded_once_per_labeler(labeler, tiny_paths):
+    """CLIP-ES (the faster of the two on the tiny model) over two infer batches."""
+    lab = _vocabulary_labeler(labeler, tiny_paths, "clip-es-voc")
+    vocabulary = tuple(clip_es_prompts.SYNONYMS["voc"].get(c.name, c.prompt) for c in CATEGORIES)
+    calls = []
+    real = lab.method.embed_prompts
+    lab.method.embed_prompts = lambda prompts: (calls.append(tuple(prompts)), real(prompts))[1]
+    for seed in range(2):  # two infer batches
+        lab.infer([LabelRequest(f"i{seed}", blob_image(32, 40, seed), (1,))])
+    assert calls.count(vocabulary) == 1  # CLIP-ES also embeds each image's tags and background this way
+    names, text = lab.vocabulary()
+    assert calls.count(vocabulary) == 1 and text.dtype == np.float64
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, atol=1e-6)  # stored as unit rows

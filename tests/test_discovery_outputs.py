@@ -205,9 +205,12 @@ def test_vocabulary_file_content_enters_the_fingerprint_only_when_on(tmp_path):
         on.fingerprint()
 
 
-def test_vocabulary_prompts_use_the_dataset_prompts(tmp_path):
+def test_vocabulary_prompts_use_the_prompt_given_for_the_dataset(tmp_path):
     names, prompts = discovery.vocabulary_prompts("dataset", CATEGORIES)
-    assert names == ("cat", "dog", "person") and prompts == tuple(c.prompt for c in CATEGORIES)
+    assert names == ("cat", "dog", "person") and prompts == tuple(c.prompt for c in CATEGORIES)  # the default
+    method_prompts = {1: "cat", 7: "dog", 15: "person with clothes,people,human"}  # as CLIP-ES labels them
+    names, prompts = discovery.vocabulary_prompts("dataset", CATEGORIES, lambda c: method_prompts[c.id])
+    assert names == ("cat", "dog", "person") and prompts == ("cat", "dog", "person with clothes,people,human")
     vocab = tmp_path / "v.txt"
     vocab.write_text("kite\n")
     assert discovery.vocabulary_prompts(str(vocab), CATEGORIES) == (("kite",), ("kite",))

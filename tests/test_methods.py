@@ -89,6 +89,31 @@ def test_a_method_registered_in_one_line_labels_a_shard(labeler, tiny_paths, mon
     fs.rm(root, recursive=True)
 
 
+def test_discovery_needs_a_method_that_supports_it(labeler, tiny_paths, monkeypatch):
+    monkeypatch.setitem(methods.REGISTRY, "bands", Bands)
+    with pytest.raises(ValueError, match=r"method 'bands' cannot run discovery.*set discovery.enabled to false, "
+                                         r"or use one of \['clip-es', 'cliper'\]"):  # fmt: skip
+        build_config("voc-vit-b16", {"method": "bands", "discovery": {"enabled": True}})
+    assert build_config("voc-vit-b16", {"method": "bands"}).method == "bands"  # discovery off: fine
+    for name, cls in methods.REGISTRY.items():
+        if cls.supports_discovery:
+            assert cls.embed_prompts is not Method.embed_prompts, name
+            assert build_config("voc-vit-b16", {"method": name, "discovery": {"enabled": True}}).discovery.enabled
+
+    class Claims(Bands):  # says it supports discovery, gives no tokens
+        name = "claims"
+        supports_discovery = True
+
+        def embed_prompts(self, prompts):
+            return torch.eye(len(prompts), 4)
+
+    monkeypatch.setitem(methods.REGISTRY, "claims", Claims)
+    cfg = build_config("voc-vit-b16", {**tiny_overrides(tiny_paths), "method": "claims", "refine": {"enabled": False},
+                                       "discovery": {"enabled": True}})  # fmt: skip
+    with pytest.raises(RuntimeError, match="method claims gave no tokens for image x with discovery on"):
+        Labeler(labeler.clip, None, cfg, CATEGORIES).label([LabelRequest("x", blob_image(24, 32), (1,))])
+
+
 # --- CLIP-ES through the shared path ----------------------------------------------------------
 
 

@@ -84,6 +84,10 @@ class Method(ABC):
     # then left out of the run's identity (``Config.identity``) and a resume may change it. Claim it
     # only with a test (tests/test_methods.py checks every method that sets it).
     batch_invariant: ClassVar[bool] = False
+    # True when the method sets ``MethodOutput.tokens`` whenever ``config.discovery.enabled`` and
+    # implements ``embed_prompts``: discovery needs both. ``build_config`` refuses discovery for a
+    # method without it, and the labeler fails a shard whose output lacks the tokens.
+    supports_discovery: ClassVar[bool] = False
 
     def __init__(self, clip: ClipModels, sd: Any, config: Config, categories: Mapping[int, Category]) -> None:
         self.clip, self.sd, self.config, self.categories = clip, sd, config, categories
@@ -106,10 +110,17 @@ class Method(ABC):
         """The image's candidate classes: its tags, in order, without repeats."""
         return Item(request, tuple(dict.fromkeys(request.tags)))
 
+    def class_prompt(self, class_id: int) -> str:
+        """The text this method embeds for class ``class_id`` when labeling (its ``Category.prompt``
+        unless the method has its own, as CLIP-ES's published synonyms); discovery's ``dataset``
+        vocabulary embeds the same text, so a suggestion names a class as the labeling saw it."""
+        return self.categories[class_id].prompt
+
     def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """[V, E] float32 unit text embeddings of class prompts, with this method's own text encoder
-        and templates, in the space of ``MethodOutput.tokens`` (discovery's suggestions)."""
-        raise ValueError(f"method {self.name} cannot embed a vocabulary: turn discovery off for it")
+        and templates, in the space of ``MethodOutput.tokens`` (discovery's suggestions). Required when
+        ``supports_discovery`` is True."""
+        raise NotImplementedError(f"method {self.name} does not implement embed_prompts (supports_discovery is False)")
 
     @abstractmethod
     def infer(self, items: Sequence[Item], clock: Clock) -> None:

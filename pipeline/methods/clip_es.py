@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 class ClipEs(Method):
     name = "clip-es"
     batch_invariant = True  # one image at a time whatever the batch (``infer``)
+    supports_discovery = True
 
     def __init__(self, clip: ClipModels, sd: Any, config: Config, categories: Mapping[int, Category]) -> None:
         super().__init__(clip, sd, config, categories)
@@ -56,13 +57,14 @@ class ClipEs(Method):
         """[C + B, E] embeddings of the tags' prompts then the background list. Rows are cached per
         prompt (``text_features`` encodes each prompt alone), so the background list is embedded once
         per actor, not once per distinct tag set."""
-        prompts = [self._prompts[i] for i in ids] + self._background
-        for p in prompts:
-            if p not in self._text_cache:
-                self._text_cache[p] = clip_es.text_features(self.clip.model, self.clip.tokenizer, [p])
-        return torch.cat([self._text_cache[p] for p in prompts])
+        return self.embed_prompts([self.class_prompt(i) for i in ids] + self._background)
+
+    def class_prompt(self, class_id: int) -> str:
+        return self._prompts[class_id]
 
     def embed_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        """[V, E] float32 unit rows, each prompt encoded alone with CLIP-ES's single template and
+        cached per actor (``clip_es.text_features``)."""
         for p in prompts:
             if p not in self._text_cache:
                 self._text_cache[p] = clip_es.text_features(self.clip.model, self.clip.tokenizer, [p])

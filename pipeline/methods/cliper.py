@@ -36,6 +36,7 @@ class Cliper(Method):
     # Measured on the tiny models, 9 images, batch 1 vs 2 / 8: 760 / 1002 of 29760 label pixels
     # (voc-vit-b16), 1022 / 1074 (voc-vit-l14), 0 / 0 (coco presets); scores differ by < 2e-6.
     batch_invariant = False
+    supports_discovery = True
 
     def __init__(self, clip: ClipModels, sd: Any, config: Config, categories: Mapping[int, Category]) -> None:
         if config.cliper.compensation and sd is None:
@@ -80,7 +81,7 @@ class Cliper(Method):
 
     def _text(self, ids: Sequence[int]) -> torch.Tensor:
         """[T, E] candidate list: the classes ``ids``, the background classes, their mean."""
-        fg = torch.stack([self._embed(self.categories[i].prompt) for i in ids])
+        fg = torch.stack([self._embed(self.class_prompt(i)) for i in ids])
         parts = [fg, self._background, fg.mean(dim=0, keepdim=True)]
         return torch.cat([p for p in parts if p is not None])
 

@@ -48,8 +48,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-def _write(out: str, tables: dict[str, Any], summary: dict[str, Any], page: str, opts: dict) -> None:
-    fs, root = fsspec.core.url_to_fs(str(out), **opts)
+def _write(out: str, tables: dict[str, Any], summary: dict[str, Any], page: str) -> None:
+    fs, root = fsspec.core.url_to_fs(str(out))
     fs.makedirs(root, exist_ok=True)
     for name, table in tables.items():
         fs.pipe_file(f"{root}/{name}.parquet", stats.parquet_bytes(table))
@@ -104,7 +104,7 @@ def compare_runs(run_a: str, run_b: str, out: str, *, gt: str | None = None, gt_
     gt_parts = (truth["gt_classes"], truth["gt_images"], truth["gt_summary"]) if truth else (None, None, None)
     page = compare_report.build_report(f"{run_a} (A) against {run_b} (B)", headline, tables["categories"],
                                        tables["classes"], rows, _pairs(rows, a, b, overlays), *gt_parts)  # fmt: skip
-    _write(out, tables, summary, page, {})
+    _write(out, tables, summary, page)
     return CompareOutcome(summary)
 
 
